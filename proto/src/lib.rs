@@ -1,0 +1,30 @@
+//! What the monodon supervisor and its workers share.
+//!
+//! - [`http`]: HTTP/1.1 request framing over byte buffers (head limits and
+//!   validation, body framing, chunked decoding, the keep-alive decision).
+//!   The supervisor uses it to know when a head is complete and sound; the
+//!   worker uses it to parse that head again and read the body.
+//! - [`wire`]: the supervisor↔worker messages and the descriptor passing that
+//!   carries client connections across (see PROTOCOL.md).
+//! - [`scoreboard`]: one shared-memory page per worker where the worker
+//!   publishes what it is doing, so the supervisor can read it without a
+//!   message round trip (and after the worker has died).
+
+pub mod http;
+pub mod scoreboard;
+pub mod wire;
+
+/// Environment variables through which the supervisor configures a worker.
+pub mod env {
+    /// The fd number of the worker's channel (always 3). Its presence is what
+    /// tells a binary that it was started as a worker.
+    pub const CHANNEL_FD: &str = "MONODON_CHANNEL_FD";
+    /// The fd number of the worker's scoreboard page (always 4).
+    pub const SCOREBOARD_FD: &str = "MONODON_SCOREBOARD_FD";
+    /// The generation this worker belongs to.
+    pub const GENERATION: &str = "MONODON_GENERATION";
+    /// The request limits, as `Limits::to_env` writes them.
+    pub const LIMITS: &str = "MONODON_LIMITS";
+    /// Seconds a worker waits on a client's body or on a slow reader.
+    pub const IO_TIMEOUT: &str = "MONODON_IO_TIMEOUT";
+}

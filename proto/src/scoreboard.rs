@@ -1,0 +1,116 @@
+//! One shared-memory page per worker, written by the worker and read by the
+//! supervisor.
+//!
+//! It answers questions the supervisor must be able to ask even after the
+//! worker has died: did the worker write any response bytes on the
+//! connection it held (502 or a plain close)? It costs no message and no
+//! system call on the request path: the worker bumps atomics.
+
+use std::io;
+use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+
+/// What a worker publishes. Only atomics, so both processes may touch it
+/// at any time.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct Slot {
+    /// Response bytes written since the worker started.
+    pub bytes_written: AtomicU64,
+    /// Requests completed since the worker started.
+    pub requests: AtomicU64,
+}
+
+impl Slot {
+    pub fn add_written(&self, n: usize) {
+        self.bytes_written.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn written(&self) -> u64 {
+        self.bytes_written.load(Ordering::Relaxed)
+    }
+}
+
+const LEN: usize = 4096;
+
+/// A mapping of one worker's [`Slot`].
+#[derive(Debug)]
+pub struct Scoreboard {
+    ptr: NonNull<Slot>,
+    fd: OwnedFd,
+}
+
+impl Scoreboard {
+    /// A new, zeroed page (supervisor side). Its fd is close-on-exec; the
+    /// spawner hands a copy to the worker explicitly.
+    pub fn create() -> io::Result<Scoreboard> {
+        let fd = memfd_create("monodon-scoreboard", MFdFlags::MFD_CLOEXEC)?;
+        nix::unistd::ftruncate(&fd, LEN as i64)?;
+        Scoreboard::map(fd)
+    }
+
+    /// Maps a page received from the supervisor (worker side).
+    pub fn map(fd: OwnedFd) -> io::Result<Scoreboard> {
+        let len = NonZeroUsize::new(LEN).expect("LEN is not zero");
+        let stat = nix::sys::stat::fstat(&fd)?;
+        if (stat.st_size as usize) < LEN {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "scoreboard fd is too small",
+            ));
+        }
+        // SAFETY: a fresh shared mapping of a memfd we hold; the kernel picks
+        // the address, so no existing memory is affected.
+        let ptr = unsafe {
+            mmap(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                &fd,
+                0,
+            )?
+        };
+        Ok(Scoreboard {
+            ptr: ptr.cast(),
+            fd,
+        })
+    }
+
+    pub fn slot(&self) -> &Slot {
+        // SAFETY: the page is mapped for as long as `self` lives, is page
+        // aligned, large enough for a Slot, starts zeroed (a valid Slot: all
+        // atomics), and is only ever accessed through atomics.
+        unsafe { self.ptr.as_ref() }
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl Drop for Scoreboard {
+    fn drop(&mut self) {
+        // SAFETY: we mapped exactly LEN bytes at ptr and no reference into
+        // the mapping outlives `self`.
+        let _ = unsafe { munmap(self.ptr.cast(), LEN) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_mappings_share_the_counters() {
+        let a = Scoreboard::create().unwrap();
+        let b = Scoreboard::map(a.fd().try_clone_to_owned().unwrap()).unwrap();
+        b.slot().add_written(5);
+        assert_eq!(a.slot().written(), 5);
+    }
+}

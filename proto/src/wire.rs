@@ -1,0 +1,386 @@
+//! The supervisor↔worker wire protocol (PROTOCOL.md is the reference).
+//!
+//! Each worker has one `SOCK_SEQPACKET` unix socketpair with the supervisor.
+//! One `sendmsg` carries one whole message, and a client connection travels
+//! as an `SCM_RIGHTS` descriptor attached to the message that describes it,
+//! so the two sides can never fall out of step.
+//!
+//! Every message starts with the protocol version and a kind byte; integers
+//! are little-endian.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
+
+/// Bumped on any incompatible change to the messages below.
+pub const VERSION: u8 = 1;
+
+const ASSIGN: u8 = 1;
+const READY: u8 = 2;
+const DONE: u8 = 3;
+
+/// The largest message either side may send, for request limits `limits`:
+/// the supervisor passes at most a head plus one read's worth of bytes, and
+/// a worker hands back at most as much as it was given or one read's worth.
+/// Both ends size their buffers (and the socket's) from this.
+pub fn max_message(limits: &crate::http::Limits) -> usize {
+    2 * limits.max_head + 64 * 1024
+}
+
+/// Supervisor → worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToWorker<'a> {
+    /// Serve this connection (its fd rides along). `data` holds the bytes the
+    /// supervisor already read from it: at least one complete request head.
+    Assign {
+        conn_id: u64,
+        served: u32,
+        peer: &'a str,
+        data: &'a [u8],
+    },
+}
+
+/// Worker → supervisor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FromWorker<'a> {
+    /// The app is initialised; send connections.
+    Ready { pid: u32 },
+    /// The worker is done with the connection and has closed its copy.
+    /// `keep`: the connection may carry another request, and `leftover` holds
+    /// bytes the worker read past the last request it served.
+    Done {
+        conn_id: u64,
+        served: u32,
+        keep: bool,
+        leftover: &'a [u8],
+    },
+}
+
+/// A message that does not follow this protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireError(pub &'static str);
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "protocol error: {}", self.0)
+    }
+}
+
+impl std::error::Error for WireError {}
+
+impl From<WireError> for io::Error {
+    fn from(e: WireError) -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidData, e)
+    }
+}
+
+impl ToWorker<'_> {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.clear();
+        match self {
+            ToWorker::Assign {
+                conn_id,
+                served,
+                peer,
+                data,
+            } => {
+                let peer = &peer.as_bytes()[..peer.len().min(u16::MAX as usize)];
+                out.extend_from_slice(&[VERSION, ASSIGN]);
+                out.extend_from_slice(&conn_id.to_le_bytes());
+                out.extend_from_slice(&served.to_le_bytes());
+                out.extend_from_slice(&(peer.len() as u16).to_le_bytes());
+                out.extend_from_slice(peer);
+                out.extend_from_slice(data);
+            }
+        }
+    }
+
+    pub fn decode(msg: &[u8]) -> Result<ToWorker<'_>, WireError> {
+        let mut r = Cursor::new(msg)?;
+        match r.kind {
+            ASSIGN => {
+                let conn_id = r.u64()?;
+                let served = r.u32()?;
+                let peer_len = r.u16()? as usize;
+                let peer = std::str::from_utf8(r.bytes(peer_len)?)
+                    .map_err(|_| WireError("peer is not UTF-8"))?;
+                Ok(ToWorker::Assign {
+                    conn_id,
+                    served,
+                    peer,
+                    data: r.rest(),
+                })
+            }
+            _ => Err(WireError("unknown message kind")),
+        }
+    }
+}
+
+impl FromWorker<'_> {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.clear();
+        match self {
+            FromWorker::Ready { pid } => {
+                out.extend_from_slice(&[VERSION, READY]);
+                out.extend_from_slice(&pid.to_le_bytes());
+            }
+            FromWorker::Done {
+                conn_id,
+                served,
+                keep,
+                leftover,
+            } => {
+                out.extend_from_slice(&[VERSION, DONE]);
+                out.extend_from_slice(&conn_id.to_le_bytes());
+                out.extend_from_slice(&served.to_le_bytes());
+                out.push(u8::from(*keep));
+                out.extend_from_slice(leftover);
+            }
+        }
+    }
+
+    pub fn decode(msg: &[u8]) -> Result<FromWorker<'_>, WireError> {
+        let mut r = Cursor::new(msg)?;
+        match r.kind {
+            READY => Ok(FromWorker::Ready { pid: r.u32()? }),
+            DONE => {
+                let conn_id = r.u64()?;
+                let served = r.u32()?;
+                let keep = match r.bytes(1)?[0] {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(WireError("keep flag is not 0 or 1")),
+                };
+                Ok(FromWorker::Done {
+                    conn_id,
+                    served,
+                    keep,
+                    leftover: r.rest(),
+                })
+            }
+            _ => Err(WireError("unknown message kind")),
+        }
+    }
+}
+
+struct Cursor<'a> {
+    kind: u8,
+    rest: &'a [u8],
+}
+
+impl<'a> Cursor<'a> {
+    fn new(msg: &'a [u8]) -> Result<Self, WireError> {
+        match msg {
+            [VERSION, kind, rest @ ..] => Ok(Cursor { kind: *kind, rest }),
+            [_, _, ..] => Err(WireError("unsupported protocol version")),
+            _ => Err(WireError("message too short")),
+        }
+    }
+
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.rest.len() < n {
+            return Err(WireError("message truncated"));
+        }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        Ok(head)
+    }
+
+    fn u16(&mut self) -> Result<u16, WireError> {
+        let b = self.bytes(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    fn u32(&mut self) -> Result<u32, WireError> {
+        let b = self.bytes(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self) -> Result<u64, WireError> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.bytes(8)?);
+        Ok(u64::from_le_bytes(a))
+    }
+
+    fn rest(self) -> &'a [u8] {
+        self.rest
+    }
+}
+
+/// Sends one message, with `pass` attached as SCM_RIGHTS if given.
+/// Never raises SIGPIPE; on a non-blocking socket a full buffer is `EAGAIN`.
+pub fn send(channel: BorrowedFd<'_>, msg: &[u8], pass: Option<BorrowedFd<'_>>) -> io::Result<()> {
+    let iov = [IoSlice::new(msg)];
+    let fds;
+    let rights;
+    let cmsgs: &[ControlMessage] = match pass {
+        Some(fd) => {
+            fds = [fd.as_raw_fd()];
+            rights = [ControlMessage::ScmRights(&fds)];
+            &rights
+        }
+        None => &[],
+    };
+    loop {
+        match socket::sendmsg::<()>(
+            channel.as_raw_fd(),
+            &iov,
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Ok(n) if n == msg.len() => return Ok(()),
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "message sent in part",
+                ))
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// What one `recv` produced.
+#[derive(Debug)]
+pub enum Received {
+    /// A message of this many bytes (in the caller's buffer) and the fd it
+    /// carried, if any.
+    Message(usize, Option<OwnedFd>),
+    /// The other side has closed the channel.
+    Closed,
+}
+
+/// Receives one message into `buf`. Received fds are close-on-exec; a
+/// message that was cut short, or carried more than one fd, is an error
+/// (any extra fds are closed).
+pub fn recv(channel: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
+    // Room for several fds, so that a misbehaving peer's extras are seen
+    // (and closed) instead of silently truncated.
+    let mut cmsg_space = nix::cmsg_space!([RawFd; 8]);
+    loop {
+        let mut iov = [IoSliceMut::new(buf)];
+        let flags = MsgFlags::MSG_CMSG_CLOEXEC;
+        let msg = match socket::recvmsg::<()>(
+            channel.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg_space),
+            flags,
+        ) {
+            Ok(m) => m,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let mut fds: Vec<OwnedFd> = Vec::new();
+        if let Ok(cmsgs) = msg.cmsgs() {
+            for c in cmsgs {
+                if let ControlMessageOwned::ScmRights(raw) = c {
+                    // SAFETY: the kernel has just installed these descriptors
+                    // in our table for us; nothing else owns them.
+                    fds.extend(
+                        raw.into_iter()
+                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                    );
+                }
+            }
+        }
+        let truncated = msg
+            .flags
+            .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+        let n = msg.bytes;
+        if truncated {
+            return Err(WireError("message or its descriptors were truncated").into());
+        }
+        if fds.len() > 1 {
+            return Err(WireError("more than one descriptor in a message").into());
+        }
+        if n == 0 && fds.is_empty() {
+            return Ok(Received::Closed);
+        }
+        return Ok(Received::Message(n, fds.pop()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    use std::os::fd::AsFd;
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        let mut buf = Vec::new();
+        let assign = ToWorker::Assign {
+            conn_id: 7,
+            served: 3,
+            peer: "127.0.0.1:9",
+            data: b"GET /",
+        };
+        assign.encode(&mut buf);
+        assert_eq!(ToWorker::decode(&buf), Ok(assign));
+        let done = FromWorker::Done {
+            conn_id: u64::MAX,
+            served: 1,
+            keep: true,
+            leftover: b"GE",
+        };
+        done.encode(&mut buf);
+        assert_eq!(FromWorker::decode(&buf), Ok(done));
+        FromWorker::Ready { pid: 42 }.encode(&mut buf);
+        assert_eq!(FromWorker::decode(&buf), Ok(FromWorker::Ready { pid: 42 }));
+    }
+
+    #[test]
+    fn malformed_messages_are_errors() {
+        assert!(FromWorker::decode(b"").is_err());
+        assert!(FromWorker::decode(&[VERSION + 1, READY, 0, 0, 0, 0]).is_err());
+        assert!(FromWorker::decode(&[VERSION, READY, 0]).is_err());
+        assert!(FromWorker::decode(&[VERSION, 99]).is_err());
+        assert!(ToWorker::decode(&[VERSION, ASSIGN, 1, 2]).is_err());
+    }
+
+    #[test]
+    fn an_fd_travels_with_its_message() {
+        let (a, b) = pair();
+        let (x, _y) = pair();
+        send(a.as_fd(), b"hello", Some(x.as_fd())).unwrap();
+        let mut buf = [0u8; 64];
+        match recv(b.as_fd(), &mut buf).unwrap() {
+            Received::Message(n, Some(fd)) => {
+                assert_eq!(&buf[..n], b"hello");
+                let flags = nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_GETFD).unwrap();
+                assert_ne!(flags & libc_cloexec(), 0, "received fds are close-on-exec");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        drop(a);
+        assert!(matches!(
+            recv(b.as_fd(), &mut buf).unwrap(),
+            Received::Closed
+        ));
+    }
+
+    #[test]
+    fn a_short_buffer_is_an_error_not_a_silent_cut() {
+        let (a, b) = pair();
+        send(a.as_fd(), &[1u8; 100], None).unwrap();
+        let mut buf = [0u8; 10];
+        assert!(recv(b.as_fd(), &mut buf).is_err());
+    }
+
+    fn libc_cloexec() -> i32 {
+        nix::fcntl::FdFlag::FD_CLOEXEC.bits()
+    }
+}

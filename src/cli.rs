@@ -1,0 +1,214 @@
+//! The command line: `monodon serve`, and the internal `monodon worker` role.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use monodon_proto::http::Limits;
+use monodon_supervisor::{Config, ListenAddr};
+
+use crate::apps::AppName;
+
+/// A prefork HTTP/1.1 application server and process supervisor.
+///
+/// One supervisor process holds every client connection (idle keep-alive
+/// and slow clients cost it a few kilobytes, never a process) and passes
+/// each complete request to one of a pool of worker processes, which serve
+/// it with plain blocking code.
+#[derive(Debug, Parser)]
+#[command(
+    name = "monodon",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server in the foreground (the way systemd wants it).
+    Serve(ServeArgs),
+    /// Internal: the worker role, started by `monodon serve`.
+    #[command(hide = true)]
+    Worker(WorkerArgs),
+}
+
+/// The app a worker runs.
+#[derive(Debug, Clone, Args)]
+pub struct AppArgs {
+    /// Built-in app for the workers to run (when no worker command is given).
+    #[arg(long, value_enum, default_value_t = AppName::Static)]
+    pub app: AppName,
+
+    /// Directory the `static` app serves.
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    pub root: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub app: AppArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Durations take a number of seconds or a unit: 30, 30s, 500ms, 2m.\n\n\
+Examples:\n  monodon serve --listen 127.0.0.1:8080 --app hello\n  \
+monodon serve --listen [::1]:8080 --listen unix:/run/app.sock --workers 8 -- /srv/app/bin/my-app"
+)]
+pub struct ServeArgs {
+    /// Address to listen on: HOST:PORT, [IPv6]:PORT or unix:/path.
+    /// Repeat for several. Port 0 picks a free port (logged at start).
+    #[arg(
+        short,
+        long = "listen",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub listen: Vec<ListenAddr>,
+
+    /// Number of worker processes [default: number of CPUs].
+    #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub workers: Option<u32>,
+
+    #[command(flatten)]
+    pub app: AppArgs,
+
+    /// How long an idle keep-alive connection is held between requests.
+    #[arg(long, value_name = "DURATION", default_value = "75s", value_parser = parse_duration)]
+    pub keepalive_timeout: Duration,
+
+    /// How long a client may take to send a request head, from its first byte.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub head_timeout: Duration,
+
+    /// How long a worker waits on one read or write to a client (request
+    /// bodies, slow readers) before dropping the connection.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub io_timeout: Duration,
+
+    /// How long a graceful stop (SIGTERM) waits for requests in flight.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub graceful_timeout: Duration,
+
+    /// Longest request line in bytes (longer: 414).
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_request_line)]
+    pub max_request_line: usize,
+
+    /// Longest header field line in bytes (longer: 431).
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_header_line)]
+    pub max_header_line: usize,
+
+    /// Most header fields in a request (more: 431).
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_headers)]
+    pub max_headers: usize,
+
+    /// Largest request head in bytes (larger: 431).
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_head as u32,
+          value_parser = clap::value_parser!(u32).range(1024..=1 << 20))]
+    pub max_head: u32,
+
+    /// Largest request body in bytes (larger: 413).
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_body)]
+    pub max_body: u64,
+
+    /// Connections with a complete request that may wait for a free worker;
+    /// when that many wait, monodon stops accepting until one is served.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub queue: usize,
+
+    /// Listen backlog for new connections.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub backlog: i32,
+
+    /// The worker command, run from disk at every worker start (so a new
+    /// deploy is picked up). Default: this binary's `worker` role with --app.
+    #[arg(last = true, value_name = "WORKER_COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+/// `30` (seconds), or anything humantime reads: `30s`, `500ms`, `2m`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{e} (use a number of seconds, or 500ms, 10s, 2m)"))
+}
+
+impl ServeArgs {
+    /// The supervisor's configuration; `default_command` runs when no worker
+    /// command was given.
+    pub fn to_config(&self, default_command: Vec<OsString>) -> Config {
+        let mut config = Config::new(if self.command.is_empty() {
+            default_command
+        } else {
+            self.command.clone()
+        });
+        config.listen = self.listen.clone();
+        config.workers = self.workers.map(|n| n as usize).unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        });
+        config.limits = Limits {
+            max_request_line: self.max_request_line,
+            max_header_line: self.max_header_line,
+            max_headers: self.max_headers,
+            max_head: self.max_head as usize,
+            max_body: self.max_body,
+        };
+        config.head_timeout = self.head_timeout;
+        config.keepalive_timeout = self.keepalive_timeout;
+        config.io_timeout = self.io_timeout;
+        config.graceful_timeout = self.graceful_timeout;
+        config.queue_capacity = self.queue.max(1);
+        config.backlog = self.backlog;
+        config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn worker_command_after_double_dash() {
+        let cli = Cli::try_parse_from([
+            "monodon",
+            "serve",
+            "-l",
+            "unix:/tmp/x",
+            "--",
+            "/bin/app",
+            "--flag",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(
+            args.command,
+            vec![OsString::from("/bin/app"), OsString::from("--flag")]
+        );
+        assert_eq!(args.listen, vec![ListenAddr::Unix("/tmp/x".into())]);
+    }
+}

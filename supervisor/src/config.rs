@@ -1,0 +1,121 @@
+//! What the supervisor is told to do: addresses, worker command, limits and
+//! timeouts. Plain data, filled in by the CLI.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use monodon_proto::http::Limits;
+
+/// An address to listen on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    /// `127.0.0.1:8080`, `[::1]:8080`, `:8080` (all IPv4 interfaces) or
+    /// `unix:/path/to/socket`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a socket path, as in unix:/run/app.sock".into());
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        let with_host = if s.starts_with(':') {
+            format!("0.0.0.0{s}")
+        } else {
+            s.to_owned()
+        };
+        with_host.parse::<SocketAddr>().map(ListenAddr::Tcp).map_err(|_| {
+            format!("{s:?} is not an address: use HOST:PORT (127.0.0.1:8080, [::1]:8080) or unix:/path")
+        })
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// Everything `Supervisor::new` needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Vec<ListenAddr>,
+    /// Number of worker processes.
+    pub workers: usize,
+    /// Program and arguments of a worker, looked up on disk at every spawn.
+    pub worker_command: Vec<OsString>,
+    pub limits: Limits,
+    /// From the first byte of a request head to its end.
+    pub head_timeout: Duration,
+    /// How long an idle connection is kept between requests.
+    pub keepalive_timeout: Duration,
+    /// How long a worker waits on one read or write to a client.
+    pub io_timeout: Duration,
+    /// Connections with a complete request that may wait for a worker
+    /// before the supervisor stops accepting.
+    pub queue_capacity: usize,
+    /// Listen backlog.
+    pub backlog: i32,
+    /// How long to drain a client's input after our last response, so that
+    /// an RST does not destroy that response.
+    pub linger_timeout: Duration,
+    /// How long a graceful stop waits for busy workers.
+    pub graceful_timeout: Duration,
+}
+
+impl Config {
+    /// A config with defaults for everything but the worker command.
+    pub fn new(worker_command: Vec<OsString>) -> Config {
+        Config {
+            listen: vec![ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 8080)))],
+            workers: 2,
+            worker_command,
+            limits: Limits::default(),
+            head_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(75),
+            io_timeout: Duration::from_secs(30),
+            queue_capacity: 1024,
+            backlog: 1024,
+            linger_timeout: Duration::from_secs(2),
+            graceful_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses_parse() {
+        assert_eq!(
+            "127.0.0.1:80".parse(),
+            Ok(ListenAddr::Tcp("127.0.0.1:80".parse().unwrap()))
+        );
+        assert_eq!(
+            "[::1]:80".parse(),
+            Ok(ListenAddr::Tcp("[::1]:80".parse().unwrap()))
+        );
+        assert_eq!(
+            ":80".parse(),
+            Ok(ListenAddr::Tcp("0.0.0.0:80".parse().unwrap()))
+        );
+        assert_eq!("unix:/tmp/s".parse(), Ok(ListenAddr::Unix("/tmp/s".into())));
+        assert!("unix:".parse::<ListenAddr>().is_err());
+        assert!("localhost".parse::<ListenAddr>().is_err());
+        assert!("1.2.3.4:99999".parse::<ListenAddr>().is_err());
+    }
+}

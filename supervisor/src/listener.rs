@@ -1,0 +1,168 @@
+//! Listening sockets: binding them (TCP over IPv4/IPv6, unix) with the
+//! options a front-line server wants, and accepting from them.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
+use std::path::PathBuf;
+
+use nix::sys::socket::{
+    self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6,
+    SockaddrStorage, UnixAddr,
+};
+
+use crate::config::ListenAddr;
+
+/// A bound, listening, non-blocking socket.
+#[derive(Debug)]
+pub struct Listener {
+    fd: OwnedFd,
+    /// The address as bound (with the real port if port 0 was asked for).
+    pub addr: ListenAddr,
+    is_tcp: bool,
+}
+
+impl Listener {
+    pub fn bind(addr: &ListenAddr, backlog: i32) -> io::Result<Listener> {
+        let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
+        let backlog =
+            Backlog::new(backlog.min(Backlog::MAXCONN.into())).map_err(io::Error::from)?;
+        match addr {
+            ListenAddr::Tcp(sa) => {
+                let family = if sa.is_ipv4() {
+                    AddressFamily::Inet
+                } else {
+                    AddressFamily::Inet6
+                };
+                let fd = socket::socket(family, SockType::Stream, flags, None)?;
+                socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+                if sa.is_ipv6() {
+                    socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+                }
+                socket::setsockopt(&fd, sockopt::TcpNoDelay, &true)?;
+                let bound = match sa {
+                    std::net::SocketAddr::V4(v4) => {
+                        socket::bind(fd.as_raw_fd(), &SockaddrIn::from(*v4))
+                    }
+                    std::net::SocketAddr::V6(v6) => {
+                        socket::bind(fd.as_raw_fd(), &SockaddrIn6::from(*v6))
+                    }
+                };
+                bound.map_err(|e| {
+                    io::Error::new(
+                        io::Error::from(e).kind(),
+                        format!("cannot bind {addr}: {e}"),
+                    )
+                })?;
+                // Wake us only once the client has sent something: connections
+                // that never send cost nothing here.
+                set_defer_accept(fd.as_fd(), 1)?;
+                socket::listen(&fd, backlog)?;
+                let local: SockaddrStorage = socket::getsockname(fd.as_raw_fd())?;
+                let real = local
+                    .to_string()
+                    .parse()
+                    .map(ListenAddr::Tcp)
+                    .unwrap_or_else(|_| addr.clone());
+                Ok(Listener {
+                    fd,
+                    addr: real,
+                    is_tcp: true,
+                })
+            }
+            ListenAddr::Unix(path) => {
+                remove_stale_socket(path)?;
+                let fd = socket::socket(AddressFamily::Unix, SockType::Stream, flags, None)?;
+                let ua = UnixAddr::new(path.as_path())?;
+                socket::bind(fd.as_raw_fd(), &ua).map_err(|e| {
+                    io::Error::new(
+                        io::Error::from(e).kind(),
+                        format!("cannot bind {addr}: {e}"),
+                    )
+                })?;
+                socket::listen(&fd, backlog)?;
+                Ok(Listener {
+                    fd,
+                    addr: addr.clone(),
+                    is_tcp: false,
+                })
+            }
+        }
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Accepts one connection: `Ok(None)` when none is pending.
+    /// The connection is non-blocking and close-on-exec; TCP gets NODELAY.
+    pub fn accept(&self) -> io::Result<Option<(OwnedFd, String)>> {
+        let raw = match socket::accept4(
+            self.fd.as_raw_fd(),
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        ) {
+            Ok(raw) => raw,
+            Err(nix::errno::Errno::EAGAIN) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        // SAFETY: accept4 just returned this descriptor; we are its only owner.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let peer = if self.is_tcp {
+            let _ = socket::setsockopt(&fd, sockopt::TcpNoDelay, &true);
+            socket::getpeername::<SockaddrStorage>(raw)
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "unknown".into())
+        } else {
+            "unix".to_owned()
+        };
+        Ok(Some((fd, peer)))
+    }
+
+    /// Removes the socket file of a unix listener (on a final stop).
+    pub fn unlink(&self) {
+        if let ListenAddr::Unix(path) = &self.addr {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// TCP_DEFER_ACCEPT (nix has no option type for it).
+fn set_defer_accept(fd: BorrowedFd<'_>, seconds: libc::c_int) -> io::Result<()> {
+    // SAFETY: passes a valid pointer to a c_int of the stated size for the
+    // duration of the call, on a descriptor we own.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&seconds as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A socket file left by a server that is gone is removed; one that still
+/// answers, or anything that is not a socket, is an error.
+fn remove_stale_socket(path: &PathBuf) -> io::Result<()> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        ));
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{} is in use by a running server", path.display()),
+        ));
+    }
+    std::fs::remove_file(path)
+}

@@ -1,0 +1,134 @@
+//! The monodon worker runtime.
+//!
+//! A worker process is started by the supervisor with its channel on fd 3
+//! and its scoreboard page on fd 4. It initialises its app, says `Ready`,
+//! then serves the connections it is handed, one at a time, with plain
+//! blocking code, handing each back when it is done. It exits when the
+//! supervisor closes the channel.
+//!
+//! A Rust application links this crate, implements [`App`], and calls
+//! [`run`] when [`is_worker`] says it was started as a worker.
+
+mod app;
+mod date;
+mod serve;
+mod stream;
+
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use log::{debug, error, info};
+use monodon_proto::env;
+use monodon_proto::http::Limits;
+use monodon_proto::scoreboard::Scoreboard;
+use monodon_proto::wire::{self, FromWorker, Received, ToWorker};
+
+pub use app::{App, Body, Request, Response, WorkerInfo};
+
+use serve::{serve_connection, Context};
+use stream::{Input, Stream};
+
+/// True when this process was started by a monodon supervisor as a worker.
+pub fn is_worker() -> bool {
+    std::env::var_os(env::CHANNEL_FD).is_some()
+}
+
+/// Runs the worker role with `app` until the supervisor lets it go.
+pub fn run(app: impl App) -> ExitCode {
+    let mut app = app;
+    match serve_forever(&mut app) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("worker {}: {e}", std::process::id());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Takes ownership of an inherited descriptor named by an environment variable.
+fn inherited_fd(var: &str) -> std::io::Result<OwnedFd> {
+    let bad = |what: &str| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{var}: {what}"))
+    };
+    let raw: RawFd = std::env::var(var)
+        .map_err(|_| bad("not set"))?
+        .parse()
+        .map_err(|_| bad("not a number"))?;
+    if raw < 3 {
+        return Err(bad("not an inherited descriptor"));
+    }
+    nix::fcntl::fcntl(
+        // SAFETY: only borrowed for this one call, to check the fd is open.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) },
+        nix::fcntl::FcntlArg::F_GETFD,
+    )
+    .map_err(|_| bad("descriptor is not open"))?;
+    // SAFETY: the supervisor placed this descriptor here for us alone, and
+    // nothing else in this process has claimed it (checked open above).
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+fn serve_forever(app: &mut dyn App) -> std::io::Result<()> {
+    let channel = inherited_fd(env::CHANNEL_FD)?;
+    let scoreboard = Scoreboard::map(inherited_fd(env::SCOREBOARD_FD)?)?;
+    let limits = std::env::var(env::LIMITS)
+        .ok()
+        .and_then(|s| Limits::from_env(&s))
+        .unwrap_or_default();
+    let generation = std::env::var(env::GENERATION)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let io_timeout = std::env::var(env::IO_TIMEOUT)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let io_timeout = Duration::from_secs(io_timeout);
+    let pid = std::process::id();
+
+    let mut out = Vec::with_capacity(256);
+    FromWorker::Ready { pid }.encode(&mut out);
+    wire::send(channel.as_fd(), &out, None)?;
+    info!("worker {pid} (generation {generation}) ready");
+
+    let mut buf = vec![0u8; wire::max_message(&limits)];
+    loop {
+        let (len, fd) = match wire::recv(channel.as_fd(), &mut buf)? {
+            Received::Closed => {
+                debug!("worker {pid}: channel closed, exiting");
+                return Ok(());
+            }
+            Received::Message(len, fd) => (len, fd),
+        };
+        let ToWorker::Assign {
+            conn_id,
+            served,
+            peer,
+            data,
+        } = ToWorker::decode(&buf[..len])?;
+        let Some(fd) = fd else {
+            return Err(wire::WireError("Assign without a connection").into());
+        };
+        let ctx = Context {
+            limits: &limits,
+            pid,
+            generation,
+            slot: scoreboard.slot(),
+            peer,
+        };
+        let mut input = Input::new(Stream::new(fd, io_timeout, scoreboard.slot()), data);
+        let outcome = serve_connection(app, &mut input, served, &ctx);
+        // Our copy of the connection goes before we report, so a "close"
+        // is final once the supervisor closes its own copy.
+        drop(input);
+        FromWorker::Done {
+            conn_id,
+            served: outcome.served,
+            keep: outcome.keep,
+            leftover: &outcome.leftover,
+        }
+        .encode(&mut out);
+        wire::send(channel.as_fd(), &out, None)?;
+    }
+}

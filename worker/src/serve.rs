@@ -1,0 +1,351 @@
+//! HTTP/1.1 on one connection: parse each request the client has sent, read
+//! its body, run the app, write the response, and stop as soon as the
+//! connection would have to wait for the client (the supervisor waits for
+//! idle clients, not a worker).
+
+use std::io::{self, Read, Write};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use log::{debug, warn};
+use monodon_proto::http::{self, BodyFraming, BodyReader, Limits, Rejection};
+use monodon_proto::scoreboard::Slot;
+
+use crate::app::{App, Body, Request, Response, WorkerInfo};
+use crate::stream::{Input, Stream};
+
+/// How the runtime left a connection.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// The connection may carry another request.
+    pub keep: bool,
+    /// Requests served on the connection so far, this pass included.
+    pub served: u32,
+    /// Bytes read past the last request served (the start of the next one).
+    pub leftover: Vec<u8>,
+}
+
+/// What the runtime knows while serving.
+pub struct Context<'a> {
+    pub limits: &'a Limits,
+    pub pid: u32,
+    pub generation: u64,
+    pub slot: &'a Slot,
+    pub peer: &'a str,
+}
+
+/// The most body bytes read and thrown away after the app returns without
+/// reading its whole body, to keep the connection; past that, close it.
+const MAX_DRAIN: u64 = 1 << 20;
+
+/// Serves every complete request buffered on `input`.
+pub fn serve_connection(
+    app: &mut dyn App,
+    input: &mut Input<'_>,
+    mut served: u32,
+    ctx: &Context<'_>,
+) -> Outcome {
+    loop {
+        let head = match http::parse_head(input.buffered(), ctx.limits) {
+            Ok(Some(head)) => OwnedHead::from(&head),
+            Ok(None) => {
+                return Outcome {
+                    keep: true,
+                    served,
+                    leftover: input.buffered().to_vec(),
+                };
+            }
+            Err(rejection) => {
+                reject(&mut input.stream, rejection);
+                return Outcome {
+                    keep: false,
+                    served,
+                    leftover: Vec::new(),
+                };
+            }
+        };
+        input_consume(input, head.len);
+        let keep = serve_one(app, input, &head, ctx);
+        served = served.saturating_add(1);
+        ctx.slot
+            .requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if !keep {
+            return Outcome {
+                keep: false,
+                served,
+                leftover: Vec::new(),
+            };
+        }
+    }
+}
+
+fn input_consume(input: &mut Input<'_>, n: usize) {
+    io::BufRead::consume(input, n);
+}
+
+fn reject(stream: &mut Stream<'_>, rejection: Rejection) {
+    debug!("rejecting request: {rejection}");
+    let _ = stream.write_all(&rejection.response());
+}
+
+/// An owned copy of a parsed head, so the input buffer can move on.
+struct OwnedHead {
+    len: usize,
+    method: String,
+    target: String,
+    minor_version: u8,
+    headers: Vec<(String, Vec<u8>)>,
+    framing: BodyFraming,
+    keep_alive: bool,
+    expect_continue: bool,
+}
+
+impl From<&http::Head<'_>> for OwnedHead {
+    fn from(h: &http::Head<'_>) -> Self {
+        OwnedHead {
+            len: h.len,
+            method: h.method.to_owned(),
+            target: h.target.to_owned(),
+            minor_version: h.minor_version,
+            headers: h
+                .headers
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), v.to_vec()))
+                .collect(),
+            framing: h.framing,
+            keep_alive: h.keep_alive,
+            expect_continue: h.expect_continue,
+        }
+    }
+}
+
+/// The body as the app sees it: decoded, with `100 Continue` sent on the
+/// first read, and any framing error remembered for the runtime.
+struct AppBody<'a, 's> {
+    reader: BodyReader<&'a mut Input<'s>>,
+    continue_pending: bool,
+    rejection: Option<Rejection>,
+    failed: bool,
+}
+
+impl Read for AppBody<'_, '_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.continue_pending && !self.reader.is_done() {
+            self.continue_pending = false;
+            self.reader
+                .get_mut()
+                .stream
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+        }
+        match self.reader.read(buf) {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                self.rejection = self.rejection.or(http::body_rejection(&e));
+                self.failed = true;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Serves one request whose head has been consumed; returns whether the
+/// connection can be kept.
+fn serve_one(
+    app: &mut dyn App,
+    input: &mut Input<'_>,
+    head: &OwnedHead,
+    ctx: &Context<'_>,
+) -> bool {
+    let mut body = AppBody {
+        reader: BodyReader::new(&mut *input, head.framing, ctx.limits),
+        continue_pending: head.expect_continue,
+        rejection: None,
+        failed: false,
+    };
+    let requests = ctx.slot.requests.load(std::sync::atomic::Ordering::Relaxed);
+    let mut request = Request {
+        method: head.method.clone(),
+        target: head.target.clone(),
+        minor_version: head.minor_version,
+        headers: head.headers.clone(),
+        peer: ctx.peer.to_owned(),
+        worker: WorkerInfo {
+            pid: ctx.pid,
+            generation: ctx.generation,
+            requests,
+        },
+        body: &mut body,
+    };
+    let response = match catch_unwind(AssertUnwindSafe(|| app.call(&mut request))) {
+        Ok(r) => r,
+        Err(_) => {
+            warn!("app panicked on {} {}", head.method, head.target);
+            Response::text(500, "internal server error\n").header("Connection", "close")
+        }
+    };
+    drop(request);
+
+    // Settle the body before answering, so the Connection header tells the truth.
+    let mut keep = head.keep_alive;
+    if !body.reader.is_done() && !body.failed {
+        if body.continue_pending {
+            // The client is still waiting for permission to send the body.
+            keep = false;
+        } else {
+            let mut sink = io::sink();
+            let mut limited = (&mut body).take(MAX_DRAIN);
+            let _ = io::copy(&mut limited, &mut sink);
+            keep &= body.reader.is_done();
+        }
+    }
+    if let Some(rejection) = body.rejection {
+        reject(&mut input.stream, rejection);
+        return false;
+    }
+    keep &= !body.failed;
+    let head_only = head.method == "HEAD";
+    match write_response(
+        &mut input.stream,
+        response,
+        head_only,
+        head.minor_version,
+        keep,
+    ) {
+        Ok(kept) => kept,
+        Err(e) => {
+            debug!("writing response to {}: {e}", ctx.peer);
+            false
+        }
+    }
+}
+
+/// How the response body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    NoBody,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// Writes `response`; returns whether the connection stays open.
+pub(crate) fn write_response(
+    stream: &mut Stream<'_>,
+    mut response: Response,
+    head_only: bool,
+    minor_version: u8,
+    mut keep: bool,
+) -> io::Result<bool> {
+    let status = response.status;
+    let framing = if (100..200).contains(&status) || status == 204 || status == 304 {
+        Framing::NoBody
+    } else {
+        match &response.body {
+            Body::Empty => Framing::Length(0),
+            Body::Bytes(b) => Framing::Length(b.len() as u64),
+            Body::File { len, .. } => Framing::Length(*len),
+            Body::Stream(_) if minor_version >= 1 => Framing::Chunked,
+            Body::Stream(_) => Framing::UntilClose,
+        }
+    };
+    if framing == Framing::UntilClose && !head_only {
+        keep = false;
+    }
+    let headers = std::mem::take(&mut response.headers);
+    let mut out = Vec::with_capacity(256);
+    let has_date = headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("date"));
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\n",
+        status,
+        http::reason_phrase(status)
+    );
+    for (name, value) in &headers {
+        if name.eq_ignore_ascii_case("connection") {
+            keep &= !value.to_ascii_lowercase().contains("close");
+            continue;
+        }
+        if name.eq_ignore_ascii_case("content-length")
+            || name.eq_ignore_ascii_case("transfer-encoding")
+        {
+            continue;
+        }
+        if !valid_header(name, value) {
+            warn!("dropping invalid response header {name:?}");
+            continue;
+        }
+        let _ = write!(out, "{name}: {value}\r\n");
+    }
+    if !has_date {
+        out.extend_from_slice(b"Date: ");
+        out.extend_from_slice(crate::date::now().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Framing::Length(n) => {
+            let _ = write!(out, "Content-Length: {n}\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+        Framing::NoBody | Framing::UntilClose => {}
+    }
+    if !keep {
+        out.extend_from_slice(b"Connection: close\r\n");
+    } else if minor_version == 0 {
+        out.extend_from_slice(b"Connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+
+    if head_only || framing == Framing::NoBody {
+        stream.write_all(&out)?;
+        return Ok(keep);
+    }
+    match response.body {
+        Body::Empty => stream.write_all(&out)?,
+        Body::Bytes(bytes) => {
+            if bytes.len() <= 32 * 1024 {
+                out.extend_from_slice(&bytes);
+                stream.write_all(&out)?;
+            } else {
+                stream.write_all(&out)?;
+                stream.write_all(&bytes)?;
+            }
+        }
+        Body::File { file, offset, len } => {
+            stream.write_all(&out)?;
+            stream.send_file(&file, offset, len)?;
+        }
+        Body::Stream(mut reader) => {
+            stream.write_all(&out)?;
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                let n = match reader.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    // The head is out: all we can do is cut the response short.
+                    Err(e) => return Err(e),
+                };
+                if framing == Framing::Chunked {
+                    let mut chunk = Vec::with_capacity(n + 16);
+                    let _ = write!(chunk, "{n:x}\r\n");
+                    chunk.extend_from_slice(&buf[..n]);
+                    chunk.extend_from_slice(b"\r\n");
+                    stream.write_all(&chunk)?;
+                } else {
+                    stream.write_all(&buf[..n])?;
+                }
+            }
+            if framing == Framing::Chunked {
+                stream.write_all(b"0\r\n\r\n")?;
+            }
+        }
+    }
+    Ok(keep)
+}
+
+fn valid_header(name: &str, value: &str) -> bool {
+    let is_tchar = |c: u8| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c);
+    !name.is_empty()
+        && name.bytes().all(is_tchar)
+        && !value.bytes().any(|c| c == b'\r' || c == b'\n' || c == 0)
+}

@@ -1,0 +1,167 @@
+//! Blocking I/O on a client connection whose descriptor is non-blocking.
+//!
+//! The supervisor's copy and the worker's copy of a connection share one
+//! open file description, and with it the `O_NONBLOCK` flag. The supervisor
+//! needs it set, so the worker keeps it and waits with poll(2) instead: that
+//! also gives every read and write a timeout.
+
+use std::io::{self, BufRead, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::Duration;
+
+use monodon_proto::scoreboard::Slot;
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{send, MsgFlags};
+
+/// A connection with blocking semantics and a per-operation timeout.
+/// Every byte written is counted on the worker's scoreboard.
+pub struct Stream<'s> {
+    fd: OwnedFd,
+    timeout: Duration,
+    slot: &'s Slot,
+}
+
+impl<'s> Stream<'s> {
+    pub fn new(fd: OwnedFd, timeout: Duration, slot: &'s Slot) -> Self {
+        Stream { fd, timeout, slot }
+    }
+
+    fn wait(&self, flags: PollFlags) -> io::Result<()> {
+        let ms = u16::try_from(self.timeout.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(self.fd.as_fd(), flags)];
+        loop {
+            match poll(&mut fds, PollTimeout::from(ms)) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "client I/O timed out",
+                    ))
+                }
+                Ok(_) => return Ok(()),
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Copies `len` bytes of `file` from `offset` with sendfile(2).
+    pub fn send_file(&mut self, file: &std::fs::File, mut offset: u64, len: u64) -> io::Result<()> {
+        let end = offset + len;
+        while offset < end {
+            let mut off = offset as i64;
+            let chunk = usize::try_from(end - offset)
+                .unwrap_or(usize::MAX)
+                .min(1 << 30);
+            match nix::sys::sendfile::sendfile(self.fd.as_fd(), file, Some(&mut off), chunk) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "file shrank while sending",
+                    ))
+                }
+                Ok(n) => {
+                    offset += n as u64;
+                    self.slot.add_written(n);
+                }
+                Err(Errno::EAGAIN) => self.wait(PollFlags::POLLOUT)?,
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Read for Stream<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match nix::unistd::read(self.fd.as_fd(), buf) {
+                Ok(n) => return Ok(n),
+                Err(Errno::EAGAIN) => self.wait(PollFlags::POLLIN)?,
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+impl Write for Stream<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            match send(
+                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+                buf,
+                MsgFlags::MSG_NOSIGNAL,
+            ) {
+                Ok(n) => {
+                    self.slot.add_written(n);
+                    return Ok(n);
+                }
+                Err(Errno::EAGAIN) => self.wait(PollFlags::POLLOUT)?,
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A connection's input side: the bytes the supervisor passed along, then
+/// whatever is read from the socket.
+pub struct Input<'s> {
+    pub stream: Stream<'s>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+const READ_CHUNK: usize = 16 * 1024;
+
+impl<'s> Input<'s> {
+    pub fn new(stream: Stream<'s>, initial: &[u8]) -> Self {
+        let mut buf = Vec::with_capacity(initial.len().max(READ_CHUNK));
+        buf.extend_from_slice(initial);
+        Input {
+            stream,
+            buf,
+            pos: 0,
+        }
+    }
+
+    /// Bytes read from the client and not consumed yet.
+    pub fn buffered(&self) -> &[u8] {
+        &self.buf[self.pos..]
+    }
+}
+
+impl Read for Input<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.pos == self.buf.len() && out.len() >= READ_CHUNK {
+            return self.stream.read(out);
+        }
+        let n = self.fill_buf()?.read(out)?;
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl BufRead for Input<'_> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        if self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+            self.buf.resize(READ_CHUNK, 0);
+            let n = self.stream.read(&mut self.buf);
+            self.buf.truncate(*n.as_ref().unwrap_or(&0));
+            n?;
+        }
+        Ok(&self.buf[self.pos..])
+    }
+
+    fn consume(&mut self, amt: usize) {
+        self.pos = (self.pos + amt).min(self.buf.len());
+    }
+}
