@@ -134,6 +134,7 @@ pub struct Supervisor {
 impl Supervisor {
     /// Binds the listeners and installs the signal handlers; no worker yet.
     pub fn new(config: Config) -> io::Result<Supervisor> {
+        raise_fd_limit();
         let poller = Poller::new()?;
         let mut listeners = Vec::new();
         for addr in &config.listen {
@@ -865,6 +866,20 @@ impl Supervisor {
         }
         if matches!(self.stopping, Stopping::Graceful { .. }) {
             self.release_idle_workers();
+        }
+    }
+}
+
+/// Every idle client costs the supervisor one descriptor: raise the soft
+/// limit to the hard one, as a front-line server should.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                Ok(()) => debug!("open file limit raised from {soft} to {hard}"),
+                Err(e) => warn!("cannot raise the open file limit from {soft}: {e}"),
+            }
         }
     }
 }
