@@ -645,17 +645,11 @@ pub fn parse_chunk_size_line(line: &[u8]) -> Result<u64, Rejection> {
     u64::from_str_radix(hex, 16).map_err(|_| BAD)
 }
 
-/// Trailer fields that would change framing or routing if honoured
-/// (RFC 9110 §6.5.1); a request carrying one is refused.
+/// Trailer fields that would change framing or routing if anything
+/// downstream honoured them (RFC 9110 §6.5.1): a request carrying one is
+/// refused as a smuggling attempt. Other trailers are read and dropped.
 fn forbidden_trailer(name: &[u8]) -> bool {
-    const FORBIDDEN: [&[u8]; 6] = [
-        b"content-length",
-        b"transfer-encoding",
-        b"host",
-        b"trailer",
-        b"content-type",
-        b"connection",
-    ];
+    const FORBIDDEN: [&[u8]; 4] = [b"content-length", b"transfer-encoding", b"host", b"trailer"];
     FORBIDDEN.iter().any(|f| f.eq_ignore_ascii_case(name))
 }
 
