@@ -239,11 +239,7 @@ fn find_head_end(buf: &[u8], limits: &Limits) -> Result<Option<usize>, Rejection
     let mut i = 0;
     while i < buf.len() {
         match buf[i] {
-            b'\r' => {
-                if i + 1 < buf.len() && buf[i + 1] != b'\n' {
-                    return Err(BAD_LINE_ENDING);
-                }
-            }
+            b'\r' if i + 1 < buf.len() && buf[i + 1] != b'\n' => return Err(BAD_LINE_ENDING),
             b'\n' => {
                 if i == 0 || buf[i - 1] != b'\r' {
                     return Err(BAD_LINE_ENDING);

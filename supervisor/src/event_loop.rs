@@ -402,13 +402,7 @@ impl Supervisor {
         if buf.len() < wire::max_message(&self.config.limits) {
             buf.resize(wire::max_message(&self.config.limits), 0);
         }
-        loop {
-            let Some(worker) = self.workers.get(wkey) else {
-                break;
-            };
-            let Some(channel) = worker.channel.as_ref() else {
-                break;
-            };
+        while let Some(channel) = self.workers.get(wkey).and_then(|w| w.channel.as_ref()) {
             match wire::recv(channel.as_fd(), &mut buf) {
                 Ok(Received::Message(n, fd)) => {
                     if fd.is_some() {
