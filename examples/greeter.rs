@@ -20,15 +20,10 @@ struct Greeter {
 impl monodon::App for Greeter {
     fn call(&mut self, req: &mut Request<'_>) -> Response {
         let name = req.query_param("name").unwrap_or("world");
-        Response::text(
-            200,
-            format!("{}, {}! (worker {})\n", self.greeting, name, req.worker.pid),
-        )
+        Response::text(200, format!("{}, {}! (worker {})\n", self.greeting, name, req.worker.pid))
     }
 }
 
 fn main() -> ExitCode {
-    monodon::main_with(|| Greeter {
-        greeting: std::env::var("GREETING").unwrap_or_else(|_| "Hello".into()),
-    })
+    monodon::main_with(|| Greeter { greeting: std::env::var("GREETING").unwrap_or_else(|_| "Hello".into()) })
 }

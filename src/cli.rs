@@ -17,12 +17,7 @@ use crate::apps::AppName;
 /// each complete request to one of a pool of worker processes, which serve
 /// it with plain blocking code.
 #[derive(Debug, Parser)]
-#[command(
-    name = "monodon",
-    version,
-    propagate_version = true,
-    max_term_width = 100
-)]
+#[command(name = "monodon", version, propagate_version = true, max_term_width = 100)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -56,20 +51,13 @@ pub struct WorkerArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(
-    after_help = "Durations take a number of seconds or a unit: 30, 30s, 500ms, 2m.\n\n\
+#[command(after_help = "Durations take a number of seconds or a unit: 30, 30s, 500ms, 2m.\n\n\
 Examples:\n  monodon serve --listen 127.0.0.1:8080 --app hello\n  \
-monodon serve --listen [::1]:8080 --listen unix:/run/app.sock --workers 8 -- /srv/app/bin/my-app"
-)]
+monodon serve --listen [::1]:8080 --listen unix:/run/app.sock --workers 8 -- /srv/app/bin/my-app")]
 pub struct ServeArgs {
     /// Address to listen on: HOST:PORT, [IPv6]:PORT or unix:/path.
     /// Repeat for several. Port 0 picks a free port (logged at start).
-    #[arg(
-        short,
-        long = "listen",
-        value_name = "ADDR",
-        default_value = "127.0.0.1:8080"
-    )]
+    #[arg(short, long = "listen", value_name = "ADDR", default_value = "127.0.0.1:8080")]
     pub listen: Vec<ListenAddr>,
 
     /// Number of worker processes [default: number of CPUs].
@@ -117,6 +105,26 @@ pub struct ServeArgs {
     #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_body)]
     pub max_body: u64,
 
+    /// A worker retires after this many requests (0: never); its replacement
+    /// starts as it begins its last one.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub max_requests_per_child: u64,
+
+    /// Each worker draws its limit uniformly from [this, --max-requests-per-child],
+    /// so workers do not all recycle at once [default: 80% of the maximum].
+    #[arg(long, value_name = "N")]
+    pub min_requests_per_child: Option<u64>,
+
+    /// A worker busy on one request longer than this is killed (SIGTERM, then
+    /// SIGKILL); its client gets 504 if nothing was sent yet.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// How long a new generation of workers (SIGHUP) has to become ready
+    /// before the reload is abandoned and the old generation keeps serving.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub reload_timeout: Duration,
+
     /// Connections with a complete request that may wait for a free worker;
     /// when that many wait, monodon stops accepting until one is served.
     #[arg(long, value_name = "N", default_value_t = 1024)]
@@ -137,25 +145,20 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     if let Ok(secs) = s.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
     }
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{e} (use a number of seconds, or 500ms, 10s, 2m)"))
+    humantime::parse_duration(s).map_err(|e| format!("{e} (use a number of seconds, or 500ms, 10s, 2m)"))
 }
 
 impl ServeArgs {
     /// The supervisor's configuration; `default_command` runs when no worker
     /// command was given.
     pub fn to_config(&self, default_command: Vec<OsString>) -> Config {
-        let mut config = Config::new(if self.command.is_empty() {
-            default_command
-        } else {
-            self.command.clone()
-        });
+        let mut config =
+            Config::new(if self.command.is_empty() { default_command } else { self.command.clone() });
         config.listen = self.listen.clone();
-        config.workers = self.workers.map(|n| n as usize).unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2)
-        });
+        config.workers = self
+            .workers
+            .map(|n| n as usize)
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
         config.limits = Limits {
             max_request_line: self.max_request_line,
             max_header_line: self.max_header_line,
@@ -169,7 +172,27 @@ impl ServeArgs {
         config.graceful_timeout = self.graceful_timeout;
         config.queue_capacity = self.queue.max(1);
         config.backlog = self.backlog;
+        config.max_requests = self.max_requests_per_child;
+        config.min_requests = self.min_requests_per_child.unwrap_or(self.max_requests_per_child * 4 / 5);
+        config.timeout = self.timeout;
+        config.reload_timeout = self.reload_timeout;
         config
+    }
+
+    /// Checks what clap cannot check flag by flag.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(min) = self.min_requests_per_child {
+            if self.max_requests_per_child > 0 && min > self.max_requests_per_child {
+                return Err(format!(
+                    "--min-requests-per-child ({min}) is larger than --max-requests-per-child ({})",
+                    self.max_requests_per_child
+                ));
+            }
+        }
+        if self.timeout.is_zero() {
+            return Err("--timeout must be longer than 0".into());
+        }
+        Ok(())
     }
 }
 
@@ -192,23 +215,10 @@ mod tests {
 
     #[test]
     fn worker_command_after_double_dash() {
-        let cli = Cli::try_parse_from([
-            "monodon",
-            "serve",
-            "-l",
-            "unix:/tmp/x",
-            "--",
-            "/bin/app",
-            "--flag",
-        ])
-        .unwrap();
-        let Command::Serve(args) = cli.command else {
-            panic!("not serve")
-        };
-        assert_eq!(
-            args.command,
-            vec![OsString::from("/bin/app"), OsString::from("--flag")]
-        );
+        let cli = Cli::try_parse_from(["monodon", "serve", "-l", "unix:/tmp/x", "--", "/bin/app", "--flag"])
+            .unwrap();
+        let Command::Serve(args) = cli.command else { panic!("not serve") };
+        assert_eq!(args.command, vec![OsString::from("/bin/app"), OsString::from("--flag")]);
         assert_eq!(args.listen, vec![ListenAddr::Unix("/tmp/x".into())]);
     }
 }

@@ -33,6 +33,10 @@ fn own_path() -> std::io::Result<OsString> {
 }
 
 fn serve(args: &ServeArgs, default_command: Vec<OsString>) -> ExitCode {
+    if let Err(e) = args.validate() {
+        use clap::CommandFactory;
+        Cli::command().error(clap::error::ErrorKind::ArgumentConflict, e).exit();
+    }
     let config = args.to_config(default_command);
     match monodon_supervisor::run(config) {
         Ok(()) => ExitCode::SUCCESS,

@@ -39,13 +39,10 @@ const REFUSED_ON_PURPOSE: &[(&str, &str)] = &[(
 const INSERTED_HOST: &str = "conformance.test";
 
 fn corpus() -> Vec<Value> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/conformance/gunicorn-requests.jsonl");
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/conformance/gunicorn-requests.jsonl");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 fn b64(s: &str) -> Vec<u8> {
@@ -55,9 +52,7 @@ fn b64(s: &str) -> Vec<u8> {
 /// Sends `raw`, half-closes, and reads every response until the server closes.
 fn exchange(server: &Server, raw: &[u8]) -> (Vec<common::Response>, bool) {
     let mut stream = TcpStream::connect(server.addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     stream.write_all(raw).unwrap();
     let _ = stream.shutdown(Shutdown::Write);
     let mut reader = BufReader::new(stream);
@@ -76,11 +71,7 @@ fn exchange(server: &Server, raw: &[u8]) -> (Vec<common::Response>, bool) {
 }
 
 fn has_host(request: &Value) -> bool {
-    request["headers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|h| h[0].as_str().unwrap().eq_ignore_ascii_case("host"))
+    request["headers"].as_array().unwrap().iter().any(|h| h[0].as_str().unwrap().eq_ignore_ascii_case("host"))
 }
 
 /// Inserts a Host field after the request line of each expected HTTP/1.1
@@ -93,16 +84,11 @@ fn with_host(raw: &[u8], expect: &[Value]) -> (Vec<u8>, Vec<Value>) {
         let line = format!(
             "{} {} {}\r\n",
             req["method"].as_str().unwrap(),
-            latin1_bytes(req["target"].as_str().unwrap())
-                .iter()
-                .map(|&b| b as char)
-                .collect::<String>(),
+            latin1_bytes(req["target"].as_str().unwrap()).iter().map(|&b| b as char).collect::<String>(),
             req["version"].as_str().unwrap()
         );
         let line = latin1_bytes(&line);
-        let at = find(&out[cursor..], &line)
-            .map(|i| cursor + i)
-            .expect("request line in raw bytes");
+        let at = find(&out[cursor..], &line).map(|i| cursor + i).expect("request line in raw bytes");
         cursor = at + line.len();
         if req["version"] == "HTTP/1.1" && !has_host(req) {
             let field = format!("Host: {INSERTED_HOST}\r\n");
@@ -120,9 +106,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 fn latin1_bytes(s: &str) -> Vec<u8> {
-    s.chars()
-        .map(|c| u8::try_from(c as u32).expect("latin-1"))
-        .collect()
+    s.chars().map(|c| u8::try_from(c as u32).expect("latin-1")).collect()
 }
 
 #[test]
@@ -130,10 +114,8 @@ fn gunicorn_corpus_default_settings() {
     let server = Server::start(&["--app", "echo", "--workers", "2"], 2);
     let mut checked = (0, 0, 0);
     let cases = corpus();
-    let default_cases = cases
-        .iter()
-        .filter(|c| c["gunicorn_settings"].as_object().unwrap().is_empty())
-        .count();
+    let default_cases =
+        cases.iter().filter(|c| c["gunicorn_settings"].as_object().unwrap().is_empty()).count();
     for case in cases {
         let name = case["name"].as_str().unwrap();
         if !case["gunicorn_settings"].as_object().unwrap().is_empty() {
@@ -142,19 +124,13 @@ fn gunicorn_corpus_default_settings() {
         let raw = b64(case["raw_base64"].as_str().unwrap());
         if let Some((_, why)) = REFUSED_ON_PURPOSE.iter().find(|(n, _)| *n == name) {
             let (responses, closed) = exchange(&server, &raw);
-            assert_eq!(
-                responses.first().map(|r| r.status),
-                Some(400),
-                "{name}: refused on purpose ({why})"
-            );
+            assert_eq!(responses.first().map(|r| r.status), Some(400), "{name}: refused on purpose ({why})");
             assert!(closed, "{name}");
             continue;
         }
         if case["kind"] == "valid" {
             let expect = case["expect"].as_array().unwrap();
-            let needs_host = expect
-                .iter()
-                .position(|r| r["version"] == "HTTP/1.1" && !has_host(r));
+            let needs_host = expect.iter().position(|r| r["version"] == "HTTP/1.1" && !has_host(r));
             let (raw, expect) = if let Some(first_hostless) = needs_host {
                 let (responses, closed) = exchange(&server, &raw);
                 let statuses: Vec<u16> = responses.iter().map(|r| r.status).collect();
@@ -168,11 +144,7 @@ fn gunicorn_corpus_default_settings() {
                 (raw, expect.clone())
             };
             let (responses, _) = exchange(&server, &raw);
-            assert_eq!(
-                responses.len(),
-                expect.len(),
-                "{name}: one response per request"
-            );
+            assert_eq!(responses.len(), expect.len(), "{name}: one response per request");
             for (got, want) in responses.iter().zip(&expect) {
                 assert_eq!(got.status, 200, "{name}: {}", got.text());
                 let j = got.json();
@@ -183,23 +155,13 @@ fn gunicorn_corpus_default_settings() {
                     .as_array()
                     .unwrap()
                     .iter()
-                    .map(|h| {
-                        (
-                            h[0].as_str().unwrap().to_ascii_uppercase(),
-                            h[1].as_str().unwrap().to_owned(),
-                        )
-                    })
+                    .map(|h| (h[0].as_str().unwrap().to_ascii_uppercase(), h[1].as_str().unwrap().to_owned()))
                     .collect();
                 let want_headers: Vec<(String, String)> = want["headers"]
                     .as_array()
                     .unwrap()
                     .iter()
-                    .map(|h| {
-                        (
-                            h[0].as_str().unwrap().to_ascii_uppercase(),
-                            h[1].as_str().unwrap().to_owned(),
-                        )
-                    })
+                    .map(|h| (h[0].as_str().unwrap().to_ascii_uppercase(), h[1].as_str().unwrap().to_owned()))
                     .collect();
                 let (underscored, got_headers): (Vec<_>, Vec<_>) =
                     got_headers.into_iter().partition(|(n, _)| n.contains('_'));
@@ -215,29 +177,17 @@ fn gunicorn_corpus_default_settings() {
             checked.0 += 1;
         } else {
             let (responses, closed) = exchange(&server, &raw);
-            let first = responses
-                .first()
-                .unwrap_or_else(|| panic!("{name}: no response at all"));
+            let first = responses.first().unwrap_or_else(|| panic!("{name}: no response at all"));
+            assert!((400..500).contains(&first.status), "{name}: got {} {}", first.status, first.text());
             assert!(
-                (400..500).contains(&first.status),
-                "{name}: got {} {}",
-                first.status,
-                first.text()
-            );
-            assert!(
-                responses
-                    .iter()
-                    .all(|r| r.header("Content-Type") != Some("application/json")),
+                responses.iter().all(|r| r.header("Content-Type") != Some("application/json")),
                 "{name}: reached the app"
             );
             assert!(closed, "{name}: connection closed after the error");
             checked.1 += 1;
         }
     }
-    eprintln!(
-        "conformance: {} valid, {} invalid, {} Host-less checked",
-        checked.0, checked.1, checked.2
-    );
+    eprintln!("conformance: {} valid, {} invalid, {} Host-less checked", checked.0, checked.1, checked.2);
     assert_eq!(
         checked.0 + checked.1 + REFUSED_ON_PURPOSE.len(),
         default_cases,

@@ -31,7 +31,9 @@ fn pseudo_random(len: usize) -> Vec<u8> {
 fn echo_describes_the_request() {
     let server = Server::start(&["--app", "echo", "--workers", "1"], 1);
     let mut c = server.connect();
-    c.send(b"POST /path?x=1 HTTP/1.1\r\nHost: example\r\nX-Two: a\r\nx-two: b\r\nContent-Length: 5\r\n\r\nhello");
+    c.send(
+        b"POST /path?x=1 HTTP/1.1\r\nHost: example\r\nX-Two: a\r\nx-two: b\r\nContent-Length: 5\r\n\r\nhello",
+    );
     let r = c.response().unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.header("Content-Type"), Some("application/json"));
@@ -42,12 +44,7 @@ fn echo_describes_the_request() {
     assert_eq!(j["version"], "HTTP/1.1");
     assert_eq!(
         j["headers"],
-        serde_json::json!([
-            ["Host", "example"],
-            ["X-Two", "a"],
-            ["x-two", "b"],
-            ["Content-Length", "5"]
-        ])
+        serde_json::json!([["Host", "example"], ["X-Two", "a"], ["x-two", "b"], ["Content-Length", "5"]])
     );
     assert_eq!(j["body_base64"], b64(b"hello"));
     assert_eq!(j["worker"]["pid"], server.children()[0]);
@@ -58,38 +55,22 @@ fn echo_describes_the_request() {
     c.send(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n");
     let head = c.head_response().unwrap();
     assert_eq!(head.status, 200);
-    assert!(
-        head.header("Content-Length")
-            .unwrap()
-            .parse::<usize>()
-            .unwrap()
-            > 0
-    );
+    assert!(head.header("Content-Length").unwrap().parse::<usize>().unwrap() > 0);
     c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
-    assert_eq!(
-        c.response().unwrap().status,
-        200,
-        "HEAD sent no body to trip over"
-    );
+    assert_eq!(c.response().unwrap().status, 200, "HEAD sent no body to trip over");
 }
 
 #[test]
 fn a_thousand_requests_on_one_keep_alive_connection() {
+    // With the default --max-requests-per-child 1000 (drawn from 800..=1000)
+    // a worker recycles under this very connection.
     let server = Server::start(&["--app", "hello", "--workers", "2"], 2);
     let mut c = server.connect();
     for i in 0..1000 {
         c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
         let r = c.response().unwrap_or_else(|e| panic!("request {i}: {e}"));
-        assert_eq!(
-            (r.status, r.body.as_slice()),
-            (200, &b"hello\n"[..]),
-            "request {i}"
-        );
-        assert_eq!(
-            r.header("Connection"),
-            None,
-            "HTTP/1.1 keep-alive needs no Connection header"
-        );
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"hello\n"[..]), "request {i}");
+        assert_eq!(r.header("Connection"), None, "HTTP/1.1 keep-alive needs no Connection header");
     }
 }
 
@@ -110,13 +91,7 @@ fn one_mebibyte_uploads_arrive_intact() {
     let server = Server::start(&["--app", "echo", "--workers", "2"], 2);
     let data = pseudo_random(1 << 20);
     let mut c = server.connect();
-    c.send(
-        format!(
-            "PUT /len HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
-            data.len()
-        )
-        .as_bytes(),
-    );
+    c.send(format!("PUT /len HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", data.len()).as_bytes());
     c.send(&data);
     let j = c.response().unwrap().json();
     assert_eq!(j["body_base64"], b64(&data));
@@ -172,7 +147,10 @@ fn streamed_error_and_limit_statuses() {
     let server = Server::start(&["--app", "echo", "--workers", "1", "--max-body", "10"], 1);
     let cases: [(&[u8], u16); 5] = [
         (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n", 413),
-        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nb\r\nhello world\r\n0\r\n\r\n", 413),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nb\r\nhello world\r\n0\r\n\r\n",
+            413,
+        ),
         (b"GET / HTTP/1.1\r\nHost: x\r\nX: y\r\n z\r\n\r\n", 400),
         (b"GET /\x01 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
@@ -189,20 +167,15 @@ fn streamed_error_and_limit_statuses() {
     c.send(format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(5000)).as_bytes());
     assert_eq!(c.response().unwrap().status, 414);
     let mut c = server.connect();
-    c.send(
-        format!(
-            "GET / HTTP/1.1\r\nHost: x\r\nBig: {}\r\n\r\n",
-            "a".repeat(9000)
-        )
-        .as_bytes(),
-    );
+    c.send(format!("GET / HTTP/1.1\r\nHost: x\r\nBig: {}\r\n\r\n", "a".repeat(9000)).as_bytes());
     assert_eq!(c.response().unwrap().status, 431);
 }
 
 #[test]
 fn idle_keep_alive_connections_live_in_the_supervisor() {
     raise_fd_limit();
-    let server = Server::start(&["--app", "hello", "--workers", "2"], 2);
+    // No recycling: the test counts processes.
+    let server = Server::start(&["--app", "hello", "--workers", "2", "--max-requests-per-child", "0"], 2);
     let workers = server.children();
     assert_eq!(workers.len(), 2);
     let mut idle: Vec<Client> = (0..1000)
@@ -215,24 +188,13 @@ fn idle_keep_alive_connections_live_in_the_supervisor() {
         .collect();
     // Hold them idle for a while: that is the point of the test.
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(
-        server.children(),
-        workers,
-        "still 1 + 2 processes, the same workers"
-    );
-    assert!(
-        server.fd_count() >= 1000,
-        "the supervisor holds the idle connections"
-    );
+    assert_eq!(server.children(), workers, "still 1 + 2 processes, the same workers");
+    assert!(server.fd_count() >= 1000, "the supervisor holds the idle connections");
     // A new client is served while all of them stay open.
     assert_eq!(server.get("/").status, 200);
     for (i, c) in idle.iter_mut().enumerate() {
         c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
-        assert_eq!(
-            c.response().map(|r| r.status).ok(),
-            Some(200),
-            "idle connection {i} still works"
-        );
+        assert_eq!(c.response().map(|r| r.status).ok(), Some(200), "idle connection {i} still works");
     }
 }
 
@@ -242,8 +204,7 @@ fn clients_stalled_mid_head_hold_no_worker() {
     let stalled: Vec<TcpStream> = (0..50)
         .map(|_| {
             let mut s = TcpStream::connect(server.addr).unwrap();
-            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
-                .unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ").unwrap();
             s
         })
         .collect();
@@ -255,10 +216,7 @@ fn clients_stalled_mid_head_hold_no_worker() {
 
 #[test]
 fn a_slow_head_gets_408_after_the_head_timeout() {
-    let server = Server::start(
-        &["--app", "hello", "--workers", "1", "--head-timeout", "1s"],
-        1,
-    );
+    let server = Server::start(&["--app", "hello", "--workers", "1", "--head-timeout", "1s"], 1);
     let mut c = server.connect();
     c.send(b"GET / HTTP/1.1\r\n");
     let r = c.response().unwrap();
@@ -294,11 +252,7 @@ fn no_descriptor_leaks_after_thousands_of_connections() {
         }
     }
     let settled = eventually(Duration::from_secs(20), || server.fd_count() <= baseline);
-    assert!(
-        settled,
-        "supervisor fds: baseline {baseline}, now {}",
-        server.fd_count()
-    );
+    assert!(settled, "supervisor fds: baseline {baseline}, now {}", server.fd_count());
 }
 
 #[test]
@@ -309,19 +263,14 @@ fn a_worker_killed_mid_request_costs_only_that_request() {
     c.send(b"GET /?sleep_ms=30000 HTTP/1.1\r\nHost: x\r\n\r\n");
     // Wait until the worker is inside the app (sleeping in the echo app).
     let busy = eventually(Duration::from_secs(10), || {
-        std::fs::read_to_string(format!("/proc/{victim}/wchan"))
-            .is_ok_and(|w| w.contains("nanosleep"))
+        std::fs::read_to_string(format!("/proc/{victim}/wchan")).is_ok_and(|w| w.contains("nanosleep"))
     });
     assert!(busy, "worker {victim} never started the request");
     // SAFETY: killing the worker process the test just identified.
     unsafe { libc::kill(victim as i32, libc::SIGKILL) };
     match c.response() {
         Ok(r) => assert_eq!(r.status, 502),
-        Err(e) => assert_ne!(
-            e.kind(),
-            std::io::ErrorKind::WouldBlock,
-            "client hung instead of failing"
-        ),
+        Err(e) => assert_ne!(e.kind(), std::io::ErrorKind::WouldBlock, "client hung instead of failing"),
     }
     let replaced = eventually(Duration::from_secs(10), || {
         let now = server.children();
@@ -331,10 +280,7 @@ fn a_worker_killed_mid_request_costs_only_that_request() {
     let r = server.get("/after");
     assert_eq!(r.status, 200);
     assert_ne!(r.json()["worker"]["pid"], victim);
-    assert!(
-        server.logs().contains("answering 502"),
-        "the log says what happened"
-    );
+    assert!(server.logs().contains("answering 502"), "the log says what happened");
 }
 
 #[test]
@@ -346,17 +292,7 @@ fn static_files_ranges_head_and_no_escape() {
     std::fs::write(root.join("sub/index.html"), b"<p>index</p>").unwrap();
     std::fs::write(dir.join("secret"), b"secret").unwrap();
     let _ = std::os::unix::fs::symlink(dir.join("secret"), root.join("escape"));
-    let server = Server::start(
-        &[
-            "--app",
-            "static",
-            "--root",
-            root.to_str().unwrap(),
-            "--workers",
-            "1",
-        ],
-        1,
-    );
+    let server = Server::start(&["--app", "static", "--root", root.to_str().unwrap(), "--workers", "1"], 1);
 
     let r = server.get("/file.txt");
     assert_eq!((r.status, r.body.as_slice()), (200, &b"0123456789"[..]));
@@ -376,9 +312,7 @@ fn static_files_ranges_head_and_no_escape() {
     let r = ask("GET /file.txt HTTP/1.1\r\nHost: x\r\nRange: bytes=50-\r\n\r\n".into());
     assert_eq!(r.status, 416);
     assert_eq!(r.header("Content-Range"), Some("bytes */10"));
-    let r = ask(format!(
-        "GET /file.txt HTTP/1.1\r\nHost: x\r\nIf-Modified-Since: {last_modified}\r\n\r\n"
-    ));
+    let r = ask(format!("GET /file.txt HTTP/1.1\r\nHost: x\r\nIf-Modified-Since: {last_modified}\r\n\r\n"));
     assert_eq!(r.status, 304);
     let r = ask("GET /sub/ HTTP/1.1\r\nHost: x\r\n\r\n".into());
     assert_eq!((r.status, r.body.as_slice()), (200, &b"<p>index</p>"[..]));
@@ -394,19 +328,11 @@ fn static_files_ranges_head_and_no_escape() {
     let r = c.head_response().unwrap();
     assert_eq!((r.status, r.header("Content-Length")), (200, Some("10")));
     c.send(b"GET /file.txt HTTP/1.1\r\nHost: x\r\n\r\n");
-    assert_eq!(
-        c.response().unwrap().body,
-        b"0123456789",
-        "HEAD sent no body"
-    );
+    assert_eq!(c.response().unwrap().body, b"0123456789", "HEAD sent no body");
 
-    for attack in [
-        "/../secret",
-        "/%2e%2e/secret",
-        "/sub/..%2f..%2fsecret",
-        "/escape",
-        "/sub/%2e%2e/%2e%2e/secret",
-    ] {
+    for attack in
+        ["/../secret", "/%2e%2e/secret", "/sub/..%2f..%2fsecret", "/escape", "/sub/%2e%2e/%2e%2e/secret"]
+    {
         let r = server.get(attack);
         assert!(matches!(r.status, 403 | 404), "{attack} gave {}", r.status);
         assert!(!r.text().contains("secret"), "{attack} leaked the file");
@@ -419,24 +345,18 @@ fn static_files_ranges_head_and_no_escape() {
 fn listens_on_ipv6_and_unix_sockets() {
     let sock = std::env::temp_dir().join(format!("monodon-test-{}.sock", std::process::id()));
     let mut cmd = monodon();
-    cmd.args([
-        "serve", "--app", "hello", "-w", "1", "--listen", "[::1]:0", "--listen",
-    ])
-    .arg(format!("unix:{}", sock.display()));
+    cmd.args(["serve", "--app", "hello", "-w", "1", "--listen", "[::1]:0", "--listen"])
+        .arg(format!("unix:{}", sock.display()));
     let server = Server::start_cmd(&mut cmd, 1);
     assert!(server.addr.is_ipv6());
     assert_eq!(server.get("/").status, 200);
     let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
     drop(server);
-    assert!(
-        eventually(Duration::from_secs(5), || !sock.exists()),
-        "socket file removed on stop"
-    );
+    assert!(eventually(Duration::from_secs(5), || !sock.exists()), "socket file removed on stop");
 }
 
 #[test]
@@ -449,9 +369,7 @@ fn sigterm_stops_cleanly_and_leaves_no_worker() {
     server.signal(libc::SIGTERM);
     let r = slow.response().unwrap();
     assert_eq!(r.status, 200, "the request in flight completes");
-    let status = server
-        .wait_exit(Duration::from_secs(10))
-        .expect("supervisor exits");
+    let status = server.wait_exit(Duration::from_secs(10)).expect("supervisor exits");
     assert!(status.success(), "{status:?}");
     for pid in workers {
         assert!(eventually(Duration::from_secs(5), || {
@@ -466,10 +384,7 @@ fn bad_command_lines_are_clear_errors() {
         (&["serve", "--workers", "zero"][..], "--workers"),
         (&["serve", "--listen", "nowhere"], "--listen"),
         (&["serve", "--app", "nope"], "--app"),
-        (
-            &["serve", "--keepalive-timeout", "soon"],
-            "--keepalive-timeout",
-        ),
+        (&["serve", "--keepalive-timeout", "soon"], "--keepalive-timeout"),
         (&["serve", "--no-such-flag"], "--no-such-flag"),
     ] {
         let out = monodon().args(args).output().unwrap();

@@ -46,11 +46,7 @@ impl Limits {
     pub fn to_env(&self) -> String {
         format!(
             "{},{},{},{},{}",
-            self.max_request_line,
-            self.max_header_line,
-            self.max_headers,
-            self.max_head,
-            self.max_body
+            self.max_request_line, self.max_header_line, self.max_headers, self.max_head, self.max_body
         )
     }
 
@@ -203,8 +199,7 @@ pub fn parse_head<'b>(buf: &'b [u8], limits: &Limits) -> Result<Option<Head<'b>>
         Ok(_) => return Err(Rejection::new(400, "malformed request head")),
         Err(e) => return Err(httparse_rejection(e)),
     }
-    let (Some(method), Some(target), Some(minor_version)) = (req.method, req.path, req.version)
-    else {
+    let (Some(method), Some(target), Some(minor_version)) = (req.method, req.path, req.version) else {
         return Err(Rejection::new(400, "malformed request line"));
     };
     if req.headers.len() > limits.max_headers {
@@ -298,18 +293,10 @@ fn httparse_rejection(e: httparse::Error) -> Rejection {
 fn check_target(method: &str, target: &str) -> Result<(), Rejection> {
     const BAD: Rejection = Rejection::new(400, "invalid request target");
     if target.starts_with('/') {
-        return if method == "CONNECT" {
-            Err(BAD)
-        } else {
-            Ok(())
-        };
+        return if method == "CONNECT" { Err(BAD) } else { Ok(()) };
     }
     if target == "*" {
-        return if method == "OPTIONS" {
-            Ok(())
-        } else {
-            Err(BAD)
-        };
+        return if method == "OPTIONS" { Ok(()) } else { Err(BAD) };
     }
     if method == "CONNECT" {
         // authority-form: uri-host ":" port
@@ -339,10 +326,7 @@ fn valid_authority(authority: &str) -> Option<bool> {
     let is_unreserved = |c: u8| c.is_ascii_alphanumeric() || b"-._~".contains(&c);
     let host_port = match authority.rsplit_once('@') {
         Some((userinfo, hp)) => {
-            if !userinfo
-                .bytes()
-                .all(|c| is_unreserved(c) || is_sub_delim(c) || c == b':' || c == b'%')
-            {
+            if !userinfo.bytes().all(|c| is_unreserved(c) || is_sub_delim(c) || c == b':' || c == b'%') {
                 return None;
             }
             hp
@@ -351,11 +335,7 @@ fn valid_authority(authority: &str) -> Option<bool> {
     };
     let (host, port) = if let Some(rest) = host_port.strip_prefix('[') {
         let (literal, after) = rest.split_once(']')?;
-        if literal.is_empty()
-            || !literal
-                .bytes()
-                .all(|c| c.is_ascii_hexdigit() || c == b':' || c == b'.')
-        {
+        if literal.is_empty() || !literal.bytes().all(|c| c.is_ascii_hexdigit() || c == b':' || c == b'.') {
             return None;
         }
         match after {
@@ -368,10 +348,8 @@ fn valid_authority(authority: &str) -> Option<bool> {
             None => (host_port, None),
         }
     };
-    let reg_name_ok = host_port.starts_with('[')
-        || host
-            .bytes()
-            .all(|c| is_unreserved(c) || is_sub_delim(c) || c == b'%');
+    let reg_name_ok =
+        host_port.starts_with('[') || host.bytes().all(|c| is_unreserved(c) || is_sub_delim(c) || c == b'%');
     if host.is_empty() || !reg_name_ok {
         return None;
     }
@@ -398,22 +376,15 @@ fn interpret_fields(headers: &[(&str, &[u8])], minor_version: u8) -> Result<Fiel
     let mut keep_alive_token = false;
     let mut expect_continue = false;
     for &(name, value) in headers {
-        if !value
-            .iter()
-            .all(|&c| c == b'\t' || (0x20..0x7f).contains(&c) || c >= 0x80)
-        {
-            return Err(Rejection::new(
-                400,
-                "control character in a header field value",
-            ));
+        if !value.iter().all(|&c| c == b'\t' || (0x20..0x7f).contains(&c) || c >= 0x80) {
+            return Err(Rejection::new(400, "control character in a header field value"));
         }
         if name.eq_ignore_ascii_case("host") {
             host_count += 1;
         } else if name.eq_ignore_ascii_case("content-type") {
             content_type_count += 1;
         } else if name.eq_ignore_ascii_case("content-length") {
-            let n =
-                parse_content_length(value).ok_or(Rejection::new(400, "invalid Content-Length"))?;
+            let n = parse_content_length(value).ok_or(Rejection::new(400, "invalid Content-Length"))?;
             if content_length.is_some_and(|prev| prev != n) {
                 return Err(Rejection::new(400, "conflicting Content-Length fields"));
             }
@@ -455,32 +426,19 @@ fn interpret_fields(headers: &[(&str, &[u8])], minor_version: u8) -> Result<Fiel
     } else {
         if minor_version == 0 {
             // RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 means faulty framing.
-            return Err(Rejection::new(
-                400,
-                "Transfer-Encoding in an HTTP/1.0 request",
-            ));
+            return Err(Rejection::new(400, "Transfer-Encoding in an HTTP/1.0 request"));
         }
         if content_length.is_some() {
-            return Err(Rejection::new(
-                400,
-                "both Content-Length and Transfer-Encoding",
-            ));
+            return Err(Rejection::new(400, "both Content-Length and Transfer-Encoding"));
         }
         let chunked = codings.iter().filter(|c| *c == "chunked").count();
         if chunked != 1 || codings.last().map(String::as_str) != Some("chunked") {
-            return Err(Rejection::new(
-                400,
-                "chunked must be the final transfer coding, once",
-            ));
+            return Err(Rejection::new(400, "chunked must be the final transfer coding, once"));
         }
         BodyFraming::Chunked
     };
     let keep_alive = !close && (minor_version >= 1 || keep_alive_token);
-    Ok(Fields {
-        framing,
-        keep_alive,
-        expect_continue,
-    })
+    Ok(Fields { framing, keep_alive, expect_continue })
 }
 
 /// Content-Length is 1*DIGIT: no sign, no spaces, no list (RFC 9110 §8.6).
@@ -514,10 +472,7 @@ impl std::fmt::Display for BodyError {
 impl std::error::Error for BodyError {}
 
 fn body_error(status: u16, reason: &'static str) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidData,
-        BodyError(Rejection::new(status, reason)),
-    )
+    io::Error::new(io::ErrorKind::InvalidData, BodyError(Rejection::new(status, reason)))
 }
 
 /// If `e` came from a malformed body, the rejection to answer with.
@@ -552,13 +507,7 @@ impl<R: BufRead> BodyReader<R> {
             BodyFraming::Length(n) => BodyState::Length(n),
             BodyFraming::Chunked => BodyState::ChunkSize,
         };
-        BodyReader {
-            inner,
-            state,
-            max_body: limits.max_body,
-            decoded: 0,
-            max_line: limits.max_header_line,
-        }
+        BodyReader { inner, state, max_body: limits.max_body, decoded: 0, max_line: limits.max_header_line }
     }
 
     /// True once the whole body, trailers included, has been read.
@@ -621,16 +570,10 @@ pub fn parse_chunk_size_line(line: &[u8]) -> Result<u64, Rejection> {
     }
     let rest = &line[digits..];
     if !rest.is_empty() {
-        let after_ws = rest
-            .iter()
-            .position(|&c| c != b' ' && c != b'\t')
-            .map(|i| &rest[i..]);
+        let after_ws = rest.iter().position(|&c| c != b' ' && c != b'\t').map(|i| &rest[i..]);
         match after_ws {
             Some(ext) if ext[0] == b';' => {
-                if !ext
-                    .iter()
-                    .all(|&c| c == b'\t' || (0x20..0x7f).contains(&c) || c >= 0x80)
-                {
+                if !ext.iter().all(|&c| c == b'\t' || (0x20..0x7f).contains(&c) || c >= 0x80) {
                     return Err(Rejection::new(400, "invalid chunk extension"));
                 }
             }
@@ -660,10 +603,7 @@ fn check_trailer_line(line: &[u8]) -> Result<(), Rejection> {
     if forbidden_trailer(name) {
         return Err(Rejection::new(400, "forbidden field in trailers"));
     }
-    if !line[colon + 1..]
-        .iter()
-        .all(|&c| c == b'\t' || (0x20..0x7f).contains(&c) || c >= 0x80)
-    {
+    if !line[colon + 1..].iter().all(|&c| c == b'\t' || (0x20..0x7f).contains(&c) || c >= 0x80) {
         return Err(BAD);
     }
     Ok(())
@@ -683,10 +623,7 @@ impl<R: BufRead> Read for BodyReader<R> {
                     let want = out.len().min(usize::try_from(n).unwrap_or(usize::MAX));
                     let got = self.inner.read(&mut out[..want])?;
                     if got == 0 {
-                        return Err(body_error(
-                            400,
-                            "connection closed before the end of the body",
-                        ));
+                        return Err(body_error(400, "connection closed before the end of the body"));
                     }
                     let left = n - got as u64;
                     self.state = match self.state {
@@ -698,16 +635,11 @@ impl<R: BufRead> Read for BodyReader<R> {
                 }
                 BodyState::ChunkSize => {
                     let line = self.read_line()?;
-                    let size =
-                        parse_chunk_size_line(&line).map_err(|r| body_error(r.status, r.reason))?;
+                    let size = parse_chunk_size_line(&line).map_err(|r| body_error(r.status, r.reason))?;
                     if self.decoded.saturating_add(size) > self.max_body {
                         return Err(body_error(413, "request body larger than the limit"));
                     }
-                    self.state = if size == 0 {
-                        BodyState::Trailers(0)
-                    } else {
-                        BodyState::ChunkData(size)
-                    };
+                    self.state = if size == 0 { BodyState::Trailers(0) } else { BodyState::ChunkData(size) };
                 }
                 BodyState::ChunkDataEnd => {
                     let line = self.read_line()?;
@@ -747,16 +679,13 @@ mod tests {
     fn body(raw_body: &[u8], framing: BodyFraming) -> Result<Vec<u8>, Rejection> {
         let mut r = BodyReader::new(raw_body, framing, &Limits::default());
         let mut out = Vec::new();
-        r.read_to_end(&mut out)
-            .map_err(|e| body_rejection(&e).expect("body error"))?;
+        r.read_to_end(&mut out).map_err(|e| body_rejection(&e).expect("body error"))?;
         Ok(out)
     }
 
     #[test]
     fn simple_get() {
-        let h = parse(b"GET /a?b=c HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n\r\nrest")
-            .unwrap()
-            .unwrap();
+        let h = parse(b"GET /a?b=c HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n\r\nrest").unwrap().unwrap();
         assert_eq!(h.method, "GET");
         assert_eq!(h.target, "/a?b=c");
         assert_eq!(h.minor_version, 1);
@@ -778,23 +707,16 @@ mod tests {
     fn keep_alive_rules() {
         let ka = |raw: &[u8]| parse(raw).unwrap().unwrap().keep_alive;
         assert!(ka(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
-        assert!(!ka(
-            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        ));
+        assert!(!ka(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
         assert!(!ka(b"GET / HTTP/1.0\r\n\r\n"));
         assert!(ka(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"));
-        assert!(!ka(
-            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, close\r\n\r\n"
-        ));
+        assert!(!ka(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, close\r\n\r\n"));
     }
 
     #[test]
     fn framing_choices() {
         let f = |raw: &[u8]| parse(raw).unwrap().unwrap().framing;
-        assert_eq!(
-            f(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n"),
-            BodyFraming::Length(5)
-        );
+        assert_eq!(f(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n"), BodyFraming::Length(5));
         assert_eq!(
             f(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n"),
             BodyFraming::Length(5)
@@ -815,64 +737,35 @@ mod tests {
 
     #[test]
     fn ambiguous_framing_is_rejected() {
-        assert_eq!(status(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"), 400);
+        assert_eq!(
+            status(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            400
+        );
         assert_eq!(
             status(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n"),
             400
         );
-        assert_eq!(
-            status(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\n"),
-            400
-        );
-        assert_eq!(
-            status(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\n"),
-            400
-        );
-        assert_eq!(
-            status(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"),
-            400
-        );
-        assert_eq!(
-            status(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n"),
-            400
-        );
-        assert_eq!(
-            status(b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"),
-            400
-        );
+        assert_eq!(status(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\n"), 400);
+        assert_eq!(status(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\n"), 400);
+        assert_eq!(status(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"), 400);
+        assert_eq!(status(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n"), 400);
+        assert_eq!(status(b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"), 400);
     }
 
     #[test]
     fn malformed_heads_are_rejected() {
         assert_eq!(status(b"GET / HTTP/1.1\nHost: x\r\n\r\n"), 400, "bare LF");
-        assert_eq!(
-            status(b"GET / HTTP/1.1\r\nHost: x\rY\r\n\r\n"),
-            400,
-            "bare CR"
-        );
-        assert_eq!(
-            status(b"GET / HTTP/1.1\r\nHost: x\r\nA: b\r\n c\r\n\r\n"),
-            400,
-            "obs-fold"
-        );
-        assert_eq!(
-            status(b"GET / HTTP/1.1\r\nHost: x\r\nBad Name: b\r\n\r\n"),
-            400
-        );
-        assert_eq!(
-            status(b"GET / HTTP/1.1\r\nHost: x\r\nA: b\x07c\r\n\r\n"),
-            400
-        );
+        assert_eq!(status(b"GET / HTTP/1.1\r\nHost: x\rY\r\n\r\n"), 400, "bare CR");
+        assert_eq!(status(b"GET / HTTP/1.1\r\nHost: x\r\nA: b\r\n c\r\n\r\n"), 400, "obs-fold");
+        assert_eq!(status(b"GET / HTTP/1.1\r\nHost: x\r\nBad Name: b\r\n\r\n"), 400);
+        assert_eq!(status(b"GET / HTTP/1.1\r\nHost: x\r\nA: b\x07c\r\n\r\n"), 400);
         assert_eq!(status(b"GET / HTTP/1.1\r\n\r\n"), 400, "no Host");
         assert_eq!(status(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"), 400);
         assert_eq!(status(b"GET / HTTP/2.0\r\nHost: a\r\n\r\n"), 400);
         assert_eq!(status(b"GET * HTTP/1.1\r\nHost: a\r\n\r\n"), 400);
         assert_eq!(status(b"GET a/b HTTP/1.1\r\nHost: a\r\n\r\n"), 400);
         assert_eq!(status(b"PUT s://]ufd/: HTTP/1.1\r\nHost: a\r\n\r\n"), 400);
-        assert_eq!(
-            status(b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 200-ok\r\n\r\n"),
-            417
-        );
+        assert_eq!(status(b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 200-ok\r\n\r\n"), 417);
     }
 
     #[test]
@@ -884,11 +777,7 @@ mod tests {
             b"CONNECT example.com:443 HTTP/1.1\r\nHost: a\r\n\r\n",
             b"CONNECT [::1]:443 HTTP/1.1\r\nHost: a\r\n\r\n",
         ] {
-            assert!(
-                parse(raw).unwrap().is_some(),
-                "{}",
-                String::from_utf8_lossy(raw)
-            );
+            assert!(parse(raw).unwrap().is_some(), "{}", String::from_utf8_lossy(raw));
         }
     }
 
@@ -897,10 +786,7 @@ mod tests {
         let limits = Limits::default();
         let long_target = format!("GET /{} HTTP/1.1\r\n", "a".repeat(limits.max_request_line));
         assert_eq!(status(long_target.as_bytes()), 414, "partial request line");
-        let long_field = format!(
-            "GET / HTTP/1.1\r\nX: {}",
-            "a".repeat(limits.max_header_line)
-        );
+        let long_field = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(limits.max_header_line));
         assert_eq!(status(long_field.as_bytes()), 431);
         let mut many = String::from("GET / HTTP/1.1\r\nHost: x\r\n");
         for i in 0..limits.max_headers {
@@ -908,10 +794,7 @@ mod tests {
         }
         many.push_str("\r\n");
         assert_eq!(status(many.as_bytes()), 431);
-        let big = format!(
-            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
-            limits.max_body + 1
-        );
+        let big = format!("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", limits.max_body + 1);
         assert_eq!(status(big.as_bytes()), 413);
     }
 
@@ -952,37 +835,21 @@ mod tests {
 
     #[test]
     fn length_bodies_stop_at_their_length() {
-        assert_eq!(
-            body(b"hello world", BodyFraming::Length(5)).unwrap(),
-            b"hello"
-        );
-        assert_eq!(
-            body(b"hel", BodyFraming::Length(5)).map_err(|r| r.status),
-            Err(400)
-        );
+        assert_eq!(body(b"hello world", BodyFraming::Length(5)).unwrap(), b"hello");
+        assert_eq!(body(b"hel", BodyFraming::Length(5)).map_err(|r| r.status), Err(400));
     }
 
     #[test]
     fn chunked_body_over_limit_is_413() {
-        let limits = Limits {
-            max_body: 4,
-            ..Limits::default()
-        };
-        let mut r = BodyReader::new(
-            &b"5\r\nhello\r\n0\r\n\r\n"[..],
-            BodyFraming::Chunked,
-            &limits,
-        );
+        let limits = Limits { max_body: 4, ..Limits::default() };
+        let mut r = BodyReader::new(&b"5\r\nhello\r\n0\r\n\r\n"[..], BodyFraming::Chunked, &limits);
         let e = r.read_to_end(&mut Vec::new()).unwrap_err();
         assert_eq!(body_rejection(&e).map(|r| r.status), Some(413));
     }
 
     #[test]
     fn limits_round_trip_through_env() {
-        let l = Limits {
-            max_body: 7,
-            ..Limits::default()
-        };
+        let l = Limits { max_body: 7, ..Limits::default() };
         assert_eq!(Limits::from_env(&l.to_env()), Some(l));
         assert_eq!(Limits::from_env("1,2"), None);
     }

@@ -25,6 +25,8 @@ pub mod env {
     pub const GENERATION: &str = "MONODON_GENERATION";
     /// The request limits, as `Limits::to_env` writes them.
     pub const LIMITS: &str = "MONODON_LIMITS";
+    /// Requests after which the worker retires (0: no limit).
+    pub const MAX_REQUESTS: &str = "MONODON_MAX_REQUESTS";
     /// Seconds a worker waits on a client's body or on a slow reader.
     pub const IO_TIMEOUT: &str = "MONODON_IO_TIMEOUT";
 }

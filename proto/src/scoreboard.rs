@@ -24,6 +24,12 @@ pub struct Slot {
     pub bytes_written: AtomicU64,
     /// Requests completed since the worker started.
     pub requests: AtomicU64,
+    /// When the request being served started ([`monotonic_ms`]), 0 between
+    /// requests. The supervisor's stuck-worker timeout reads it.
+    pub request_started_ms: AtomicU64,
+    /// Set by the supervisor when it is stopping: finish the current
+    /// request with `Connection: close`.
+    pub draining: AtomicU64,
 }
 
 impl Slot {
@@ -34,6 +40,40 @@ impl Slot {
     pub fn written(&self) -> u64 {
         self.bytes_written.load(Ordering::Relaxed)
     }
+
+    pub fn begin_request(&self) {
+        self.request_started_ms.store(monotonic_ms().max(1), Ordering::Relaxed);
+    }
+
+    pub fn end_request(&self) {
+        self.request_started_ms.store(0, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How long the current request has run, if one is being served.
+    pub fn request_age_ms(&self) -> Option<u64> {
+        match self.request_started_ms.load(Ordering::Relaxed) {
+            0 => None,
+            t => Some(monotonic_ms().saturating_sub(t)),
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed) != 0
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(1, Ordering::Relaxed);
+    }
+}
+
+/// Milliseconds on CLOCK_MONOTONIC: the same clock in every process, so a
+/// time written by a worker means the same to the supervisor.
+pub fn monotonic_ms() -> u64 {
+    use nix::time::{clock_gettime, ClockId};
+    clock_gettime(ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+        .unwrap_or(0)
 }
 
 const LEN: usize = 4096;
@@ -59,27 +99,14 @@ impl Scoreboard {
         let len = NonZeroUsize::new(LEN).expect("LEN is not zero");
         let stat = nix::sys::stat::fstat(&fd)?;
         if (stat.st_size as usize) < LEN {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "scoreboard fd is too small",
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "scoreboard fd is too small"));
         }
         // SAFETY: a fresh shared mapping of a memfd we hold; the kernel picks
         // the address, so no existing memory is affected.
         let ptr = unsafe {
-            mmap(
-                None,
-                len,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-                &fd,
-                0,
-            )?
+            mmap(None, len, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, &fd, 0)?
         };
-        Ok(Scoreboard {
-            ptr: ptr.cast(),
-            fd,
-        })
+        Ok(Scoreboard { ptr: ptr.cast(), fd })
     }
 
     pub fn slot(&self) -> &Slot {

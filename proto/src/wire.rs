@@ -19,6 +19,7 @@ pub const VERSION: u8 = 1;
 const ASSIGN: u8 = 1;
 const READY: u8 = 2;
 const DONE: u8 = 3;
+const RETIRING: u8 = 4;
 
 /// The largest message either side may send, for request limits `limits`:
 /// the supervisor passes at most a head plus one read's worth of bytes, and
@@ -33,12 +34,7 @@ pub fn max_message(limits: &crate::http::Limits) -> usize {
 pub enum ToWorker<'a> {
     /// Serve this connection (its fd rides along). `data` holds the bytes the
     /// supervisor already read from it: at least one complete request head.
-    Assign {
-        conn_id: u64,
-        served: u32,
-        peer: &'a str,
-        data: &'a [u8],
-    },
+    Assign { conn_id: u64, served: u32, peer: &'a str, data: &'a [u8] },
 }
 
 /// Worker → supervisor.
@@ -49,12 +45,10 @@ pub enum FromWorker<'a> {
     /// The worker is done with the connection and has closed its copy.
     /// `keep`: the connection may carry another request, and `leftover` holds
     /// bytes the worker read past the last request it served.
-    Done {
-        conn_id: u64,
-        served: u32,
-        keep: bool,
-        leftover: &'a [u8],
-    },
+    Done { conn_id: u64, served: u32, keep: bool, leftover: &'a [u8] },
+    /// The worker has started its last request (its max-requests limit) and
+    /// will exit after the Done for it: start a replacement now.
+    Retiring,
 }
 
 /// A message that does not follow this protocol.
@@ -79,12 +73,7 @@ impl ToWorker<'_> {
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.clear();
         match self {
-            ToWorker::Assign {
-                conn_id,
-                served,
-                peer,
-                data,
-            } => {
+            ToWorker::Assign { conn_id, served, peer, data } => {
                 let peer = &peer.as_bytes()[..peer.len().min(u16::MAX as usize)];
                 out.extend_from_slice(&[VERSION, ASSIGN]);
                 out.extend_from_slice(&conn_id.to_le_bytes());
@@ -103,14 +92,9 @@ impl ToWorker<'_> {
                 let conn_id = r.u64()?;
                 let served = r.u32()?;
                 let peer_len = r.u16()? as usize;
-                let peer = std::str::from_utf8(r.bytes(peer_len)?)
-                    .map_err(|_| WireError("peer is not UTF-8"))?;
-                Ok(ToWorker::Assign {
-                    conn_id,
-                    served,
-                    peer,
-                    data: r.rest(),
-                })
+                let peer =
+                    std::str::from_utf8(r.bytes(peer_len)?).map_err(|_| WireError("peer is not UTF-8"))?;
+                Ok(ToWorker::Assign { conn_id, served, peer, data: r.rest() })
             }
             _ => Err(WireError("unknown message kind")),
         }
@@ -125,18 +109,14 @@ impl FromWorker<'_> {
                 out.extend_from_slice(&[VERSION, READY]);
                 out.extend_from_slice(&pid.to_le_bytes());
             }
-            FromWorker::Done {
-                conn_id,
-                served,
-                keep,
-                leftover,
-            } => {
+            FromWorker::Done { conn_id, served, keep, leftover } => {
                 out.extend_from_slice(&[VERSION, DONE]);
                 out.extend_from_slice(&conn_id.to_le_bytes());
                 out.extend_from_slice(&served.to_le_bytes());
                 out.push(u8::from(*keep));
                 out.extend_from_slice(leftover);
             }
+            FromWorker::Retiring => out.extend_from_slice(&[VERSION, RETIRING]),
         }
     }
 
@@ -152,13 +132,9 @@ impl FromWorker<'_> {
                     1 => true,
                     _ => return Err(WireError("keep flag is not 0 or 1")),
                 };
-                Ok(FromWorker::Done {
-                    conn_id,
-                    served,
-                    keep,
-                    leftover: r.rest(),
-                })
+                Ok(FromWorker::Done { conn_id, served, keep, leftover: r.rest() })
             }
+            RETIRING => Ok(FromWorker::Retiring),
             _ => Err(WireError("unknown message kind")),
         }
     }
@@ -223,20 +199,9 @@ pub fn send(channel: BorrowedFd<'_>, msg: &[u8], pass: Option<BorrowedFd<'_>>) -
         None => &[],
     };
     loop {
-        match socket::sendmsg::<()>(
-            channel.as_raw_fd(),
-            &iov,
-            cmsgs,
-            MsgFlags::MSG_NOSIGNAL,
-            None,
-        ) {
+        match socket::sendmsg::<()>(channel.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
             Ok(n) if n == msg.len() => return Ok(()),
-            Ok(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "message sent in part",
-                ))
-            }
+            Ok(_) => return Err(io::Error::new(io::ErrorKind::WriteZero, "message sent in part")),
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(e.into()),
         }
@@ -263,12 +228,7 @@ pub fn recv(channel: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
     loop {
         let mut iov = [IoSliceMut::new(buf)];
         let flags = MsgFlags::MSG_CMSG_CLOEXEC;
-        let msg = match socket::recvmsg::<()>(
-            channel.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg_space),
-            flags,
-        ) {
+        let msg = match socket::recvmsg::<()>(channel.as_raw_fd(), &mut iov, Some(&mut cmsg_space), flags) {
             Ok(m) => m,
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(e.into()),
@@ -279,16 +239,11 @@ pub fn recv(channel: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
                 if let ControlMessageOwned::ScmRights(raw) = c {
                     // SAFETY: the kernel has just installed these descriptors
                     // in our table for us; nothing else owns them.
-                    fds.extend(
-                        raw.into_iter()
-                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                    );
+                    fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
                 }
             }
         }
-        let truncated = msg
-            .flags
-            .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+        let truncated = msg.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
         let n = msg.bytes;
         if truncated {
             return Err(WireError("message or its descriptors were truncated").into());
@@ -310,36 +265,22 @@ mod tests {
     use std::os::fd::AsFd;
 
     fn pair() -> (OwnedFd, OwnedFd) {
-        socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .unwrap()
+        socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap()
     }
 
     #[test]
     fn messages_round_trip() {
         let mut buf = Vec::new();
-        let assign = ToWorker::Assign {
-            conn_id: 7,
-            served: 3,
-            peer: "127.0.0.1:9",
-            data: b"GET /",
-        };
+        let assign = ToWorker::Assign { conn_id: 7, served: 3, peer: "127.0.0.1:9", data: b"GET /" };
         assign.encode(&mut buf);
         assert_eq!(ToWorker::decode(&buf), Ok(assign));
-        let done = FromWorker::Done {
-            conn_id: u64::MAX,
-            served: 1,
-            keep: true,
-            leftover: b"GE",
-        };
+        let done = FromWorker::Done { conn_id: u64::MAX, served: 1, keep: true, leftover: b"GE" };
         done.encode(&mut buf);
         assert_eq!(FromWorker::decode(&buf), Ok(done));
         FromWorker::Ready { pid: 42 }.encode(&mut buf);
         assert_eq!(FromWorker::decode(&buf), Ok(FromWorker::Ready { pid: 42 }));
+        FromWorker::Retiring.encode(&mut buf);
+        assert_eq!(FromWorker::decode(&buf), Ok(FromWorker::Retiring));
     }
 
     #[test]
@@ -366,10 +307,7 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         drop(a);
-        assert!(matches!(
-            recv(b.as_fd(), &mut buf).unwrap(),
-            Received::Closed
-        ));
+        assert!(matches!(recv(b.as_fd(), &mut buf).unwrap(), Received::Closed));
     }
 
     #[test]

@@ -29,16 +29,10 @@ impl App for Echo {
         if let Some(ms) = req.query_param("sleep_ms") {
             match ms.parse::<u64>() {
                 Ok(ms) => std::thread::sleep(std::time::Duration::from_millis(ms)),
-                Err(_) => {
-                    return Response::text(400, "sleep_ms must be a number of milliseconds\n")
-                }
+                Err(_) => return Response::text(400, "sleep_ms must be a number of milliseconds\n"),
             }
         }
-        let headers: Vec<[String; 2]> = req
-            .headers
-            .iter()
-            .map(|(n, v)| [n.clone(), latin1(v)])
-            .collect();
+        let headers: Vec<[String; 2]> = req.headers.iter().map(|(n, v)| [n.clone(), latin1(v)]).collect();
         let doc = json!({
             "method": req.method,
             "target": latin1(req.target.as_bytes()),
@@ -54,8 +48,6 @@ impl App for Echo {
         });
         let mut text = doc.to_string();
         text.push('\n');
-        Response::new(status)
-            .header("Content-Type", "application/json")
-            .body(text)
+        Response::new(status).header("Content-Type", "application/json").body(text)
     }
 }

@@ -19,9 +19,9 @@ pub struct StaticFiles {
 
 impl StaticFiles {
     pub fn new(root: PathBuf) -> std::io::Result<StaticFiles> {
-        let root = root.canonicalize().map_err(|e| {
-            std::io::Error::new(e.kind(), format!("--root {}: {e}", root.display()))
-        })?;
+        let root = root
+            .canonicalize()
+            .map_err(|e| std::io::Error::new(e.kind(), format!("--root {}: {e}", root.display())))?;
         Ok(StaticFiles { root })
     }
 
@@ -48,8 +48,7 @@ impl StaticFiles {
 impl App for StaticFiles {
     fn call(&mut self, req: &mut Request<'_>) -> Response {
         if req.method != "GET" && req.method != "HEAD" {
-            return Response::text(405, "only GET and HEAD are allowed here\n")
-                .header("Allow", "GET, HEAD");
+            return Response::text(405, "only GET and HEAD are allowed here\n").header("Allow", "GET, HEAD");
         }
         if !req.target.starts_with('/') {
             return Response::text(400, "expected a path\n");
@@ -93,14 +92,11 @@ fn serve_file(req: &Request<'_>, path: &Path) -> Response {
     let len = meta.len();
     let mime = mime_guess::from_path(path).first_or_octet_stream();
     let modified = meta.modified().ok().map(truncate_to_seconds);
-    let mut response = Response::new(200)
-        .header("Content-Type", mime.essence_str())
-        .header("Accept-Ranges", "bytes");
+    let mut response =
+        Response::new(200).header("Content-Type", mime.essence_str()).header("Accept-Ranges", "bytes");
     if let Some(m) = modified {
         response = response.header("Last-Modified", httpdate::fmt_http_date(m));
-        let since = req
-            .header_str("If-Modified-Since")
-            .and_then(|s| httpdate::parse_http_date(s).ok());
+        let since = req.header_str("If-Modified-Since").and_then(|s| httpdate::parse_http_date(s).ok());
         if since.is_some_and(|since| m <= since) {
             response.status = 304;
             return response;
@@ -108,22 +104,22 @@ fn serve_file(req: &Request<'_>, path: &Path) -> Response {
     }
     match req.header_str("Range").map(|r| parse_range(r, len)) {
         None | Some(RangeRequest::Ignore) => response.file(file, 0, len),
-        Some(RangeRequest::Unsatisfiable) => Response::text(416, "range not satisfiable\n")
-            .header("Content-Range", format!("bytes */{len}")),
+        Some(RangeRequest::Unsatisfiable) => {
+            Response::text(416, "range not satisfiable\n").header("Content-Range", format!("bytes */{len}"))
+        }
         Some(RangeRequest::Range(start, end)) => {
             response.status = 206;
-            response
-                .header("Content-Range", format!("bytes {start}-{end}/{len}"))
-                .file(file, start, end - start + 1)
+            response.header("Content-Range", format!("bytes {start}-{end}/{len}")).file(
+                file,
+                start,
+                end - start + 1,
+            )
         }
     }
 }
 
 fn truncate_to_seconds(t: SystemTime) -> SystemTime {
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     UNIX_EPOCH + std::time::Duration::from_secs(secs)
 }
 
@@ -166,11 +162,7 @@ fn parse_range(header: &str, len: u64) -> RangeRequest {
             let Some(start) = num(start) else {
                 return RangeRequest::Ignore;
             };
-            let end = if end.is_empty() {
-                Some(u64::MAX)
-            } else {
-                num(end)
-            };
+            let end = if end.is_empty() { Some(u64::MAX) } else { num(end) };
             match end {
                 None => RangeRequest::Ignore,
                 Some(end) if end < start => RangeRequest::Ignore,

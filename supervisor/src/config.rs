@@ -29,11 +29,7 @@ impl FromStr for ListenAddr {
             }
             return Ok(ListenAddr::Unix(PathBuf::from(path)));
         }
-        let with_host = if s.starts_with(':') {
-            format!("0.0.0.0{s}")
-        } else {
-            s.to_owned()
-        };
+        let with_host = if s.starts_with(':') { format!("0.0.0.0{s}") } else { s.to_owned() };
         with_host.parse::<SocketAddr>().map(ListenAddr::Tcp).map_err(|_| {
             format!("{s:?} is not an address: use HOST:PORT (127.0.0.1:8080, [::1]:8080) or unix:/path")
         })
@@ -74,6 +70,16 @@ pub struct Config {
     pub linger_timeout: Duration,
     /// How long a graceful stop waits for busy workers.
     pub graceful_timeout: Duration,
+    /// Each worker retires after a number of requests drawn uniformly from
+    /// `min_requests..=max_requests` (0: never).
+    pub max_requests: u64,
+    pub min_requests: u64,
+    /// A worker busy on one request longer than this is killed.
+    pub timeout: Duration,
+    /// How long a new generation has to become ready on reload.
+    pub reload_timeout: Duration,
+    /// Between SIGTERM and SIGKILL for a worker being killed.
+    pub kill_grace: Duration,
 }
 
 impl Config {
@@ -91,6 +97,11 @@ impl Config {
             backlog: 1024,
             linger_timeout: Duration::from_secs(2),
             graceful_timeout: Duration::from_secs(30),
+            max_requests: 1000,
+            min_requests: 800,
+            timeout: Duration::from_secs(30),
+            reload_timeout: Duration::from_secs(30),
+            kill_grace: Duration::from_secs(2),
         }
     }
 }
@@ -101,18 +112,9 @@ mod tests {
 
     #[test]
     fn listen_addresses_parse() {
-        assert_eq!(
-            "127.0.0.1:80".parse(),
-            Ok(ListenAddr::Tcp("127.0.0.1:80".parse().unwrap()))
-        );
-        assert_eq!(
-            "[::1]:80".parse(),
-            Ok(ListenAddr::Tcp("[::1]:80".parse().unwrap()))
-        );
-        assert_eq!(
-            ":80".parse(),
-            Ok(ListenAddr::Tcp("0.0.0.0:80".parse().unwrap()))
-        );
+        assert_eq!("127.0.0.1:80".parse(), Ok(ListenAddr::Tcp("127.0.0.1:80".parse().unwrap())));
+        assert_eq!("[::1]:80".parse(), Ok(ListenAddr::Tcp("[::1]:80".parse().unwrap())));
+        assert_eq!(":80".parse(), Ok(ListenAddr::Tcp("0.0.0.0:80".parse().unwrap())));
         assert_eq!("unix:/tmp/s".parse(), Ok(ListenAddr::Unix("/tmp/s".into())));
         assert!("unix:".parse::<ListenAddr>().is_err());
         assert!("localhost".parse::<ListenAddr>().is_err());

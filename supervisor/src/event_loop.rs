@@ -10,6 +10,7 @@
 //! - The supervisor keeps its own copy of a connection while a worker serves
 //!   it; nothing is passed back, and a worker's death never loses it.
 
+use std::fmt::Write as _;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -58,10 +59,7 @@ enum ConnState {
     Queued,
     /// A worker serves it. `written_before` is the worker's byte counter at
     /// hand-over, to tell later whether any response byte went out.
-    InWorker {
-        worker: WorkerKey,
-        written_before: u64,
-    },
+    InWorker { worker: WorkerKey, written_before: u64 },
     /// Our last response is out; draining input until EOF or the timeout.
     Lingering,
 }
@@ -77,6 +75,8 @@ struct Conn {
     deadline: Instant,
     /// Requests served on this connection.
     served: u32,
+    /// `METHOD target` of the complete head waiting to be served, for logs.
+    request_line: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,11 +89,29 @@ enum WorkerState {
 
 struct Worker {
     pid: Pid,
+    /// `None` once released: the worker sees EOF and exits.
     channel: Option<OwnedFd>,
     scoreboard: Scoreboard,
     state: WorkerState,
     generation: u64,
     started: Instant,
+    /// Takes no new connection; exits after the current one.
+    retiring: bool,
+    /// Its max-requests draw (0: none).
+    max_requests: u64,
+    /// The first request line of the connection it was handed, for logs.
+    current: String,
+    /// When it was sent SIGTERM for running past `--timeout`, and whether
+    /// SIGKILL followed.
+    killed: Option<(Instant, bool)>,
+}
+
+/// A reload in progress: generation `generation` is starting.
+#[derive(Debug, Clone, Copy)]
+struct Reload {
+    generation: u64,
+    started: Instant,
+    deadline: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,7 +141,14 @@ pub struct Supervisor {
     backoff: Backoff,
     /// When the next worker may be started (after a quick death).
     next_spawn_at: Instant,
+    /// The newest generation started.
     generation: u64,
+    /// The generation connections are dispatched to.
+    serving_generation: u64,
+    reload: Option<Reload>,
+    /// Workers wanted per generation (`--workers`, changed by TTIN/TTOU).
+    target_workers: usize,
+    rng: fastrand::Rng,
     next_conn_id: u64,
     scratch: Vec<u8>,
     msg: Vec<u8>,
@@ -172,6 +197,7 @@ impl Supervisor {
         };
         let now = Instant::now();
         Ok(Supervisor {
+            target_workers: config.workers,
             dispatcher: Dispatcher::new(config.queue_capacity),
             config,
             poller,
@@ -185,6 +211,9 @@ impl Supervisor {
             backoff: Backoff::default(),
             next_spawn_at: now,
             generation: 1,
+            serving_generation: 1,
+            reload: None,
+            rng: fastrand::Rng::new(),
             next_conn_id: 1,
             scratch: vec![0; READ_CHUNK],
             msg: Vec::with_capacity(READ_CHUNK),
@@ -209,7 +238,7 @@ impl Supervisor {
             }
             let now = Instant::now();
             let mut wake = self.next_sweep;
-            if self.workers.len() < self.wanted_workers() {
+            if self.active_workers(self.serving_generation) < self.wanted_workers() {
                 wake = wake.min(self.next_spawn_at);
             }
             let timeout = wake.saturating_duration_since(now).min(SWEEP_INTERVAL);
@@ -253,7 +282,10 @@ impl Supervisor {
                 SIGCHLD => self.reap_children(),
                 SIGTERM | SIGQUIT => self.begin_graceful_stop(),
                 SIGINT => self.begin_fast_stop(),
-                other => info!("signal {other} is not handled yet; ignoring it"),
+                SIGHUP => self.begin_reload(),
+                SIGTTIN => self.scale(1),
+                SIGTTOU => self.scale(-1),
+                other => debug!("ignoring signal {other}"),
             }
         }
     }
@@ -264,22 +296,13 @@ impl Supervisor {
         }
         info!(
             "graceful stop: finishing {} busy and {} queued connections",
-            self.conns
-                .iter()
-                .filter(|(_, c)| matches!(c.state, ConnState::InWorker { .. }))
-                .count(),
+            self.conns.iter().filter(|(_, c)| matches!(c.state, ConnState::InWorker { .. })).count(),
             self.dispatcher.queued()
         );
-        self.stopping = Stopping::Graceful {
-            deadline: Instant::now() + self.config.graceful_timeout,
-        };
+        self.stopping = Stopping::Graceful { deadline: Instant::now() + self.config.graceful_timeout };
         self.close_listeners();
-        let waiting: Vec<ConnKey> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.state == ConnState::Reading)
-            .map(|(k, _)| k)
-            .collect();
+        let waiting: Vec<ConnKey> =
+            self.conns.iter().filter(|(_, c)| c.state == ConnState::Reading).map(|(k, _)| k).collect();
         for key in waiting {
             self.close_now(key);
         }
@@ -312,14 +335,16 @@ impl Supervisor {
         if self.stopping == Stopping::No || self.dispatcher.queued() > 0 {
             return;
         }
-        for (key, w) in self.workers.iter_mut() {
-            if w.state != WorkerState::Idle && w.state != WorkerState::Starting {
-                continue;
-            }
-            if let Some(ch) = w.channel.take() {
-                let _ = self.poller.delete(&ch);
-                debug!("releasing worker {} (key {key})", w.pid);
-            }
+        let done: Vec<WorkerKey> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| {
+                w.channel.is_some() && matches!(w.state, WorkerState::Idle | WorkerState::Starting)
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for wkey in done {
+            self.release(wkey);
         }
     }
 
@@ -329,10 +354,7 @@ impl Supervisor {
             Stopping::Fast => self.workers.is_empty(),
             Stopping::Graceful { deadline } => {
                 if Instant::now() >= deadline && !self.workers.is_empty() {
-                    warn!(
-                        "graceful stop timed out: killing {} workers",
-                        self.workers.len()
-                    );
+                    warn!("graceful stop timed out: killing {} workers", self.workers.len());
                     for (_, w) in &self.workers {
                         let _ = kill(w.pid, Signal::SIGKILL);
                     }
@@ -347,54 +369,204 @@ impl Supervisor {
 
     fn wanted_workers(&self) -> usize {
         if self.stopping == Stopping::No {
-            self.config.workers
+            self.target_workers
         } else {
             0
         }
     }
 
+    /// Workers of `generation` that take new connections (or will, once ready).
+    fn active_workers(&self, generation: u64) -> usize {
+        self.workers.iter().filter(|(_, w)| w.generation == generation && !w.retiring).count()
+    }
+
     fn spawn_missing_workers(&mut self) {
-        while self.workers.len() < self.wanted_workers() && Instant::now() >= self.next_spawn_at {
-            let spec = WorkerSpec {
-                command: &self.config.worker_command,
-                generation: self.generation,
-                limits: &self.config.limits,
-                io_timeout: self.config.io_timeout,
-            };
-            match spawn_worker(&spec) {
-                Ok(s) => {
-                    let entry = self.workers.vacant_entry();
-                    let key = entry.key();
-                    // SAFETY: the channel is deleted from the poller before it
-                    // is dropped (`release_idle_workers`, `on_worker_exit`).
-                    let added = unsafe {
-                        self.poller.add_with_mode(
-                            s.channel.as_raw_fd(),
-                            Event::readable(WORKER_BASE + key),
-                            PollMode::Level,
-                        )
-                    };
-                    if let Err(e) = added {
-                        error!("cannot watch worker {} channel: {e}", s.pid);
-                        let _ = kill(s.pid, Signal::SIGKILL);
-                    }
-                    info!("spawned worker {} (generation {})", s.pid, self.generation);
-                    entry.insert(Worker {
-                        pid: s.pid,
-                        channel: Some(s.channel),
-                        scoreboard: s.scoreboard,
-                        state: WorkerState::Starting,
-                        generation: self.generation,
-                        started: Instant::now(),
-                    });
-                }
-                Err(e) => {
-                    let delay = self.backoff.on_spawn_failure();
-                    error!("{e}; retrying in {delay:?}");
-                    self.next_spawn_at = Instant::now() + delay;
+        let serving = self.serving_generation;
+        while self.active_workers(serving) < self.wanted_workers() && Instant::now() >= self.next_spawn_at {
+            if self.spawn(serving).is_err() {
+                let delay = self.backoff.on_spawn_failure();
+                warn!("next worker start in {delay:?}");
+                self.next_spawn_at = Instant::now() + delay;
+            }
+        }
+        if let Some(reload) = self.reload {
+            while self.reload.is_some() && self.active_workers(reload.generation) < self.wanted_workers() {
+                if let Err(e) = self.spawn(reload.generation) {
+                    self.abandon_reload(reload, &e.to_string());
                 }
             }
         }
+    }
+
+    fn spawn(&mut self, generation: u64) -> io::Result<WorkerKey> {
+        let max_requests = match (self.config.min_requests, self.config.max_requests) {
+            (_, 0) => 0,
+            (min, max) => self.rng.u64(min.min(max)..=max),
+        };
+        let spec = WorkerSpec {
+            command: &self.config.worker_command,
+            generation,
+            limits: &self.config.limits,
+            io_timeout: self.config.io_timeout,
+            max_requests,
+        };
+        let s = spawn_worker(&spec).inspect_err(|e| error!("{e}"))?;
+        let entry = self.workers.vacant_entry();
+        let key = entry.key();
+        // SAFETY: the channel is deleted from the poller before it is
+        // dropped (`release`, `on_worker_exit`).
+        let added = unsafe {
+            self.poller.add_with_mode(
+                s.channel.as_raw_fd(),
+                Event::readable(WORKER_BASE + key),
+                PollMode::Level,
+            )
+        };
+        if let Err(e) = added {
+            error!("cannot watch worker {} channel: {e}", s.pid);
+            let _ = kill(s.pid, Signal::SIGKILL);
+        }
+        info!("spawned worker {} (generation {generation}, max requests {max_requests})", s.pid);
+        entry.insert(Worker {
+            pid: s.pid,
+            channel: Some(s.channel),
+            scoreboard: s.scoreboard,
+            state: WorkerState::Starting,
+            generation,
+            started: Instant::now(),
+            retiring: false,
+            max_requests,
+            current: String::new(),
+            killed: None,
+        });
+        Ok(key)
+    }
+
+    /// Closes a worker's channel: it exits when it next waits for work.
+    fn release(&mut self, wkey: WorkerKey) {
+        let w = &mut self.workers[wkey];
+        if let Some(ch) = w.channel.take() {
+            let _ = self.poller.delete(&ch);
+        }
+        if w.state == WorkerState::Starting {
+            // Its app may be stuck initialising: it has nothing to finish.
+            let _ = kill(w.pid, Signal::SIGTERM);
+        }
+    }
+
+    /// Takes a worker out of service; it exits after its current connection.
+    fn retire(&mut self, wkey: WorkerKey) {
+        let w = &mut self.workers[wkey];
+        w.retiring = true;
+        self.dispatcher.remove_worker(wkey);
+        if !matches!(w.state, WorkerState::Busy(_)) {
+            self.release(wkey);
+        }
+    }
+
+    // ---- reloads and scaling ----------------------------------------------
+
+    fn begin_reload(&mut self) {
+        if self.stopping != Stopping::No {
+            return;
+        }
+        if let Some(r) = self.reload {
+            self.abandon_reload(r, "superseded by a newer reload");
+        }
+        self.generation += 1;
+        let now = Instant::now();
+        self.reload = Some(Reload {
+            generation: self.generation,
+            started: now,
+            deadline: now + self.config.reload_timeout,
+        });
+        info!(
+            "reload: starting generation {} ({} workers) from {:?}",
+            self.generation, self.target_workers, self.config.worker_command
+        );
+    }
+
+    fn abandon_reload(&mut self, reload: Reload, reason: &str) {
+        error!(
+            "reload to generation {} failed: {reason}; generation {} keeps serving",
+            reload.generation, self.serving_generation
+        );
+        self.reload = None;
+        let doomed: Vec<WorkerKey> =
+            self.workers.iter().filter(|(_, w)| w.generation == reload.generation).map(|(k, _)| k).collect();
+        for wkey in doomed {
+            self.retire(wkey);
+            let _ = kill(self.workers[wkey].pid, Signal::SIGTERM);
+        }
+    }
+
+    /// Switches dispatch to the new generation once all of it is ready.
+    fn maybe_finish_reload(&mut self) {
+        let Some(reload) = self.reload else { return };
+        let ready: Vec<WorkerKey> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.generation == reload.generation && !w.retiring && w.state == WorkerState::Idle)
+            .map(|(k, _)| k)
+            .collect();
+        if ready.len() < self.target_workers {
+            return;
+        }
+        let old = self.serving_generation;
+        self.serving_generation = reload.generation;
+        self.reload = None;
+        let outgoing: Vec<WorkerKey> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.generation != reload.generation && !w.retiring)
+            .map(|(k, _)| k)
+            .collect();
+        let retired = outgoing.len();
+        for wkey in outgoing {
+            self.retire(wkey);
+        }
+        for wkey in ready {
+            self.worker_idle(wkey);
+        }
+        info!(
+            "reload: generation {} serving after {:.1?}; retiring {retired} workers of generation {old}",
+            reload.generation,
+            reload.started.elapsed()
+        );
+    }
+
+    fn scale(&mut self, delta: i32) {
+        if self.stopping != Stopping::No {
+            return;
+        }
+        if delta > 0 {
+            self.target_workers = self.target_workers.saturating_add(1).min(4096);
+        } else if self.target_workers > 1 {
+            self.target_workers -= 1;
+            // Prefer a worker with nothing to finish.
+            let serving = self.serving_generation;
+            let mut candidates: Vec<(u8, WorkerKey)> = self
+                .workers
+                .iter()
+                .filter(|(_, w)| w.generation == serving && !w.retiring)
+                .map(|(k, w)| {
+                    let rank = match w.state {
+                        WorkerState::Idle => 0,
+                        WorkerState::Starting => 1,
+                        WorkerState::Busy(_) => 2,
+                    };
+                    (rank, k)
+                })
+                .collect();
+            candidates.sort();
+            if let Some(&(_, wkey)) = candidates.first() {
+                self.retire(wkey);
+            }
+        } else {
+            warn!("SIGTTOU ignored: already down to one worker");
+            return;
+        }
+        info!("scaled to {} workers", self.target_workers);
     }
 
     fn on_channel_readable(&mut self, wkey: WorkerKey) {
@@ -455,12 +627,13 @@ impl Supervisor {
                 debug!("worker {pid} ready");
                 self.worker_idle(wkey);
             }
-            FromWorker::Done {
-                conn_id,
-                served,
-                keep,
-                leftover,
-            } => {
+            FromWorker::Retiring => {
+                let w = &mut self.workers[wkey];
+                info!("worker {} reached its {} requests; starting its replacement", w.pid, w.max_requests);
+                w.retiring = true;
+                self.dispatcher.remove_worker(wkey);
+            }
+            FromWorker::Done { conn_id, served, keep, leftover } => {
                 let WorkerState::Busy(ckey) = self.workers[wkey].state else {
                     self.worker_misbehaved(wkey, "Done while not busy");
                     return;
@@ -485,7 +658,21 @@ impl Supervisor {
     }
 
     fn worker_idle(&mut self, wkey: WorkerKey) {
-        self.workers[wkey].state = WorkerState::Idle;
+        let w = &mut self.workers[wkey];
+        w.state = WorkerState::Idle;
+        w.current.clear();
+        if w.retiring {
+            self.release(wkey);
+            return;
+        }
+        if w.generation != self.serving_generation {
+            if self.reload.is_some_and(|r| r.generation == w.generation) {
+                self.maybe_finish_reload();
+            } else {
+                self.retire(wkey);
+            }
+            return;
+        }
         if let Some(ckey) = self.dispatcher.worker_idle(wkey) {
             self.hand_over(wkey, ckey);
         } else {
@@ -502,22 +689,16 @@ impl Supervisor {
             self.dispatcher.requeue_front(ckey);
             return;
         };
-        ToWorker::Assign {
-            conn_id: conn.id,
-            served: conn.served,
-            peer: &conn.peer,
-            data: &conn.buf,
-        }
-        .encode(&mut self.msg);
+        ToWorker::Assign { conn_id: conn.id, served: conn.served, peer: &conn.peer, data: &conn.buf }
+            .encode(&mut self.msg);
         match wire::send(channel.as_fd(), &self.msg, Some(conn.fd.as_fd())) {
             Ok(()) => {
-                conn.state = ConnState::InWorker {
-                    worker: wkey,
-                    written_before: worker.scoreboard.slot().written(),
-                };
+                conn.state =
+                    ConnState::InWorker { worker: wkey, written_before: worker.scoreboard.slot().written() };
                 // Idle connections must stay cheap: drop the buffer, not just clear it.
                 conn.buf = Vec::new();
                 worker.state = WorkerState::Busy(ckey);
+                std::mem::swap(&mut worker.current, &mut conn.request_line);
             }
             Err(e) => {
                 // A worker only ever has one message from us in flight, so a
@@ -537,12 +718,7 @@ impl Supervisor {
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
                 Ok(status) => {
                     let Some(pid) = status.pid() else { continue };
-                    match self
-                        .workers
-                        .iter()
-                        .find(|(_, w)| w.pid == pid)
-                        .map(|(k, _)| k)
-                    {
+                    match self.workers.iter().find(|(_, w)| w.pid == pid).map(|(k, _)| k) {
                         Some(wkey) => self.on_worker_exit(wkey, status),
                         None => debug!("reaped unknown child {pid}: {status:?}"),
                     }
@@ -557,6 +733,9 @@ impl Supervisor {
     }
 
     fn on_worker_exit(&mut self, wkey: WorkerKey, status: WaitStatus) {
+        // Whatever it said before dying comes first (typically the Done of a
+        // worker that retired on purpose): SIGCHLD may overtake the channel.
+        self.on_channel_readable(wkey);
         let w = self.workers.remove(wkey);
         if let Some(ch) = &w.channel {
             let _ = self.poller.delete(ch);
@@ -568,50 +747,81 @@ impl Supervisor {
             WaitStatus::Signaled(_, sig, _) => format!("was killed by {sig}"),
             other => format!("{other:?}"),
         };
-        let expected = self.stopping != Stopping::No;
         if let WorkerState::Busy(ckey) = w.state {
-            if let Some(ConnState::InWorker { written_before, .. }) =
-                self.conns.get(ckey).map(|c| c.state)
-            {
+            if let Some(ConnState::InWorker { written_before, .. }) = self.conns.get(ckey).map(|c| c.state) {
                 let conn = &self.conns[ckey];
                 let wrote = w.scoreboard.slot().written() != written_before;
+                let (status, why) = if w.killed.is_some() {
+                    (504, "the request took longer than the server's timeout")
+                } else {
+                    (502, "the worker serving this request died")
+                };
                 warn!(
-                    "worker {} {how} while serving connection {} from {}{}",
+                    "worker {} {how} while serving {:?} on connection {} from {}{}",
                     w.pid,
+                    w.current,
                     conn.id,
                     conn.peer,
-                    if wrote {
-                        "; closing it"
-                    } else {
-                        "; answering 502"
-                    }
+                    if wrote { "; closing it".to_owned() } else { format!("; answering {status}") }
                 );
                 if !wrote {
-                    self.send_error(
-                        ckey,
-                        error_response(502, "the worker serving this request died"),
-                    );
+                    self.send_error(ckey, error_response(status, why));
                 }
                 self.conns[ckey].state = ConnState::Reading;
                 self.linger(ckey);
             }
-        } else if expected {
-            info!("worker {} (generation {}) {how}", w.pid, w.generation);
-        } else {
-            warn!(
-                "worker {} (generation {}) {how} after {:.1?}",
-                w.pid, w.generation, lived
-            );
         }
-        if !expected {
-            let delay = self.backoff.on_death(lived);
-            if delay > Duration::ZERO {
-                warn!(
-                    "workers keep dying young ({} in a row); next start in {delay:?}",
-                    self.backoff.failures()
-                );
+        let expected = w.retiring || self.stopping != Stopping::No;
+        if expected {
+            info!("worker {} (generation {}) {how}", w.pid, w.generation);
+            return;
+        }
+        if w.killed.is_none() {
+            warn!("worker {} (generation {}) {how} after {:.1?}", w.pid, w.generation, lived);
+        }
+        if let Some(reload) = self.reload.filter(|r| r.generation == w.generation) {
+            let when =
+                if w.state == WorkerState::Starting { "before it was ready" } else { "during the reload" };
+            self.abandon_reload(reload, &format!("worker {} {how} {when}", w.pid));
+            return;
+        }
+        let delay = if w.killed.is_some() { Duration::ZERO } else { self.backoff.on_death(lived) };
+        if delay > Duration::ZERO {
+            warn!("workers keep dying young ({} in a row); next start in {delay:?}", self.backoff.failures());
+        }
+        self.next_spawn_at = self.next_spawn_at.max(Instant::now() + delay);
+    }
+
+    /// Kills workers busy on one request for longer than `--timeout`
+    /// (SIGTERM, then SIGKILL after the grace period).
+    fn check_stuck_workers(&mut self, now: Instant) {
+        let timeout_ms = self.config.timeout.as_millis() as u64;
+        for (_, w) in self.workers.iter_mut() {
+            match w.killed {
+                Some((at, false)) if now.duration_since(at) >= self.config.kill_grace => {
+                    warn!("worker {} did not exit after SIGTERM; sending SIGKILL", w.pid);
+                    let _ = kill(w.pid, Signal::SIGKILL);
+                    w.killed = Some((at, true));
+                }
+                Some(_) => {}
+                None => {
+                    let WorkerState::Busy(ckey) = w.state else { continue };
+                    let Some(age) = w.scoreboard.slot().request_age_ms() else { continue };
+                    if age <= timeout_ms {
+                        continue;
+                    }
+                    let peer = self.conns.get(ckey).map(|c| c.peer.as_str()).unwrap_or("?");
+                    warn!(
+                        "worker {} has been busy for {:.1}s on {:?} from {peer} (--timeout {:?}); killing it",
+                        w.pid,
+                        age as f64 / 1000.0,
+                        w.current,
+                        self.config.timeout
+                    );
+                    let _ = kill(w.pid, Signal::SIGTERM);
+                    w.killed = Some((now, false));
+                }
             }
-            self.next_spawn_at = self.next_spawn_at.max(Instant::now() + delay);
         }
     }
 
@@ -628,24 +838,13 @@ impl Supervisor {
         }
         self.accepting = want;
         for (i, l) in self.listeners.iter().enumerate() {
-            let ev = if want {
-                Event::readable(LISTENER_BASE + i)
-            } else {
-                Event::none(LISTENER_BASE + i)
-            };
+            let ev = if want { Event::readable(LISTENER_BASE + i) } else { Event::none(LISTENER_BASE + i) };
             if let Err(e) = self.poller.modify_with_mode(l.fd(), ev, PollMode::Level) {
-                error!(
-                    "cannot {} listener {}: {e}",
-                    if want { "resume" } else { "pause" },
-                    l.addr
-                );
+                error!("cannot {} listener {}: {e}", if want { "resume" } else { "pause" }, l.addr);
             }
         }
         if !want {
-            debug!(
-                "accepting paused ({} connections queued)",
-                self.dispatcher.queued()
-            );
+            debug!("accepting paused ({} connections queued)", self.dispatcher.queued());
         }
     }
 
@@ -663,8 +862,7 @@ impl Supervisor {
                 Err(e) => match e.raw_os_error() {
                     Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
                         error!("accept: {e}; pausing accepts for 100 ms");
-                        self.accept_paused_until =
-                            Some(Instant::now() + Duration::from_millis(100));
+                        self.accept_paused_until = Some(Instant::now() + Duration::from_millis(100));
                         self.update_accepting();
                         return;
                     }
@@ -681,10 +879,9 @@ impl Supervisor {
         // Registered disarmed; armed only when we want to read (see module doc).
         // SAFETY: every connection is deleted from the poller in `close_now`
         // before its fd is dropped.
-        if let Err(e) = unsafe {
-            self.poller
-                .add_with_mode(fd.as_raw_fd(), Event::none(key), PollMode::Oneshot)
-        } {
+        if let Err(e) =
+            unsafe { self.poller.add_with_mode(fd.as_raw_fd(), Event::none(key), PollMode::Oneshot) }
+        {
             error!("cannot watch a new connection: {e}");
             return;
         }
@@ -698,6 +895,7 @@ impl Supervisor {
             state: ConnState::Reading,
             deadline: now + self.config.head_timeout,
             served: 0,
+            request_line: String::new(),
         });
         // With TCP_DEFER_ACCEPT the request is usually here already.
         self.on_conn_readable(key);
@@ -723,10 +921,7 @@ impl Supervisor {
                 } else {
                     self.reject(
                         key,
-                        Rejection {
-                            status: 400,
-                            reason: "connection closed inside the request head",
-                        },
+                        Rejection { status: 400, reason: "connection closed inside the request head" },
                     );
                 }
             }
@@ -750,7 +945,10 @@ impl Supervisor {
     fn after_input(&mut self, key: ConnKey, now: Instant) {
         let conn = &mut self.conns[key];
         match http::parse_head(&conn.buf, &self.config.limits) {
-            Ok(Some(_)) => {
+            Ok(Some(head)) => {
+                conn.request_line.clear();
+                let target = &head.target[..head.target.len().min(200)];
+                let _ = write!(conn.request_line, "{} {}", head.method, target);
                 conn.state = ConnState::Queued;
                 match self.dispatcher.conn_ready(key) {
                     Some(wkey) => self.hand_over(wkey, key),
@@ -769,9 +967,7 @@ impl Supervisor {
 
     fn arm(&mut self, key: ConnKey) {
         let conn = &self.conns[key];
-        if let Err(e) =
-            self.poller
-                .modify_with_mode(conn.fd.as_fd(), Event::readable(key), PollMode::Oneshot)
+        if let Err(e) = self.poller.modify_with_mode(conn.fd.as_fd(), Event::readable(key), PollMode::Oneshot)
         {
             debug!("re-arming {}: {e}", conn.peer);
             self.close_now(key);
@@ -787,11 +983,7 @@ impl Supervisor {
     /// Best-effort write of a small response on a non-blocking socket.
     fn send_error(&mut self, key: ConnKey, response: Vec<u8>) {
         let conn = &self.conns[key];
-        let _ = socket::send(
-            conn.fd.as_raw_fd(),
-            &response,
-            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
-        );
+        let _ = socket::send(conn.fd.as_raw_fd(), &response, MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT);
     }
 
     /// Lingering close: send our FIN, then read and discard what the client
@@ -843,13 +1035,7 @@ impl Supervisor {
             .collect();
         for (key, mid_head) in expired {
             if mid_head {
-                self.reject(
-                    key,
-                    Rejection {
-                        status: 408,
-                        reason: "request head not received in time",
-                    },
-                );
+                self.reject(key, Rejection { status: 408, reason: "request head not received in time" });
             } else {
                 self.close_now(key);
             }
@@ -861,6 +1047,19 @@ impl Supervisor {
         if matches!(self.stopping, Stopping::Graceful { .. }) {
             self.release_idle_workers();
         }
+        if let Some(reload) = self.reload.filter(|r| now >= r.deadline) {
+            let ready = self
+                .workers
+                .iter()
+                .filter(|(_, w)| w.generation == reload.generation && w.state == WorkerState::Idle)
+                .count();
+            let reason = format!(
+                "only {ready} of {} workers ready after --reload-timeout {:?}",
+                self.target_workers, self.config.reload_timeout
+            );
+            self.abandon_reload(reload, &reason);
+        }
+        self.check_stuck_workers(now);
     }
 }
 

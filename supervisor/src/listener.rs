@@ -7,8 +7,8 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 
 use nix::sys::socket::{
-    self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6,
-    SockaddrStorage, UnixAddr,
+    self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6, SockaddrStorage,
+    UnixAddr,
 };
 
 use crate::config::ListenAddr;
@@ -25,15 +25,10 @@ pub struct Listener {
 impl Listener {
     pub fn bind(addr: &ListenAddr, backlog: i32) -> io::Result<Listener> {
         let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
-        let backlog =
-            Backlog::new(backlog.min(Backlog::MAXCONN.into())).map_err(io::Error::from)?;
+        let backlog = Backlog::new(backlog.min(Backlog::MAXCONN.into())).map_err(io::Error::from)?;
         match addr {
             ListenAddr::Tcp(sa) => {
-                let family = if sa.is_ipv4() {
-                    AddressFamily::Inet
-                } else {
-                    AddressFamily::Inet6
-                };
+                let family = if sa.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
                 let fd = socket::socket(family, SockType::Stream, flags, None)?;
                 socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
                 if sa.is_ipv6() {
@@ -41,51 +36,29 @@ impl Listener {
                 }
                 socket::setsockopt(&fd, sockopt::TcpNoDelay, &true)?;
                 let bound = match sa {
-                    std::net::SocketAddr::V4(v4) => {
-                        socket::bind(fd.as_raw_fd(), &SockaddrIn::from(*v4))
-                    }
-                    std::net::SocketAddr::V6(v6) => {
-                        socket::bind(fd.as_raw_fd(), &SockaddrIn6::from(*v6))
-                    }
+                    std::net::SocketAddr::V4(v4) => socket::bind(fd.as_raw_fd(), &SockaddrIn::from(*v4)),
+                    std::net::SocketAddr::V6(v6) => socket::bind(fd.as_raw_fd(), &SockaddrIn6::from(*v6)),
                 };
                 bound.map_err(|e| {
-                    io::Error::new(
-                        io::Error::from(e).kind(),
-                        format!("cannot bind {addr}: {e}"),
-                    )
+                    io::Error::new(io::Error::from(e).kind(), format!("cannot bind {addr}: {e}"))
                 })?;
                 // Wake us only once the client has sent something: connections
                 // that never send cost nothing here.
                 set_defer_accept(fd.as_fd(), 1)?;
                 socket::listen(&fd, backlog)?;
                 let local: SockaddrStorage = socket::getsockname(fd.as_raw_fd())?;
-                let real = local
-                    .to_string()
-                    .parse()
-                    .map(ListenAddr::Tcp)
-                    .unwrap_or_else(|_| addr.clone());
-                Ok(Listener {
-                    fd,
-                    addr: real,
-                    is_tcp: true,
-                })
+                let real = local.to_string().parse().map(ListenAddr::Tcp).unwrap_or_else(|_| addr.clone());
+                Ok(Listener { fd, addr: real, is_tcp: true })
             }
             ListenAddr::Unix(path) => {
                 remove_stale_socket(path)?;
                 let fd = socket::socket(AddressFamily::Unix, SockType::Stream, flags, None)?;
                 let ua = UnixAddr::new(path.as_path())?;
                 socket::bind(fd.as_raw_fd(), &ua).map_err(|e| {
-                    io::Error::new(
-                        io::Error::from(e).kind(),
-                        format!("cannot bind {addr}: {e}"),
-                    )
+                    io::Error::new(io::Error::from(e).kind(), format!("cannot bind {addr}: {e}"))
                 })?;
                 socket::listen(&fd, backlog)?;
-                Ok(Listener {
-                    fd,
-                    addr: addr.clone(),
-                    is_tcp: false,
-                })
+                Ok(Listener { fd, addr: addr.clone(), is_tcp: false })
             }
         }
     }
@@ -97,10 +70,8 @@ impl Listener {
     /// Accepts one connection: `Ok(None)` when none is pending.
     /// The connection is non-blocking and close-on-exec; TCP gets NODELAY.
     pub fn accept(&self) -> io::Result<Option<(OwnedFd, String)>> {
-        let raw = match socket::accept4(
-            self.fd.as_raw_fd(),
-            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-        ) {
+        let raw = match socket::accept4(self.fd.as_raw_fd(), SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC)
+        {
             Ok(raw) => raw,
             Err(nix::errno::Errno::EAGAIN) => return Ok(None),
             Err(e) => return Err(e.into()),

@@ -19,11 +19,7 @@ pub struct Dispatcher<W, C> {
 
 impl<W: PartialEq + Copy, C: PartialEq + Copy> Dispatcher<W, C> {
     pub fn new(capacity: usize) -> Self {
-        Dispatcher {
-            idle: Vec::new(),
-            queue: VecDeque::new(),
-            capacity,
-        }
+        Dispatcher { idle: Vec::new(), queue: VecDeque::new(), capacity }
     }
 
     /// A connection is ready: the worker to hand it to now, or `None` if it

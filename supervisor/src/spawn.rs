@@ -29,6 +29,8 @@ pub struct WorkerSpec<'a> {
     pub generation: u64,
     pub limits: &'a Limits,
     pub io_timeout: Duration,
+    /// Requests after which this worker retires (0: never).
+    pub max_requests: u64,
 }
 
 pub fn spawn_worker(spec: &WorkerSpec<'_>) -> io::Result<Spawned> {
@@ -36,22 +38,15 @@ pub fn spawn_worker(spec: &WorkerSpec<'_>) -> io::Result<Spawned> {
         .command
         .split_first()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty worker command"))?;
-    let (ours, theirs) = socket::socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )?;
+    let (ours, theirs) =
+        socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
     // Whole messages must fit in the socket buffers: see wire::max_message.
     let room = wire::max_message(spec.limits) * 2;
     for fd in [&ours, &theirs] {
         let _ = socket::setsockopt(fd, sockopt::SndBuf, &room);
         let _ = socket::setsockopt(fd, sockopt::RcvBuf, &room);
     }
-    nix::fcntl::fcntl(
-        &ours,
-        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-    )?;
+    nix::fcntl::fcntl(&ours, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))?;
     let scoreboard = Scoreboard::create()?;
 
     let channel_fd = theirs.as_raw_fd();
@@ -64,10 +59,8 @@ pub fn spawn_worker(spec: &WorkerSpec<'_>) -> io::Result<Spawned> {
         .env(env::SCOREBOARD_FD, "4")
         .env(env::GENERATION, spec.generation.to_string())
         .env(env::LIMITS, spec.limits.to_env())
-        .env(
-            env::IO_TIMEOUT,
-            spec.io_timeout.as_secs().max(1).to_string(),
-        );
+        .env(env::IO_TIMEOUT, spec.io_timeout.as_secs().max(1).to_string())
+        .env(env::MAX_REQUESTS, spec.max_requests.to_string());
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe system calls (fcntl, dup2, prctl, getppid, _exit) on
     // descriptors that exist in the child; it allocates nothing.
@@ -98,9 +91,5 @@ pub fn spawn_worker(spec: &WorkerSpec<'_>) -> io::Result<Spawned> {
     // We reap the child ourselves (waitpid on SIGCHLD); std's handle is not needed.
     drop(child);
     drop(theirs);
-    Ok(Spawned {
-        pid,
-        channel: ours,
-        scoreboard,
-    })
+    Ok(Spawned { pid, channel: ours, scoreboard })
 }

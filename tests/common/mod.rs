@@ -21,10 +21,7 @@ pub struct Server {
 pub fn raise_fd_limit() {
     // SAFETY: getrlimit/setrlimit with a valid, initialised struct.
     unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
@@ -40,21 +37,12 @@ impl Server {
     /// `monodon serve --listen 127.0.0.1:0 ARGS...`, once `workers` workers
     /// are ready.
     pub fn start(args: &[&str], workers: usize) -> Server {
-        Server::start_cmd(
-            monodon()
-                .arg("serve")
-                .args(["--listen", "127.0.0.1:0"])
-                .args(args),
-            workers,
-        )
+        Server::start_cmd(monodon().arg("serve").args(["--listen", "127.0.0.1:0"]).args(args), workers)
     }
 
     pub fn start_cmd(cmd: &mut Command, workers: usize) -> Server {
         let mut child = cmd
-            .env(
-                "RUST_LOG",
-                std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("RUST_LOG", std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -73,22 +61,13 @@ impl Server {
                 sink.lock().unwrap().push(line);
             }
         });
-        let mut server = Server {
-            child: Some(child),
-            addr: "127.0.0.1:1".parse().unwrap(),
-            pid,
-            logs,
-        };
+        let mut server = Server { child: Some(child), addr: "127.0.0.1:1".parse().unwrap(), pid, logs };
         let line = server.wait_for_log("listening on ", Duration::from_secs(20));
         let addr = line.split("listening on ").nth(1).unwrap().trim();
         server.addr = addr.parse().unwrap_or(server.addr);
         let deadline = Instant::now() + Duration::from_secs(20);
         while server.count_logs(" ready") < workers {
-            assert!(
-                Instant::now() < deadline,
-                "workers not ready; logs:\n{}",
-                server.logs()
-            );
+            assert!(Instant::now() < deadline, "workers not ready; logs:\n{}", server.logs());
             std::thread::sleep(Duration::from_millis(10));
         }
         server
@@ -99,32 +78,17 @@ impl Server {
     }
 
     pub fn count_logs(&self, needle: &str) -> usize {
-        self.logs
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
+        self.logs.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
     }
 
     /// Waits for a log line containing `needle` and returns it.
     pub fn wait_for_log(&self, needle: &str, within: Duration) -> String {
         let deadline = Instant::now() + within;
         loop {
-            if let Some(l) = self
-                .logs
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| l.contains(needle))
-            {
+            if let Some(l) = self.logs.lock().unwrap().iter().find(|l| l.contains(needle)) {
                 return l.clone();
             }
-            assert!(
-                Instant::now() < deadline,
-                "no log line with {needle:?}; logs:\n{}",
-                self.logs()
-            );
+            assert!(Instant::now() < deadline, "no log line with {needle:?}; logs:\n{}", self.logs());
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -136,9 +100,7 @@ impl Server {
 
     /// Number of open descriptors of the supervisor.
     pub fn fd_count(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid))
-            .map(|d| d.count())
-            .unwrap_or(0)
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid)).map(|d| d.count()).unwrap_or(0)
     }
 
     pub fn connect(&self) -> Client {
@@ -148,9 +110,7 @@ impl Server {
     /// One request on a fresh connection.
     pub fn get(&self, target: &str) -> Response {
         let mut c = self.connect();
-        c.send(
-            format!("GET {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
-        );
+        c.send(format!("GET {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes());
         c.response().expect("response")
     }
 
@@ -252,10 +212,7 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     pub fn json(&self) -> serde_json::Value {
@@ -276,13 +233,9 @@ pub struct Client {
 impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
         let stream = TcpStream::connect(addr).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         stream.set_nodelay(true).unwrap();
-        Client {
-            reader: BufReader::new(stream),
-        }
+        Client { reader: BufReader::new(stream) }
     }
 
     pub fn stream(&self) -> &TcpStream {
@@ -312,21 +265,13 @@ impl Client {
 pub fn read_response(r: &mut impl BufRead, head_only: bool) -> io::Result<Response> {
     let mut line = String::new();
     if r.read_line(&mut line)? == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "connection closed before a response",
-        ));
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before a response"));
     }
     let status: u16 = line
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("bad status line {line:?}"),
-            )
-        })?;
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {line:?}")))?;
     let mut headers = Vec::new();
     loop {
         let mut h = String::new();
@@ -335,29 +280,19 @@ pub fn read_response(r: &mut impl BufRead, head_only: bool) -> io::Result<Respon
         if h.is_empty() {
             break;
         }
-        let (n, v) = h
-            .split_once(':')
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad header"))?;
+        let (n, v) =
+            h.split_once(':').ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad header"))?;
         headers.push((n.trim().to_owned(), v.trim().to_owned()));
     }
-    let mut resp = Response {
-        status,
-        headers,
-        body: Vec::new(),
-    };
+    let mut resp = Response { status, headers, body: Vec::new() };
     if head_only || status == 204 || status == 304 || (100..200).contains(&status) {
         return Ok(resp);
     }
     if let Some(len) = resp.header("Content-Length") {
-        let len: usize = len
-            .parse()
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad length"))?;
+        let len: usize = len.parse().map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad length"))?;
         resp.body.resize(len, 0);
         r.read_exact(&mut resp.body)?;
-    } else if resp
-        .header("Transfer-Encoding")
-        .is_some_and(|v| v.contains("chunked"))
-    {
+    } else if resp.header("Transfer-Encoding").is_some_and(|v| v.contains("chunked")) {
         loop {
             let mut size = String::new();
             r.read_line(&mut size)?;

@@ -49,23 +49,14 @@ pub struct Request<'a> {
 impl<'a> Request<'a> {
     /// Builds a request by hand (tests, adapters). The worker runtime builds
     /// them itself.
-    pub fn new(
-        method: &str,
-        target: &str,
-        headers: Vec<(String, Vec<u8>)>,
-        body: &'a mut dyn Read,
-    ) -> Self {
+    pub fn new(method: &str, target: &str, headers: Vec<(String, Vec<u8>)>, body: &'a mut dyn Read) -> Self {
         Request {
             method: method.to_owned(),
             target: target.to_owned(),
             minor_version: 1,
             headers,
             peer: String::new(),
-            worker: WorkerInfo {
-                pid: std::process::id(),
-                generation: 0,
-                requests: 0,
-            },
+            worker: WorkerInfo { pid: std::process::id(), generation: 0, requests: 0 },
             body,
         }
     }
@@ -102,10 +93,7 @@ impl<'a> Request<'a> {
 
     /// The first header field called `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_slice())
     }
 
     /// [`Request::header`] as text, if it is UTF-8.
@@ -165,11 +153,7 @@ pub struct Response {
 
 impl Response {
     pub fn new(status: u16) -> Self {
-        Response {
-            status,
-            headers: Vec::new(),
-            body: Body::Empty,
-        }
+        Response { status, headers: Vec::new(), body: Body::Empty }
     }
 
     /// A `text/plain; charset=utf-8` response.
@@ -207,12 +191,7 @@ mod tests {
     #[test]
     fn target_parts() {
         let mut empty: &[u8] = b"";
-        let req = Request::new(
-            "GET",
-            "/a/b?x=1&y&z=3#frag",
-            vec![("X-A".into(), b"v".to_vec())],
-            &mut empty,
-        );
+        let req = Request::new("GET", "/a/b?x=1&y&z=3#frag", vec![("X-A".into(), b"v".to_vec())], &mut empty);
         assert_eq!(req.path(), "/a/b");
         assert_eq!(req.query(), Some("x=1&y&z=3"));
         assert_eq!(req.query_param("z"), Some("3"));

@@ -26,7 +26,7 @@ use monodon_proto::wire::{self, FromWorker, Received, ToWorker};
 
 pub use app::{App, Body, Request, Response, WorkerInfo};
 
-use serve::{serve_connection, Context};
+use serve::{serve_connection, Budget, Context};
 use stream::{Input, Stream};
 
 /// True when this process was started by a monodon supervisor as a worker.
@@ -48,13 +48,9 @@ pub fn run(app: impl App) -> ExitCode {
 
 /// Takes ownership of an inherited descriptor named by an environment variable.
 fn inherited_fd(var: &str) -> std::io::Result<OwnedFd> {
-    let bad = |what: &str| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{var}: {what}"))
-    };
-    let raw: RawFd = std::env::var(var)
-        .map_err(|_| bad("not set"))?
-        .parse()
-        .map_err(|_| bad("not a number"))?;
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{var}: {what}"));
+    let raw: RawFd =
+        std::env::var(var).map_err(|_| bad("not set"))?.parse().map_err(|_| bad("not a number"))?;
     if raw < 3 {
         return Err(bad("not an inherited descriptor"));
     }
@@ -72,19 +68,12 @@ fn inherited_fd(var: &str) -> std::io::Result<OwnedFd> {
 fn serve_forever(app: &mut dyn App) -> std::io::Result<()> {
     let channel = inherited_fd(env::CHANNEL_FD)?;
     let scoreboard = Scoreboard::map(inherited_fd(env::SCOREBOARD_FD)?)?;
-    let limits = std::env::var(env::LIMITS)
-        .ok()
-        .and_then(|s| Limits::from_env(&s))
-        .unwrap_or_default();
-    let generation = std::env::var(env::GENERATION)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let io_timeout = std::env::var(env::IO_TIMEOUT)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(30);
+    let limits = std::env::var(env::LIMITS).ok().and_then(|s| Limits::from_env(&s)).unwrap_or_default();
+    let generation = std::env::var(env::GENERATION).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let io_timeout = std::env::var(env::IO_TIMEOUT).ok().and_then(|s| s.parse().ok()).unwrap_or(30);
     let io_timeout = Duration::from_secs(io_timeout);
+    let max_requests: u64 = std::env::var(env::MAX_REQUESTS).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let mut remaining = (max_requests > 0).then_some(max_requests);
     let pid = std::process::id();
 
     let mut out = Vec::with_capacity(256);
@@ -101,34 +90,31 @@ fn serve_forever(app: &mut dyn App) -> std::io::Result<()> {
             }
             Received::Message(len, fd) => (len, fd),
         };
-        let ToWorker::Assign {
-            conn_id,
-            served,
-            peer,
-            data,
-        } = ToWorker::decode(&buf[..len])?;
+        let ToWorker::Assign { conn_id, served, peer, data } = ToWorker::decode(&buf[..len])?;
         let Some(fd) = fd else {
             return Err(wire::WireError("Assign without a connection").into());
         };
-        let ctx = Context {
-            limits: &limits,
-            pid,
-            generation,
-            slot: scoreboard.slot(),
-            peer,
-        };
+        let ctx = Context { limits: &limits, pid, generation, slot: scoreboard.slot(), peer };
         let mut input = Input::new(Stream::new(fd, io_timeout, scoreboard.slot()), data);
-        let outcome = serve_connection(app, &mut input, served, &ctx);
+        let mut announce = || {
+            let mut msg = Vec::with_capacity(2);
+            FromWorker::Retiring.encode(&mut msg);
+            if let Err(e) = wire::send(channel.as_fd(), &msg, None) {
+                error!("worker {pid}: cannot announce retirement: {e}");
+            }
+        };
+        let mut budget = Budget { remaining, on_last: &mut announce };
+        let outcome = serve_connection(app, &mut input, served, &ctx, &mut budget);
+        remaining = budget.remaining;
         // Our copy of the connection goes before we report, so a "close"
         // is final once the supervisor closes its own copy.
         drop(input);
-        FromWorker::Done {
-            conn_id,
-            served: outcome.served,
-            keep: outcome.keep,
-            leftover: &outcome.leftover,
-        }
-        .encode(&mut out);
+        FromWorker::Done { conn_id, served: outcome.served, keep: outcome.keep, leftover: &outcome.leftover }
+            .encode(&mut out);
         wire::send(channel.as_fd(), &out, None)?;
+        if outcome.retiring {
+            info!("worker {pid} served its {max_requests} requests; exiting");
+            return Ok(());
+        }
     }
 }

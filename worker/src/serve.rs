@@ -22,6 +22,8 @@ pub struct Outcome {
     pub served: u32,
     /// Bytes read past the last request served (the start of the next one).
     pub leftover: Vec<u8>,
+    /// The worker has served its last request and must exit.
+    pub retiring: bool,
 }
 
 /// What the runtime knows while serving.
@@ -37,44 +39,53 @@ pub struct Context<'a> {
 /// reading its whole body, to keep the connection; past that, close it.
 const MAX_DRAIN: u64 = 1 << 20;
 
-/// Serves every complete request buffered on `input`.
+/// A worker's remaining allowance of requests (its max-requests limit).
+pub struct Budget<'a> {
+    /// Requests left before the worker retires; `None`: no limit.
+    pub remaining: Option<u64>,
+    /// Called when the last request starts, so the supervisor can start a
+    /// replacement while it is being served.
+    pub on_last: &'a mut dyn FnMut(),
+}
+
+/// Serves every complete request buffered on `input`, or until the budget
+/// runs out (`Outcome::retiring`).
 pub fn serve_connection(
     app: &mut dyn App,
     input: &mut Input<'_>,
     mut served: u32,
     ctx: &Context<'_>,
+    budget: &mut Budget<'_>,
 ) -> Outcome {
+    let closed = |served| Outcome { keep: false, served, leftover: Vec::new(), retiring: false };
     loop {
         let head = match http::parse_head(input.buffered(), ctx.limits) {
             Ok(Some(head)) => OwnedHead::from(&head),
             Ok(None) => {
-                return Outcome {
-                    keep: true,
-                    served,
-                    leftover: input.buffered().to_vec(),
-                };
+                return Outcome { keep: true, served, leftover: input.buffered().to_vec(), retiring: false };
             }
             Err(rejection) => {
                 reject(&mut input.stream, rejection);
-                return Outcome {
-                    keep: false,
-                    served,
-                    leftover: Vec::new(),
-                };
+                return closed(served);
             }
         };
         input_consume(input, head.len);
+        let last = budget.remaining.is_some_and(|r| r <= 1);
+        if last {
+            (budget.on_last)();
+        }
+        ctx.slot.begin_request();
         let keep = serve_one(app, input, &head, ctx);
+        ctx.slot.end_request();
+        if let Some(r) = budget.remaining.as_mut() {
+            *r = r.saturating_sub(1);
+        }
         served = served.saturating_add(1);
-        ctx.slot
-            .requests
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if !keep {
-            return Outcome {
-                keep: false,
-                served,
-                leftover: Vec::new(),
-            };
+            return Outcome { retiring: last, ..closed(served) };
+        }
+        if last {
+            return Outcome { keep: true, served, leftover: input.buffered().to_vec(), retiring: true };
         }
     }
 }
@@ -107,11 +118,7 @@ impl From<&http::Head<'_>> for OwnedHead {
             method: h.method.to_owned(),
             target: h.target.to_owned(),
             minor_version: h.minor_version,
-            headers: h
-                .headers
-                .iter()
-                .map(|(n, v)| ((*n).to_owned(), v.to_vec()))
-                .collect(),
+            headers: h.headers.iter().map(|(n, v)| ((*n).to_owned(), v.to_vec())).collect(),
             framing: h.framing,
             keep_alive: h.keep_alive,
             expect_continue: h.expect_continue,
@@ -132,10 +139,7 @@ impl Read for AppBody<'_, '_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.continue_pending && !self.reader.is_done() {
             self.continue_pending = false;
-            self.reader
-                .get_mut()
-                .stream
-                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+            self.reader.get_mut().stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
         }
         match self.reader.read(buf) {
             Ok(n) => Ok(n),
@@ -150,12 +154,7 @@ impl Read for AppBody<'_, '_> {
 
 /// Serves one request whose head has been consumed; returns whether the
 /// connection can be kept.
-fn serve_one(
-    app: &mut dyn App,
-    input: &mut Input<'_>,
-    head: &OwnedHead,
-    ctx: &Context<'_>,
-) -> bool {
+fn serve_one(app: &mut dyn App, input: &mut Input<'_>, head: &OwnedHead, ctx: &Context<'_>) -> bool {
     let mut body = AppBody {
         reader: BodyReader::new(&mut *input, head.framing, ctx.limits),
         continue_pending: head.expect_continue,
@@ -169,11 +168,7 @@ fn serve_one(
         minor_version: head.minor_version,
         headers: head.headers.clone(),
         peer: ctx.peer.to_owned(),
-        worker: WorkerInfo {
-            pid: ctx.pid,
-            generation: ctx.generation,
-            requests,
-        },
+        worker: WorkerInfo { pid: ctx.pid, generation: ctx.generation, requests },
         body: &mut body,
     };
     let response = match catch_unwind(AssertUnwindSafe(|| app.call(&mut request))) {
@@ -202,15 +197,9 @@ fn serve_one(
         reject(&mut input.stream, rejection);
         return false;
     }
-    keep &= !body.failed;
+    keep &= !body.failed && !ctx.slot.is_draining();
     let head_only = head.method == "HEAD";
-    match write_response(
-        &mut input.stream,
-        response,
-        head_only,
-        head.minor_version,
-        keep,
-    ) {
+    match write_response(&mut input.stream, response, head_only, head.minor_version, keep) {
         Ok(kept) => kept,
         Err(e) => {
             debug!("writing response to {}: {e}", ctx.peer);
@@ -254,20 +243,13 @@ pub(crate) fn write_response(
     let headers = std::mem::take(&mut response.headers);
     let mut out = Vec::with_capacity(256);
     let has_date = headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("date"));
-    let _ = write!(
-        out,
-        "HTTP/1.1 {} {}\r\n",
-        status,
-        http::reason_phrase(status)
-    );
+    let _ = write!(out, "HTTP/1.1 {} {}\r\n", status, http::reason_phrase(status));
     for (name, value) in &headers {
         if name.eq_ignore_ascii_case("connection") {
             keep &= !value.to_ascii_lowercase().contains("close");
             continue;
         }
-        if name.eq_ignore_ascii_case("content-length")
-            || name.eq_ignore_ascii_case("transfer-encoding")
-        {
+        if name.eq_ignore_ascii_case("content-length") || name.eq_ignore_ascii_case("transfer-encoding") {
             continue;
         }
         if !valid_header(name, value) {

@@ -32,12 +32,7 @@ impl<'s> Stream<'s> {
         let mut fds = [PollFd::new(self.fd.as_fd(), flags)];
         loop {
             match poll(&mut fds, PollTimeout::from(ms)) {
-                Ok(0) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "client I/O timed out",
-                    ))
-                }
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::TimedOut, "client I/O timed out")),
                 Ok(_) => return Ok(()),
                 Err(Errno::EINTR) => continue,
                 Err(e) => return Err(e.into()),
@@ -50,15 +45,10 @@ impl<'s> Stream<'s> {
         let end = offset + len;
         while offset < end {
             let mut off = offset as i64;
-            let chunk = usize::try_from(end - offset)
-                .unwrap_or(usize::MAX)
-                .min(1 << 30);
+            let chunk = usize::try_from(end - offset).unwrap_or(usize::MAX).min(1 << 30);
             match nix::sys::sendfile::sendfile(self.fd.as_fd(), file, Some(&mut off), chunk) {
                 Ok(0) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "file shrank while sending",
-                    ))
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank while sending"))
                 }
                 Ok(n) => {
                     offset += n as u64;
@@ -89,11 +79,7 @@ impl Read for Stream<'_> {
 impl Write for Stream<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         loop {
-            match send(
-                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
-                buf,
-                MsgFlags::MSG_NOSIGNAL,
-            ) {
+            match send(std::os::fd::AsRawFd::as_raw_fd(&self.fd), buf, MsgFlags::MSG_NOSIGNAL) {
                 Ok(n) => {
                     self.slot.add_written(n);
                     return Ok(n);
@@ -124,11 +110,7 @@ impl<'s> Input<'s> {
     pub fn new(stream: Stream<'s>, initial: &[u8]) -> Self {
         let mut buf = Vec::with_capacity(initial.len().max(READ_CHUNK));
         buf.extend_from_slice(initial);
-        Input {
-            stream,
-            buf,
-            pos: 0,
-        }
+        Input { stream, buf, pos: 0 }
     }
 
     /// Bytes read from the client and not consumed yet.
