@@ -26,7 +26,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server in the foreground (the way systemd wants it).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Internal: the worker role, started by `monodon serve`.
     #[command(hide = true)]
     Worker(WorkerArgs),
