@@ -173,7 +173,8 @@ impl ServeArgs {
         config.queue_capacity = self.queue.max(1);
         config.backlog = self.backlog;
         config.max_requests = self.max_requests_per_child;
-        config.min_requests = self.min_requests_per_child.unwrap_or(self.max_requests_per_child * 4 / 5);
+        config.min_requests =
+            self.min_requests_per_child.unwrap_or((self.max_requests_per_child * 4 / 5).max(1));
         config.timeout = self.timeout;
         config.reload_timeout = self.reload_timeout;
         config

@@ -181,7 +181,7 @@ def cmd_idle(a):
     --max-hold passes, then writes OUT (JSON: how many the server kept open).
     """
     limit = raise_nofile(a.n + 64)
-    rss_before = tree_rss_kib(a.pid)
+    rss_before, master_before = tree_rss_kib(a.pid), rss_kib(a.pid)
     sel = selectors.DefaultSelector()
     done, failed, started = [], 0, 0
     deadline = time.monotonic() + a.open_timeout
@@ -226,12 +226,13 @@ def cmd_idle(a):
     sel.close()
 
     time.sleep(1)  # let the server settle before measuring it
-    rss_after = tree_rss_kib(a.pid)
+    rss_after, master_after = tree_rss_kib(a.pid), rss_kib(a.pid)
     open_after = sum(still_open(s) for s in done)
     with open(a.ready + ".tmp", "w") as f:
         json.dump({"requested": a.n, "answered": len(done), "failed": failed,
                    "open_after_open": open_after, "rss_before_kib": rss_before,
-                   "rss_after_kib": rss_after, "nofile": limit}, f)
+                   "rss_after_kib": rss_after, "master_rss_before_kib": master_before,
+                   "master_rss_after_kib": master_after, "nofile": limit}, f)
     os.rename(a.ready + ".tmp", a.ready)  # atomic: bench/run polls for it
 
     hold_until = time.monotonic() + a.max_hold
@@ -355,7 +356,7 @@ def cmd_report(a):
         "failed = see the raw results file.",
     ]
     for sc in scenarios:
-        title = SCENARIOS[sc].format(idle=a.idle)
+        title = SCENARIOS[sc].format(idle=f"{int(a.idle):,}")
         extra = sc == "c"
         lines += ["", f"## {sc}: {title}", ""]
         head = "| server | req/s | ratio to nginx | p50 | p99 | errors | peak RSS |"
@@ -385,7 +386,7 @@ def cmd_report(a):
                 kept = _median(i.get("kept") for i in idles)
                 per = _median((i["rss_after_kib"] - i["rss_before_kib"]) / i["open_after_open"]
                               for i in idles if i.get("open_after_open"))
-                row += (f" {'—' if kept is None else f'{kept:,.0f}'}/{a.idle} | "
+                row += (f" {'—' if kept is None else f'{kept:,.0f}'}/{int(a.idle):,} | "
                         f"{'n/a' if per is None else f'{per:.1f}'} |")
             lines.append(row)
     lines += ["", f"Total runtime: {a.runtime} s. Raw per-run results: `{a.raw_name}`.", ""]

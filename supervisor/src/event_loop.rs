@@ -10,6 +10,7 @@
 //! - The supervisor keeps its own copy of a connection while a worker serves
 //!   it; nothing is passed back, and a worker's death never loses it.
 
+use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -107,9 +108,11 @@ struct Worker {
 }
 
 /// A reload in progress: generation `generation` is starting.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Reload {
     generation: u64,
+    /// The worker command as resolved when the reload began.
+    command: Vec<OsString>,
     started: Instant,
     deadline: Instant,
 }
@@ -145,6 +148,9 @@ pub struct Supervisor {
     generation: u64,
     /// The generation connections are dispatched to.
     serving_generation: u64,
+    /// The worker command of the serving generation, resolved when that
+    /// generation started, so its replacements run the same code.
+    serving_command: Vec<OsString>,
     reload: Option<Reload>,
     /// Workers wanted per generation (`--workers`, changed by TTIN/TTOU).
     target_workers: usize,
@@ -198,6 +204,7 @@ impl Supervisor {
         let now = Instant::now();
         Ok(Supervisor {
             target_workers: config.workers,
+            serving_command: resolve_command(&config.worker_command),
             dispatcher: Dispatcher::new(config.queue_capacity),
             config,
             poller,
@@ -300,6 +307,13 @@ impl Supervisor {
             self.dispatcher.queued()
         );
         self.stopping = Stopping::Graceful { deadline: Instant::now() + self.config.graceful_timeout };
+        if let Some(r) = self.reload.take() {
+            self.abandon_reload(r, "the supervisor is stopping");
+        }
+        // Responses still being produced say `Connection: close`.
+        for (_, w) in &self.workers {
+            w.scoreboard.slot().set_draining();
+        }
         self.close_listeners();
         let waiting: Vec<ConnKey> =
             self.conns.iter().filter(|(_, c)| c.state == ConnState::Reading).map(|(k, _)| k).collect();
@@ -389,22 +403,31 @@ impl Supervisor {
                 self.next_spawn_at = Instant::now() + delay;
             }
         }
-        if let Some(reload) = self.reload {
-            while self.reload.is_some() && self.active_workers(reload.generation) < self.wanted_workers() {
-                if let Err(e) = self.spawn(reload.generation) {
+        while let Some(generation) = self.reload.as_ref().map(|r| r.generation) {
+            if self.active_workers(generation) >= self.wanted_workers() {
+                break;
+            }
+            if let Err(e) = self.spawn(generation) {
+                if let Some(reload) = self.reload.take() {
                     self.abandon_reload(reload, &e.to_string());
                 }
             }
         }
     }
 
+    /// Starts a worker of `generation` (the serving one or the one a reload
+    /// is starting), with that generation's command.
     fn spawn(&mut self, generation: u64) -> io::Result<WorkerKey> {
+        let command = match &self.reload {
+            Some(r) if r.generation == generation => r.command.clone(),
+            _ => self.serving_command.clone(),
+        };
         let max_requests = match (self.config.min_requests, self.config.max_requests) {
             (_, 0) => 0,
-            (min, max) => self.rng.u64(min.min(max)..=max),
+            (min, max) => self.rng.u64(min.clamp(1, max)..=max),
         };
         let spec = WorkerSpec {
-            command: &self.config.worker_command,
+            command: &command,
             generation,
             limits: &self.config.limits,
             io_timeout: self.config.io_timeout,
@@ -470,28 +493,31 @@ impl Supervisor {
         if self.stopping != Stopping::No {
             return;
         }
-        if let Some(r) = self.reload {
+        if let Some(r) = self.reload.take() {
             self.abandon_reload(r, "superseded by a newer reload");
         }
         self.generation += 1;
         let now = Instant::now();
+        let command = resolve_command(&self.config.worker_command);
+        info!(
+            "reload: starting generation {} ({} workers) from {:?}",
+            self.generation, self.target_workers, command
+        );
         self.reload = Some(Reload {
             generation: self.generation,
+            command,
             started: now,
             deadline: now + self.config.reload_timeout,
         });
-        info!(
-            "reload: starting generation {} ({} workers) from {:?}",
-            self.generation, self.target_workers, self.config.worker_command
-        );
     }
 
+    /// Stops a reload's workers; the serving generation carries on.
+    /// The caller has taken `reload` out of `self.reload`.
     fn abandon_reload(&mut self, reload: Reload, reason: &str) {
         error!(
             "reload to generation {} failed: {reason}; generation {} keeps serving",
             reload.generation, self.serving_generation
         );
-        self.reload = None;
         let doomed: Vec<WorkerKey> =
             self.workers.iter().filter(|(_, w)| w.generation == reload.generation).map(|(k, _)| k).collect();
         for wkey in doomed {
@@ -502,7 +528,7 @@ impl Supervisor {
 
     /// Switches dispatch to the new generation once all of it is ready.
     fn maybe_finish_reload(&mut self) {
-        let Some(reload) = self.reload else { return };
+        let Some(reload) = self.reload.as_ref() else { return };
         let ready: Vec<WorkerKey> = self
             .workers
             .iter()
@@ -512,9 +538,10 @@ impl Supervisor {
         if ready.len() < self.target_workers {
             return;
         }
+        let Some(reload) = self.reload.take() else { return };
         let old = self.serving_generation;
         self.serving_generation = reload.generation;
-        self.reload = None;
+        self.serving_command = reload.command.clone();
         let outgoing: Vec<WorkerKey> = self
             .workers
             .iter()
@@ -666,7 +693,7 @@ impl Supervisor {
             return;
         }
         if w.generation != self.serving_generation {
-            if self.reload.is_some_and(|r| r.generation == w.generation) {
+            if self.reload.as_ref().is_some_and(|r| r.generation == w.generation) {
                 self.maybe_finish_reload();
             } else {
                 self.retire(wkey);
@@ -779,7 +806,8 @@ impl Supervisor {
         if w.killed.is_none() {
             warn!("worker {} (generation {}) {how} after {:.1?}", w.pid, w.generation, lived);
         }
-        if let Some(reload) = self.reload.filter(|r| r.generation == w.generation) {
+        if self.reload.as_ref().is_some_and(|r| r.generation == w.generation) {
+            let reload = self.reload.take().expect("checked above");
             let when =
                 if w.state == WorkerState::Starting { "before it was ready" } else { "during the reload" };
             self.abandon_reload(reload, &format!("worker {} {how} {when}", w.pid));
@@ -1047,7 +1075,8 @@ impl Supervisor {
         if matches!(self.stopping, Stopping::Graceful { .. }) {
             self.release_idle_workers();
         }
-        if let Some(reload) = self.reload.filter(|r| now >= r.deadline) {
+        if self.reload.as_ref().is_some_and(|r| now >= r.deadline) {
+            let reload = self.reload.take().expect("checked above");
             let ready = self
                 .workers
                 .iter()
@@ -1075,4 +1104,21 @@ fn raise_fd_limit() {
             }
         }
     }
+}
+
+/// Resolves the program of a worker command to the file it names now
+/// (following symlinks), so that every worker of one generation runs the
+/// same code even after a deploy moves a symlink. A program without a `/`
+/// is left to the PATH lookup at exec time.
+fn resolve_command(command: &[OsString]) -> Vec<OsString> {
+    let mut resolved = command.to_vec();
+    if let Some(program) = resolved.first_mut() {
+        let path = std::path::Path::new(program.as_os_str());
+        if path.components().count() > 1 {
+            if let Ok(real) = path.canonicalize() {
+                *program = real.into_os_string();
+            }
+        }
+    }
+    resolved
 }

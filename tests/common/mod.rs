@@ -310,3 +310,117 @@ pub fn read_response(r: &mut impl BufRead, head_only: bool) -> io::Result<Respon
     }
     Ok(resp)
 }
+
+/// What a background load saw.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub ok: u64,
+    pub failed: u64,
+    /// The first few failures, for the assertion message.
+    pub errors: Vec<String>,
+    /// Responses per worker pid (echo app only).
+    pub pids: std::collections::BTreeMap<u64, u64>,
+    /// Responses per worker generation (echo app only).
+    pub generations: std::collections::BTreeMap<u64, u64>,
+}
+
+impl Stats {
+    fn merge(&mut self, other: Stats) {
+        self.ok += other.ok;
+        self.failed += other.failed;
+        self.errors.extend(other.errors.into_iter().take(10));
+        for (k, v) in other.pids {
+            *self.pids.entry(k).or_default() += v;
+        }
+        for (k, v) in other.generations {
+            *self.generations.entry(k).or_default() += v;
+        }
+    }
+
+    fn record(&mut self, result: io::Result<Response>) {
+        match result {
+            Ok(r) if r.status == 200 => {
+                self.ok += 1;
+                if r.header("Content-Type") == Some("application/json") {
+                    let j = r.json();
+                    *self.pids.entry(j["worker"]["pid"].as_u64().unwrap_or(0)).or_default() += 1;
+                    *self.generations.entry(j["worker"]["generation"].as_u64().unwrap_or(0)).or_default() +=
+                        1;
+                }
+            }
+            Ok(r) => self.fail(format!("status {}: {}", r.status, r.text())),
+            Err(e) => self.fail(e.to_string()),
+        }
+    }
+
+    fn fail(&mut self, what: String) {
+        self.failed += 1;
+        if self.errors.len() < 10 {
+            self.errors.push(what);
+        }
+    }
+}
+
+/// A bounded background load: keep-alive and one-request-per-connection
+/// clients in threads, until stopped (or 120 s at most).
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<Stats>>,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr, keep_alive: usize, one_shot: usize, target: &str) -> Load {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for i in 0..keep_alive + one_shot {
+            let stop = Arc::clone(&stop);
+            let target = target.to_owned();
+            let persistent = i < keep_alive;
+            threads.push(std::thread::spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(120);
+                let mut stats = Stats::default();
+                let mut conn: Option<Client> = None;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+                    let c = conn.get_or_insert_with(|| Client::connect(addr));
+                    let close = if persistent { "" } else { "Connection: close\r\n" };
+                    let req = format!("GET {target} HTTP/1.1\r\nHost: load\r\n{close}\r\n");
+                    let result = c.reader.get_mut().write_all(req.as_bytes()).and_then(|_| c.response());
+                    let broken = result
+                        .as_ref()
+                        .map_or(true, |r| r.header("Connection").is_some_and(|v| v == "close"));
+                    stats.record(result);
+                    if broken || !persistent {
+                        conn = None;
+                    }
+                }
+                stats
+            }));
+        }
+        Load { stop, threads }
+    }
+
+    pub fn stop(self) -> Stats {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut total = Stats::default();
+        for t in self.threads {
+            total.merge(t.join().expect("load thread"));
+        }
+        total
+    }
+}
+
+/// Total CPU time (user + system) of a process, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state(0) ppid(1) ... utime(11) stime(12).
+    let get = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    get(11) + get(12)
+}
+
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with('Z')).unwrap_or(true))
+        .unwrap_or(false)
+}
