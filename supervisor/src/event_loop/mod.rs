@@ -1,0 +1,455 @@
+//! The supervisor's one thread: a `polling` loop over the listeners, every
+//! client connection, every worker channel and the signal pipe.
+//!
+//! Invariants (see ARCHITECTURE.md):
+//! - A client connection is registered in the poller from accept to close,
+//!   in oneshot mode, and is armed only while the supervisor itself wants to
+//!   read it (reading a head, idle, lingering). While a worker or the queue
+//!   has it, it is disarmed, so only one process ever reads it.
+//! - Every fd is deleted from the poller before it is closed.
+//! - The supervisor keeps its own copy of a connection while a worker serves
+//!   it; nothing is passed back, and a worker's death never loses it.
+
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use log::{debug, error, info, warn};
+use monodon_proto::http::{self, error_response, Rejection};
+use monodon_proto::scoreboard::Scoreboard;
+use monodon_proto::wire::{self, FromWorker, Received, ToWorker};
+use nix::errno::Errno;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::socket::{self, MsgFlags, Shutdown};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use polling::{Event, Events, PollMode, Poller};
+use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU};
+use signal_hook::iterator::backend::SignalDelivery;
+use signal_hook::iterator::exfiltrator::SignalOnly;
+use slab::Slab;
+
+use crate::config::Config;
+use crate::listener::Listener;
+use crate::sched::{Backoff, Dispatcher};
+
+mod clients;
+mod workers;
+use crate::spawn::{spawn_worker, WorkerSpec};
+
+const SIGNAL_KEY: usize = usize::MAX - 1;
+const LISTENER_BASE: usize = 1 << 40;
+const WORKER_BASE: usize = 1 << 41;
+// Connections use their slab index as key: below every other range.
+
+/// How often idle, slow and lingering connections are checked for timeouts.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(200);
+/// Bytes read from a client in one go.
+const READ_CHUNK: usize = 16 * 1024;
+/// Accepts per listener readiness event, so one busy listener cannot starve the rest.
+const ACCEPT_BATCH: usize = 64;
+
+type ConnKey = usize;
+type WorkerKey = usize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnState {
+    /// The supervisor reads until a head is complete (or the connection is idle).
+    Reading,
+    /// Has a complete head, waits for a worker.
+    Queued,
+    /// A worker serves it. `written_before` is the worker's byte counter at
+    /// hand-over, to tell later whether any response byte went out.
+    InWorker { worker: WorkerKey, written_before: u64 },
+    /// Our last response is out; draining input until EOF or the timeout.
+    Lingering,
+}
+
+struct Conn {
+    id: u64,
+    fd: OwnedFd,
+    peer: String,
+    /// Bytes read and not yet handed to a worker.
+    buf: Vec<u8>,
+    state: ConnState,
+    /// When the current state times out (not used while queued or in a worker).
+    deadline: Instant,
+    /// Requests served on this connection.
+    served: u32,
+    /// `METHOD target` of the complete head waiting to be served, for logs.
+    request_line: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WorkerState {
+    /// Spawned; its app is still initialising.
+    Starting,
+    Idle,
+    Busy(ConnKey),
+}
+
+struct Worker {
+    pid: Pid,
+    /// `None` once released: the worker sees EOF and exits.
+    channel: Option<OwnedFd>,
+    scoreboard: Scoreboard,
+    state: WorkerState,
+    generation: u64,
+    started: Instant,
+    /// Takes no new connection; exits after the current one.
+    retiring: bool,
+    /// Its max-requests draw (0: none).
+    max_requests: u64,
+    /// The first request line of the connection it was handed, for logs.
+    current: String,
+    /// When it was sent SIGTERM for running past `--timeout`, and whether
+    /// SIGKILL followed.
+    killed: Option<(Instant, bool)>,
+}
+
+/// A reload in progress: generation `generation` is starting.
+#[derive(Debug, Clone)]
+struct Reload {
+    generation: u64,
+    /// The worker command as resolved when the reload began.
+    command: Vec<OsString>,
+    started: Instant,
+    deadline: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stopping {
+    No,
+    /// TERM/QUIT: finish what is in flight, then exit.
+    Graceful {
+        deadline: Instant,
+    },
+    /// INT: kill the workers and exit.
+    Fast,
+}
+
+/// The supervisor: owns every socket and every worker.
+pub struct Supervisor {
+    config: Config,
+    poller: Poller,
+    events: Events,
+    listeners: Vec<Listener>,
+    accepting: bool,
+    /// After EMFILE and the like, accepting pauses until then.
+    accept_paused_until: Option<Instant>,
+    signals: SignalDelivery<UnixStream, SignalOnly>,
+    conns: Slab<Conn>,
+    workers: Slab<Worker>,
+    dispatcher: Dispatcher<WorkerKey, ConnKey>,
+    backoff: Backoff,
+    /// When the next worker may be started (after a quick death).
+    next_spawn_at: Instant,
+    /// The newest generation started.
+    generation: u64,
+    /// The generation connections are dispatched to.
+    serving_generation: u64,
+    /// The worker command of the serving generation, resolved when that
+    /// generation started, so its replacements run the same code.
+    serving_command: Vec<OsString>,
+    reload: Option<Reload>,
+    /// Workers wanted per generation (`--workers`, changed by TTIN/TTOU).
+    target_workers: usize,
+    rng: fastrand::Rng,
+    next_conn_id: u64,
+    scratch: Vec<u8>,
+    msg: Vec<u8>,
+    next_sweep: Instant,
+    stopping: Stopping,
+}
+
+impl Supervisor {
+    /// Binds the listeners and installs the signal handlers; no worker yet.
+    pub fn new(config: Config) -> io::Result<Supervisor> {
+        raise_fd_limit();
+        let poller = Poller::new()?;
+        let mut listeners = Vec::new();
+        for addr in &config.listen {
+            let l = Listener::bind(addr, config.backlog)?;
+            info!("listening on {}", l.addr);
+            listeners.push(l);
+        }
+        for (i, l) in listeners.iter().enumerate() {
+            // SAFETY: each listener is deleted from the poller before it is
+            // dropped (see `close_listeners`).
+            unsafe {
+                poller.add_with_mode(
+                    l.fd().as_raw_fd(),
+                    Event::readable(LISTENER_BASE + i),
+                    PollMode::Level,
+                )?
+            };
+        }
+        let (read, write) = UnixStream::pair()?;
+        read.set_nonblocking(true)?;
+        write.set_nonblocking(true)?;
+        let signals = SignalDelivery::with_pipe(
+            read,
+            write,
+            SignalOnly,
+            [SIGTERM, SIGINT, SIGQUIT, SIGCHLD, SIGHUP, SIGTTIN, SIGTTOU],
+        )?;
+        // SAFETY: the signal pipe lives as long as the supervisor (and so the poller).
+        unsafe {
+            poller.add_with_mode(
+                signals.get_read().as_raw_fd(),
+                Event::readable(SIGNAL_KEY),
+                PollMode::Level,
+            )?
+        };
+        let now = Instant::now();
+        Ok(Supervisor {
+            target_workers: config.workers,
+            serving_command: resolve_command(&config.worker_command),
+            dispatcher: Dispatcher::new(config.queue_capacity),
+            config,
+            poller,
+            events: Events::new(),
+            listeners,
+            accepting: true,
+            accept_paused_until: None,
+            signals,
+            conns: Slab::new(),
+            workers: Slab::new(),
+            backoff: Backoff::default(),
+            next_spawn_at: now,
+            generation: 1,
+            serving_generation: 1,
+            reload: None,
+            rng: fastrand::Rng::new(),
+            next_conn_id: 1,
+            scratch: vec![0; READ_CHUNK],
+            msg: Vec::with_capacity(READ_CHUNK),
+            next_sweep: now,
+            stopping: Stopping::No,
+        })
+    }
+
+    /// Runs until stopped by a signal.
+    pub fn run(mut self) -> io::Result<()> {
+        info!(
+            "monodon {} supervisor {} starting {} workers: {:?}",
+            env!("CARGO_PKG_VERSION"),
+            std::process::id(),
+            self.config.workers,
+            self.config.worker_command
+        );
+        loop {
+            self.spawn_missing_workers();
+            if self.finished() {
+                break;
+            }
+            let now = Instant::now();
+            let mut wake = self.next_sweep;
+            if self.active_workers(self.serving_generation) < self.wanted_workers() {
+                wake = wake.min(self.next_spawn_at);
+            }
+            let timeout = wake.saturating_duration_since(now).min(SWEEP_INTERVAL);
+            self.events.clear();
+            self.poller.wait(&mut self.events, Some(timeout))?;
+            let keys: Vec<usize> = self.events.iter().map(|e| e.key).collect();
+            for key in keys {
+                self.on_event(key);
+            }
+            let now = Instant::now();
+            if now >= self.next_sweep {
+                self.sweep(now);
+                self.next_sweep = now + SWEEP_INTERVAL;
+            }
+        }
+        for l in &self.listeners {
+            l.unlink();
+        }
+        info!("supervisor {} stopped", std::process::id());
+        Ok(())
+    }
+
+    fn on_event(&mut self, key: usize) {
+        if key == SIGNAL_KEY {
+            self.on_signals();
+        } else if key >= WORKER_BASE {
+            self.on_channel_readable(key - WORKER_BASE);
+        } else if key >= LISTENER_BASE {
+            self.on_listener_readable(key - LISTENER_BASE);
+        } else {
+            self.on_conn_readable(key);
+        }
+    }
+
+    // ---- signals and stopping ---------------------------------------------
+
+    fn on_signals(&mut self) {
+        let pending: Vec<i32> = self.signals.pending().collect();
+        for sig in pending {
+            match sig {
+                SIGCHLD => self.reap_children(),
+                SIGTERM | SIGQUIT => self.begin_graceful_stop(),
+                SIGINT => self.begin_fast_stop(),
+                SIGHUP => self.begin_reload(),
+                SIGTTIN => self.scale(1),
+                SIGTTOU => self.scale(-1),
+                other => debug!("ignoring signal {other}"),
+            }
+        }
+    }
+
+    fn begin_graceful_stop(&mut self) {
+        if self.stopping != Stopping::No {
+            return;
+        }
+        info!(
+            "graceful stop: finishing {} busy and {} queued connections",
+            self.conns.iter().filter(|(_, c)| matches!(c.state, ConnState::InWorker { .. })).count(),
+            self.dispatcher.queued()
+        );
+        self.stopping = Stopping::Graceful { deadline: Instant::now() + self.config.graceful_timeout };
+        if let Some(r) = self.reload.take() {
+            self.abandon_reload(r, "the supervisor is stopping");
+        }
+        // Responses still being produced say `Connection: close`.
+        for (_, w) in &self.workers {
+            w.scoreboard.slot().set_draining();
+        }
+        self.close_listeners();
+        let waiting: Vec<ConnKey> =
+            self.conns.iter().filter(|(_, c)| c.state == ConnState::Reading).map(|(k, _)| k).collect();
+        for key in waiting {
+            self.close_now(key);
+        }
+        self.release_idle_workers();
+    }
+
+    fn begin_fast_stop(&mut self) {
+        info!("fast stop: killing {} workers", self.workers.len());
+        self.stopping = Stopping::Fast;
+        self.close_listeners();
+        for (_, w) in &self.workers {
+            let _ = kill(w.pid, Signal::SIGKILL);
+        }
+    }
+
+    fn close_listeners(&mut self) {
+        for l in &self.listeners {
+            let _ = self.poller.delete(l.fd());
+        }
+        self.accepting = false;
+        for l in &self.listeners {
+            l.unlink();
+        }
+        self.listeners.clear();
+    }
+
+    /// While stopping, a worker with nothing left to do gets its channel
+    /// closed, which tells it to exit.
+    fn release_idle_workers(&mut self) {
+        if self.stopping == Stopping::No || self.dispatcher.queued() > 0 {
+            return;
+        }
+        let done: Vec<WorkerKey> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| {
+                w.channel.is_some() && matches!(w.state, WorkerState::Idle | WorkerState::Starting)
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for wkey in done {
+            self.release(wkey);
+        }
+    }
+
+    fn finished(&mut self) -> bool {
+        match self.stopping {
+            Stopping::No => false,
+            Stopping::Fast => self.workers.is_empty(),
+            Stopping::Graceful { deadline } => {
+                if Instant::now() >= deadline && !self.workers.is_empty() {
+                    warn!("graceful stop timed out: killing {} workers", self.workers.len());
+                    for (_, w) in &self.workers {
+                        let _ = kill(w.pid, Signal::SIGKILL);
+                    }
+                    self.stopping = Stopping::Fast;
+                }
+                self.workers.is_empty()
+            }
+        }
+    }
+
+    /// Closes connections whose head, idle or linger time is up.
+    fn sweep(&mut self, now: Instant) {
+        let expired: Vec<(ConnKey, bool)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                matches!(c.state, ConnState::Reading | ConnState::Lingering) && c.deadline <= now
+            })
+            .map(|(k, c)| (k, c.state == ConnState::Reading && !c.buf.is_empty()))
+            .collect();
+        for (key, mid_head) in expired {
+            if mid_head {
+                self.reject(key, Rejection { status: 408, reason: "request head not received in time" });
+            } else {
+                self.close_now(key);
+            }
+        }
+        if self.accept_paused_until.is_some_and(|t| now >= t) {
+            self.accept_paused_until = None;
+            self.update_accepting();
+        }
+        if matches!(self.stopping, Stopping::Graceful { .. }) {
+            self.release_idle_workers();
+        }
+        if self.reload.as_ref().is_some_and(|r| now >= r.deadline) {
+            let reload = self.reload.take().expect("checked above");
+            let ready = self
+                .workers
+                .iter()
+                .filter(|(_, w)| w.generation == reload.generation && w.state == WorkerState::Idle)
+                .count();
+            let reason = format!(
+                "only {ready} of {} workers ready after --reload-timeout {:?}",
+                self.target_workers, self.config.reload_timeout
+            );
+            self.abandon_reload(reload, &reason);
+        }
+        self.check_stuck_workers(now);
+    }
+}
+
+/// Every idle client costs the supervisor one descriptor: raise the soft
+/// limit to the hard one, as a front-line server should.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                Ok(()) => debug!("open file limit raised from {soft} to {hard}"),
+                Err(e) => warn!("cannot raise the open file limit from {soft}: {e}"),
+            }
+        }
+    }
+}
+
+/// Resolves the program of a worker command to the file it names now
+/// (following symlinks), so that every worker of one generation runs the
+/// same code even after a deploy moves a symlink. A program without a `/`
+/// is left to the PATH lookup at exec time.
+fn resolve_command(command: &[OsString]) -> Vec<OsString> {
+    let mut resolved = command.to_vec();
+    if let Some(program) = resolved.first_mut() {
+        let path = std::path::Path::new(program.as_os_str());
+        if path.components().count() > 1 {
+            if let Ok(real) = path.canonicalize() {
+                *program = real.into_os_string();
+            }
+        }
+    }
+    resolved
+}

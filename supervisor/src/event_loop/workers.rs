@@ -1,0 +1,480 @@
+//! The worker side of the loop: spawning, messages from workers, hand-over,
+//! retirement, reloads (generations), scaling, deaths and stuck workers.
+
+use super::*;
+
+impl Supervisor {
+    // ---- workers --------------------------------------------------------
+
+    pub(super) fn wanted_workers(&self) -> usize {
+        if self.stopping == Stopping::No {
+            self.target_workers
+        } else {
+            0
+        }
+    }
+
+    /// Workers of `generation` that take new connections (or will, once ready).
+    pub(super) fn active_workers(&self, generation: u64) -> usize {
+        self.workers.iter().filter(|(_, w)| w.generation == generation && !w.retiring).count()
+    }
+
+    pub(super) fn spawn_missing_workers(&mut self) {
+        let serving = self.serving_generation;
+        while self.active_workers(serving) < self.wanted_workers() && Instant::now() >= self.next_spawn_at {
+            if self.spawn(serving).is_err() {
+                let delay = self.backoff.on_spawn_failure();
+                warn!("next worker start in {delay:?}");
+                self.next_spawn_at = Instant::now() + delay;
+            }
+        }
+        while let Some(generation) = self.reload.as_ref().map(|r| r.generation) {
+            if self.active_workers(generation) >= self.wanted_workers() {
+                break;
+            }
+            if let Err(e) = self.spawn(generation) {
+                if let Some(reload) = self.reload.take() {
+                    self.abandon_reload(reload, &e.to_string());
+                }
+            }
+        }
+    }
+
+    /// Starts a worker of `generation` (the serving one or the one a reload
+    /// is starting), with that generation's command.
+    pub(super) fn spawn(&mut self, generation: u64) -> io::Result<WorkerKey> {
+        let command = match &self.reload {
+            Some(r) if r.generation == generation => r.command.clone(),
+            _ => self.serving_command.clone(),
+        };
+        let max_requests = match (self.config.min_requests, self.config.max_requests) {
+            (_, 0) => 0,
+            (min, max) => self.rng.u64(min.clamp(1, max)..=max),
+        };
+        let spec = WorkerSpec {
+            command: &command,
+            generation,
+            limits: &self.config.limits,
+            io_timeout: self.config.io_timeout,
+            max_requests,
+        };
+        let s = spawn_worker(&spec).inspect_err(|e| error!("{e}"))?;
+        let entry = self.workers.vacant_entry();
+        let key = entry.key();
+        // SAFETY: the channel is deleted from the poller before it is
+        // dropped (`release`, `on_worker_exit`).
+        let added = unsafe {
+            self.poller.add_with_mode(
+                s.channel.as_raw_fd(),
+                Event::readable(WORKER_BASE + key),
+                PollMode::Level,
+            )
+        };
+        if let Err(e) = added {
+            error!("cannot watch worker {} channel: {e}", s.pid);
+            let _ = kill(s.pid, Signal::SIGKILL);
+        }
+        info!("spawned worker {} (generation {generation}, max requests {max_requests})", s.pid);
+        entry.insert(Worker {
+            pid: s.pid,
+            channel: Some(s.channel),
+            scoreboard: s.scoreboard,
+            state: WorkerState::Starting,
+            generation,
+            started: Instant::now(),
+            retiring: false,
+            max_requests,
+            current: String::new(),
+            killed: None,
+        });
+        Ok(key)
+    }
+
+    /// Closes a worker's channel: it exits when it next waits for work.
+    pub(super) fn release(&mut self, wkey: WorkerKey) {
+        let w = &mut self.workers[wkey];
+        if let Some(ch) = w.channel.take() {
+            let _ = self.poller.delete(&ch);
+        }
+        if w.state == WorkerState::Starting {
+            // Its app may be stuck initialising: it has nothing to finish.
+            let _ = kill(w.pid, Signal::SIGTERM);
+        }
+    }
+
+    /// Takes a worker out of service; it exits after its current connection.
+    pub(super) fn retire(&mut self, wkey: WorkerKey) {
+        let w = &mut self.workers[wkey];
+        w.retiring = true;
+        self.dispatcher.remove_worker(wkey);
+        if !matches!(w.state, WorkerState::Busy(_)) {
+            self.release(wkey);
+        }
+    }
+
+    // ---- reloads and scaling ----------------------------------------------
+
+    pub(super) fn begin_reload(&mut self) {
+        if self.stopping != Stopping::No {
+            return;
+        }
+        if let Some(r) = self.reload.take() {
+            self.abandon_reload(r, "superseded by a newer reload");
+        }
+        self.generation += 1;
+        let now = Instant::now();
+        let command = resolve_command(&self.config.worker_command);
+        info!(
+            "reload: starting generation {} ({} workers) from {:?}",
+            self.generation, self.target_workers, command
+        );
+        self.reload = Some(Reload {
+            generation: self.generation,
+            command,
+            started: now,
+            deadline: now + self.config.reload_timeout,
+        });
+    }
+
+    /// Stops a reload's workers; the serving generation carries on.
+    /// The caller has taken `reload` out of `self.reload`.
+    pub(super) fn abandon_reload(&mut self, reload: Reload, reason: &str) {
+        error!(
+            "reload to generation {} failed: {reason}; generation {} keeps serving",
+            reload.generation, self.serving_generation
+        );
+        let doomed: Vec<WorkerKey> =
+            self.workers.iter().filter(|(_, w)| w.generation == reload.generation).map(|(k, _)| k).collect();
+        for wkey in doomed {
+            self.retire(wkey);
+            let _ = kill(self.workers[wkey].pid, Signal::SIGTERM);
+        }
+    }
+
+    /// Switches dispatch to the new generation once all of it is ready.
+    pub(super) fn maybe_finish_reload(&mut self) {
+        let Some(reload) = self.reload.as_ref() else { return };
+        let ready: Vec<WorkerKey> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.generation == reload.generation && !w.retiring && w.state == WorkerState::Idle)
+            .map(|(k, _)| k)
+            .collect();
+        if ready.len() < self.target_workers {
+            return;
+        }
+        let Some(reload) = self.reload.take() else { return };
+        let old = self.serving_generation;
+        self.serving_generation = reload.generation;
+        self.serving_command = reload.command.clone();
+        let outgoing: Vec<WorkerKey> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.generation != reload.generation && !w.retiring)
+            .map(|(k, _)| k)
+            .collect();
+        let retired = outgoing.len();
+        for wkey in outgoing {
+            self.retire(wkey);
+        }
+        for wkey in ready {
+            self.worker_idle(wkey);
+        }
+        info!(
+            "reload: generation {} serving after {:.1?}; retiring {retired} workers of generation {old}",
+            reload.generation,
+            reload.started.elapsed()
+        );
+    }
+
+    pub(super) fn scale(&mut self, delta: i32) {
+        if self.stopping != Stopping::No {
+            return;
+        }
+        if delta > 0 {
+            self.target_workers = self.target_workers.saturating_add(1).min(4096);
+        } else if self.target_workers > 1 {
+            self.target_workers -= 1;
+            // Prefer a worker with nothing to finish.
+            let serving = self.serving_generation;
+            let mut candidates: Vec<(u8, WorkerKey)> = self
+                .workers
+                .iter()
+                .filter(|(_, w)| w.generation == serving && !w.retiring)
+                .map(|(k, w)| {
+                    let rank = match w.state {
+                        WorkerState::Idle => 0,
+                        WorkerState::Starting => 1,
+                        WorkerState::Busy(_) => 2,
+                    };
+                    (rank, k)
+                })
+                .collect();
+            candidates.sort();
+            if let Some(&(_, wkey)) = candidates.first() {
+                self.retire(wkey);
+            }
+        } else {
+            warn!("SIGTTOU ignored: already down to one worker");
+            return;
+        }
+        info!("scaled to {} workers", self.target_workers);
+    }
+
+    pub(super) fn on_channel_readable(&mut self, wkey: WorkerKey) {
+        let mut buf = std::mem::take(&mut self.scratch);
+        if buf.len() < wire::max_message(&self.config.limits) {
+            buf.resize(wire::max_message(&self.config.limits), 0);
+        }
+        while let Some(channel) = self.workers.get(wkey).and_then(|w| w.channel.as_ref()) {
+            match wire::recv(channel.as_fd(), &mut buf) {
+                Ok(Received::Message(n, fd)) => {
+                    if fd.is_some() {
+                        self.worker_misbehaved(wkey, "sent a descriptor");
+                        break;
+                    }
+                    match FromWorker::decode(&buf[..n]) {
+                        Ok(msg) => self.on_worker_message(wkey, msg),
+                        Err(e) => {
+                            self.worker_misbehaved(wkey, &e.to_string());
+                            break;
+                        }
+                    }
+                }
+                Ok(Received::Closed) => {
+                    // It is exiting; SIGCHLD will tell us how.
+                    if let Some(ch) = self.workers[wkey].channel.take() {
+                        let _ = self.poller.delete(&ch);
+                    }
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    self.worker_misbehaved(wkey, &e.to_string());
+                    break;
+                }
+            }
+        }
+        self.scratch = buf;
+    }
+
+    pub(super) fn worker_misbehaved(&mut self, wkey: WorkerKey, what: &str) {
+        let w = &mut self.workers[wkey];
+        error!("worker {} broke the protocol ({what}); killing it", w.pid);
+        if let Some(ch) = w.channel.take() {
+            let _ = self.poller.delete(&ch);
+        }
+        let _ = kill(w.pid, Signal::SIGKILL);
+        self.dispatcher.remove_worker(wkey);
+    }
+
+    pub(super) fn on_worker_message(&mut self, wkey: WorkerKey, msg: FromWorker<'_>) {
+        match msg {
+            FromWorker::Ready { pid } => {
+                let w = &mut self.workers[wkey];
+                if w.state != WorkerState::Starting || pid != w.pid.as_raw() as u32 {
+                    self.worker_misbehaved(wkey, "unexpected Ready");
+                    return;
+                }
+                debug!("worker {pid} ready");
+                self.worker_idle(wkey);
+            }
+            FromWorker::Retiring => {
+                let w = &mut self.workers[wkey];
+                info!("worker {} reached its {} requests; starting its replacement", w.pid, w.max_requests);
+                w.retiring = true;
+                self.dispatcher.remove_worker(wkey);
+            }
+            FromWorker::Done { conn_id, served, keep, leftover } => {
+                let WorkerState::Busy(ckey) = self.workers[wkey].state else {
+                    self.worker_misbehaved(wkey, "Done while not busy");
+                    return;
+                };
+                if self.conns.get(ckey).map(|c| c.id) != Some(conn_id) {
+                    self.worker_misbehaved(wkey, "Done for a connection it does not hold");
+                    return;
+                }
+                let conn = &mut self.conns[ckey];
+                conn.served = served;
+                conn.state = ConnState::Reading;
+                if keep && self.stopping == Stopping::No {
+                    conn.buf.clear();
+                    conn.buf.extend_from_slice(leftover);
+                    self.after_input(ckey, Instant::now());
+                } else {
+                    self.linger(ckey);
+                }
+                self.worker_idle(wkey);
+            }
+        }
+    }
+
+    pub(super) fn worker_idle(&mut self, wkey: WorkerKey) {
+        let w = &mut self.workers[wkey];
+        w.state = WorkerState::Idle;
+        w.current.clear();
+        if w.retiring {
+            self.release(wkey);
+            return;
+        }
+        if w.generation != self.serving_generation {
+            if self.reload.as_ref().is_some_and(|r| r.generation == w.generation) {
+                self.maybe_finish_reload();
+            } else {
+                self.retire(wkey);
+            }
+            return;
+        }
+        if let Some(ckey) = self.dispatcher.worker_idle(wkey) {
+            self.hand_over(wkey, ckey);
+        } else {
+            self.update_accepting();
+            self.release_idle_workers();
+        }
+    }
+
+    /// Passes a connection with a complete head to an idle worker.
+    pub(super) fn hand_over(&mut self, wkey: WorkerKey, ckey: ConnKey) {
+        let conn = &mut self.conns[ckey];
+        let worker = &mut self.workers[wkey];
+        let Some(channel) = worker.channel.as_ref() else {
+            self.dispatcher.requeue_front(ckey);
+            return;
+        };
+        ToWorker::Assign { conn_id: conn.id, served: conn.served, peer: &conn.peer, data: &conn.buf }
+            .encode(&mut self.msg);
+        match wire::send(channel.as_fd(), &self.msg, Some(conn.fd.as_fd())) {
+            Ok(()) => {
+                conn.state =
+                    ConnState::InWorker { worker: wkey, written_before: worker.scoreboard.slot().written() };
+                // Idle connections must stay cheap: drop the buffer, not just clear it.
+                conn.buf = Vec::new();
+                worker.state = WorkerState::Busy(ckey);
+                std::mem::swap(&mut worker.current, &mut conn.request_line);
+            }
+            Err(e) => {
+                // A worker only ever has one message from us in flight, so a
+                // full buffer means it is broken, not busy.
+                let pid = worker.pid;
+                self.dispatcher.requeue_front(ckey);
+                self.worker_misbehaved(wkey, &format!("hand-over to {pid} failed: {e}"));
+                return;
+            }
+        }
+        self.update_accepting();
+    }
+
+    pub(super) fn reap_children(&mut self) {
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
+                Ok(status) => {
+                    let Some(pid) = status.pid() else { continue };
+                    match self.workers.iter().find(|(_, w)| w.pid == pid).map(|(k, _)| k) {
+                        Some(wkey) => self.on_worker_exit(wkey, status),
+                        None => debug!("reaped unknown child {pid}: {status:?}"),
+                    }
+                }
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    error!("waitpid: {e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    pub(super) fn on_worker_exit(&mut self, wkey: WorkerKey, status: WaitStatus) {
+        // Whatever it said before dying comes first (typically the Done of a
+        // worker that retired on purpose): SIGCHLD may overtake the channel.
+        self.on_channel_readable(wkey);
+        let w = self.workers.remove(wkey);
+        if let Some(ch) = &w.channel {
+            let _ = self.poller.delete(ch);
+        }
+        self.dispatcher.remove_worker(wkey);
+        let lived = w.started.elapsed();
+        let how = match status {
+            WaitStatus::Exited(_, code) => format!("exited with status {code}"),
+            WaitStatus::Signaled(_, sig, _) => format!("was killed by {sig}"),
+            other => format!("{other:?}"),
+        };
+        if let WorkerState::Busy(ckey) = w.state {
+            if let Some(ConnState::InWorker { written_before, .. }) = self.conns.get(ckey).map(|c| c.state) {
+                let conn = &self.conns[ckey];
+                let wrote = w.scoreboard.slot().written() != written_before;
+                let (status, why) = if w.killed.is_some() {
+                    (504, "the request took longer than the server's timeout")
+                } else {
+                    (502, "the worker serving this request died")
+                };
+                warn!(
+                    "worker {} {how} while serving {:?} on connection {} from {}{}",
+                    w.pid,
+                    w.current,
+                    conn.id,
+                    conn.peer,
+                    if wrote { "; closing it".to_owned() } else { format!("; answering {status}") }
+                );
+                if !wrote {
+                    self.send_error(ckey, error_response(status, why));
+                }
+                self.conns[ckey].state = ConnState::Reading;
+                self.linger(ckey);
+            }
+        }
+        let expected = w.retiring || self.stopping != Stopping::No;
+        if expected {
+            info!("worker {} (generation {}) {how}", w.pid, w.generation);
+            return;
+        }
+        if w.killed.is_none() {
+            warn!("worker {} (generation {}) {how} after {:.1?}", w.pid, w.generation, lived);
+        }
+        if self.reload.as_ref().is_some_and(|r| r.generation == w.generation) {
+            let reload = self.reload.take().expect("checked above");
+            let when =
+                if w.state == WorkerState::Starting { "before it was ready" } else { "during the reload" };
+            self.abandon_reload(reload, &format!("worker {} {how} {when}", w.pid));
+            return;
+        }
+        let delay = if w.killed.is_some() { Duration::ZERO } else { self.backoff.on_death(lived) };
+        if delay > Duration::ZERO {
+            warn!("workers keep dying young ({} in a row); next start in {delay:?}", self.backoff.failures());
+        }
+        self.next_spawn_at = self.next_spawn_at.max(Instant::now() + delay);
+    }
+
+    /// Kills workers busy on one request for longer than `--timeout`
+    /// (SIGTERM, then SIGKILL after the grace period).
+    pub(super) fn check_stuck_workers(&mut self, now: Instant) {
+        let timeout_ms = self.config.timeout.as_millis() as u64;
+        for (_, w) in self.workers.iter_mut() {
+            match w.killed {
+                Some((at, false)) if now.duration_since(at) >= self.config.kill_grace => {
+                    warn!("worker {} did not exit after SIGTERM; sending SIGKILL", w.pid);
+                    let _ = kill(w.pid, Signal::SIGKILL);
+                    w.killed = Some((at, true));
+                }
+                Some(_) => {}
+                None => {
+                    let WorkerState::Busy(ckey) = w.state else { continue };
+                    let Some(age) = w.scoreboard.slot().request_age_ms() else { continue };
+                    if age <= timeout_ms {
+                        continue;
+                    }
+                    let peer = self.conns.get(ckey).map(|c| c.peer.as_str()).unwrap_or("?");
+                    warn!(
+                        "worker {} has been busy for {:.1}s on {:?} from {peer} (--timeout {:?}); killing it",
+                        w.pid,
+                        age as f64 / 1000.0,
+                        w.current,
+                        self.config.timeout
+                    );
+                    let _ = kill(w.pid, Signal::SIGTERM);
+                    w.killed = Some((now, false));
+                }
+            }
+        }
+    }
+}
