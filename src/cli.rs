@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use monodon_proto::http::Limits;
-use monodon_supervisor::{Config, ListenAddr};
+use monodon_supervisor::{control, Config, ListenAddr};
 
 use crate::apps::AppName;
 
@@ -27,9 +27,75 @@ pub struct Cli {
 pub enum Command {
     /// Run the server in the foreground (the way systemd wants it).
     Serve(Box<ServeArgs>),
+    /// Show the state of a running supervisor: workers, connections, totals.
+    Status {
+        /// Print one JSON document (stable field names, see README) instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: ControlArgs,
+    },
+    /// Start a new generation of workers (same as SIGHUP) and wait until it
+    /// serves or the reload fails; the exit status says which.
+    Reload {
+        #[command(flatten)]
+        target: ControlArgs,
+    },
+    /// Stop the supervisor: gracefully (requests in flight finish), or at
+    /// once with --fast; waits until it has exited.
+    Stop {
+        /// Kill the workers at once instead of letting them finish.
+        #[arg(long)]
+        fast: bool,
+        #[command(flatten)]
+        target: ControlArgs,
+    },
+    /// Set the number of workers: N, or +N / -N relative to now.
+    Scale {
+        /// N, +N or -N.
+        #[arg(allow_hyphen_values = true, value_parser = parse_scale)]
+        workers: ScaleTo,
+        #[command(flatten)]
+        target: ControlArgs,
+    },
     /// Internal: the worker role, started by `monodon serve`.
     #[command(hide = true)]
     Worker(WorkerArgs),
+}
+
+/// Which supervisor a control command talks to.
+#[derive(Debug, Clone, Args)]
+pub struct ControlArgs {
+    /// The supervisor's control socket [default: derived from --listen, as
+    /// `serve` does].
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
+    /// The first address the supervisor listens on, to find its control socket.
+    #[arg(short, long = "listen", value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    pub listen: ListenAddr,
+}
+
+impl ControlArgs {
+    pub fn path(&self) -> PathBuf {
+        self.control.clone().unwrap_or_else(|| control::default_control_path(Some(&self.listen)))
+    }
+}
+
+/// The argument of `monodon scale`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleTo {
+    Absolute(usize),
+    Relative(i64),
+}
+
+fn parse_scale(s: &str) -> Result<ScaleTo, String> {
+    let bad = || format!("{s:?} is not a worker count: use N, +N or -N");
+    if s.starts_with('+') || s.starts_with('-') {
+        s.parse::<i64>().map(ScaleTo::Relative).map_err(|_| bad())
+    } else {
+        s.parse::<usize>().map(ScaleTo::Absolute).map_err(|_| bad())
+    }
 }
 
 /// The app a worker runs.
@@ -130,6 +196,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 1024)]
     pub queue: usize,
 
+    /// The control socket for `monodon status|reload|stop|scale` (owner-only)
+    /// [default: $RUNTIME_DIRECTORY/control.sock under systemd, else derived
+    /// from the first --listen, e.g. /tmp/monodon-127.0.0.1-8080.sock].
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
     /// Listen backlog for new connections.
     #[arg(long, value_name = "N", default_value_t = 1024)]
     pub backlog: i32,
@@ -177,6 +249,7 @@ impl ServeArgs {
             self.min_requests_per_child.unwrap_or((self.max_requests_per_child * 4 / 5).max(1));
         config.timeout = self.timeout;
         config.reload_timeout = self.reload_timeout;
+        config.control = self.control.clone();
         config
     }
 
@@ -205,6 +278,14 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn scale_arguments() {
+        assert_eq!(parse_scale("3"), Ok(ScaleTo::Absolute(3)));
+        assert_eq!(parse_scale("+1"), Ok(ScaleTo::Relative(1)));
+        assert_eq!(parse_scale("-2"), Ok(ScaleTo::Relative(-2)));
+        assert!(parse_scale("many").is_err());
     }
 
     #[test]

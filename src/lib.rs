@@ -8,6 +8,7 @@
 
 pub mod apps;
 pub mod cli;
+pub mod ctl;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -17,7 +18,8 @@ use log::error;
 pub use monodon_worker::{App, Body, Request, Response, WorkerInfo};
 
 use apps::BuiltIn;
-use cli::{Cli, Command, ServeArgs};
+use cli::{Cli, Command, ScaleTo, ServeArgs};
+use monodon_supervisor::control::Command as Ctl;
 
 /// Logs to stderr; `RUST_LOG` picks the level (default `info`).
 fn init_logging() {
@@ -70,6 +72,9 @@ pub fn main() -> ExitCode {
             ];
             serve(&args, default)
         }
+        Command::Status { .. } | Command::Reload { .. } | Command::Stop { .. } | Command::Scale { .. } => {
+            control_command(cli.command)
+        }
         Command::Worker(args) => {
             if !monodon_worker::is_worker() {
                 eprintln!("error: `monodon worker` is started by `monodon serve`, not by hand");
@@ -107,5 +112,52 @@ pub fn main_with<A: App, F: FnOnce() -> A>(make_app: F) -> ExitCode {
             eprintln!("error: the worker role is started by `serve`, not by hand");
             ExitCode::from(2)
         }
+        other => control_command(other),
+    }
+}
+
+/// `status`, `reload`, `stop`, `scale`: talk to a running supervisor.
+fn control_command(command: Command) -> ExitCode {
+    use std::time::Duration;
+    match command {
+        Command::Status { json, target } => {
+            match ctl::call(&target.path(), Ctl::Status, Duration::from_secs(10)) {
+                Ok(monodon_supervisor::control::Response { ok: true, status: Some(status), .. }) => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&status).unwrap_or_default());
+                    } else {
+                        print!("{}", ctl::render(&status));
+                    }
+                    ExitCode::SUCCESS
+                }
+                other => ctl::report(other),
+            }
+        }
+        Command::Reload { target } => {
+            // A reload takes at most the supervisor's --reload-timeout; allow for a long one.
+            ctl::report(ctl::call(&target.path(), Ctl::Reload, Duration::from_secs(3600)))
+        }
+        Command::Stop { fast, target } => {
+            let path = target.path();
+            let code = ctl::report(ctl::call(&path, Ctl::Stop { fast }, Duration::from_secs(10)));
+            if code != ExitCode::SUCCESS {
+                return code;
+            }
+            if ctl::wait_gone(&path, Duration::from_secs(3600)) {
+                println!("stopped");
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("error: the supervisor is still running");
+                ExitCode::FAILURE
+            }
+        }
+        Command::Scale { workers, target } => {
+            let command = match workers {
+                ScaleTo::Absolute(n) => Ctl::Scale { workers: Some(n), delta: None },
+                ScaleTo::Relative(d) => Ctl::Scale { workers: None, delta: Some(d) },
+            };
+            ctl::report(ctl::call(&target.path(), command, Duration::from_secs(10)))
+        }
+        Command::Serve(_) | Command::Worker(_) => unreachable!("handled by main"),
     }
 }

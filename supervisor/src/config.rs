@@ -80,6 +80,8 @@ pub struct Config {
     pub reload_timeout: Duration,
     /// Between SIGTERM and SIGKILL for a worker being killed.
     pub kill_grace: Duration,
+    /// The control socket (`None`: `control::default_control_path`).
+    pub control: Option<PathBuf>,
 }
 
 impl Config {
@@ -102,6 +104,7 @@ impl Config {
             timeout: Duration::from_secs(30),
             reload_timeout: Duration::from_secs(30),
             kill_grace: Duration::from_secs(2),
+            control: None,
         }
     }
 }

@@ -8,8 +8,10 @@
 //! - `spawn`: fork+exec of a worker with its channel and scoreboard.
 
 pub mod config;
+pub mod control;
 mod event_loop;
 mod listener;
+mod notify;
 pub mod sched;
 mod spawn;
 

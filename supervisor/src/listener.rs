@@ -2,7 +2,7 @@
 //! options a front-line server wants, and accepting from them.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 
@@ -20,6 +20,8 @@ pub struct Listener {
     /// The address as bound (with the real port if port 0 was asked for).
     pub addr: ListenAddr,
     is_tcp: bool,
+    /// Bound by us (so ours to unlink), not inherited.
+    owned: bool,
 }
 
 impl Listener {
@@ -48,7 +50,7 @@ impl Listener {
                 socket::listen(&fd, backlog)?;
                 let local: SockaddrStorage = socket::getsockname(fd.as_raw_fd())?;
                 let real = local.to_string().parse().map(ListenAddr::Tcp).unwrap_or_else(|_| addr.clone());
-                Ok(Listener { fd, addr: real, is_tcp: true })
+                Ok(Listener { fd, addr: real, is_tcp: true, owned: true })
             }
             ListenAddr::Unix(path) => {
                 remove_stale_socket(path)?;
@@ -58,7 +60,7 @@ impl Listener {
                     io::Error::new(io::Error::from(e).kind(), format!("cannot bind {addr}: {e}"))
                 })?;
                 socket::listen(&fd, backlog)?;
-                Ok(Listener { fd, addr: addr.clone(), is_tcp: false })
+                Ok(Listener { fd, addr: addr.clone(), is_tcp: false, owned: true })
             }
         }
     }
@@ -89,8 +91,49 @@ impl Listener {
         Ok(Some((fd, peer)))
     }
 
-    /// Removes the socket file of a unix listener (on a final stop).
+    /// Adopts a listening socket inherited from systemd (socket activation)
+    /// or Server::Starter; `what` names its origin in errors.
+    pub fn inherit(raw: RawFd, what: &str) -> io::Result<Listener> {
+        let bad =
+            |why: String| io::Error::new(io::ErrorKind::InvalidInput, format!("{what} (fd {raw}): {why}"));
+        let borrowed = nix::fcntl::fcntl(
+            // SAFETY: only borrowed for this call, to check the fd is open.
+            unsafe { BorrowedFd::borrow_raw(raw) },
+            nix::fcntl::FcntlArg::F_GETFD,
+        );
+        borrowed.map_err(|e| bad(format!("not an open descriptor: {e}")))?;
+        // SAFETY: the fd was handed to this process to own (checked open above).
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        if !socket::getsockopt(&fd, sockopt::AcceptConn).unwrap_or(false) {
+            return Err(bad("not a listening socket".into()));
+        }
+        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
+        let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL)?;
+        let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(flags))?;
+        let local: SockaddrStorage = socket::getsockname(fd.as_raw_fd())?;
+        let (addr, is_tcp) = match local.as_unix_addr() {
+            Some(u) => (
+                ListenAddr::Unix(u.path().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("(unnamed)"))),
+                false,
+            ),
+            None => {
+                let sa: std::net::SocketAddr =
+                    local.to_string().parse().map_err(|_| bad(format!("unsupported address {local}")))?;
+                (ListenAddr::Tcp(sa), true)
+            }
+        };
+        if is_tcp {
+            let _ = socket::setsockopt(&fd, sockopt::TcpNoDelay, &true);
+        }
+        Ok(Listener { fd, addr, is_tcp, owned: false })
+    }
+
+    /// Removes the socket file of a unix listener we bound (on a final stop).
     pub fn unlink(&self) {
+        if !self.owned {
+            return;
+        }
         if let ListenAddr::Unix(path) = &self.addr {
             let _ = std::fs::remove_file(path);
         }
@@ -136,4 +179,30 @@ fn remove_stale_socket(path: &PathBuf) -> io::Result<()> {
         ));
     }
     std::fs::remove_file(path)
+}
+
+/// Listeners handed down by systemd (`LISTEN_FDS`, `LISTEN_PID`,
+/// `LISTEN_FDNAMES`) or by Server::Starter (`SERVER_STARTER_PORT`), if any.
+pub fn inherited() -> io::Result<Vec<Listener>> {
+    let mut out = Vec::new();
+    for (fd, name) in sd_notify::listen_fds_with_names()? {
+        let l = Listener::inherit(fd, &format!("systemd socket {name:?}"))?;
+        out.push(l);
+    }
+    if !out.is_empty() {
+        return Ok(out);
+    }
+    if let Ok(spec) = std::env::var("SERVER_STARTER_PORT") {
+        // "127.0.0.1:8080=3;/tmp/app.sock=4"
+        for part in spec.split(';').filter(|p| !p.is_empty()) {
+            let fd = part.rsplit_once('=').and_then(|(_, fd)| fd.parse::<RawFd>().ok()).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("SERVER_STARTER_PORT: bad entry {part:?}"),
+                )
+            })?;
+            out.push(Listener::inherit(fd, &format!("SERVER_STARTER_PORT {part:?}"))?);
+        }
+    }
+    Ok(out)
 }

@@ -55,6 +55,14 @@ pub fn spawn_worker(spec: &WorkerSpec<'_>) -> io::Result<Spawned> {
     let mut cmd = Command::new(program);
     cmd.args(args)
         .stdin(Stdio::null())
+        // What systemd and Server::Starter told the supervisor is not for workers.
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDNAMES")
+        .env_remove("SERVER_STARTER_PORT")
         .env(env::CHANNEL_FD, "3")
         .env(env::SCOREBOARD_FD, "4")
         .env(env::GENERATION, spec.generation.to_string())

@@ -63,6 +63,7 @@ impl Supervisor {
             error!("cannot watch a new connection: {e}");
             return;
         }
+        self.totals.accepted += 1;
         let id = self.next_conn_id;
         self.next_conn_id += 1;
         entry.insert(Conn {

@@ -37,10 +37,22 @@ use crate::listener::Listener;
 use crate::sched::{Backoff, Dispatcher};
 
 mod clients;
+mod control;
+mod status;
 mod workers;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+
+use crate::control::Totals;
+use crate::notify::Notifier;
 use crate::spawn::{spawn_worker, WorkerSpec};
+use control::ControlConn;
 
 const SIGNAL_KEY: usize = usize::MAX - 1;
+const CONTROL_KEY: usize = usize::MAX - 2;
+const CONTROL_BASE: usize = 1 << 42;
 const LISTENER_BASE: usize = 1 << 40;
 const WORKER_BASE: usize = 1 << 41;
 // Connections use their slab index as key: below every other range.
@@ -163,6 +175,15 @@ pub struct Supervisor {
     msg: Vec<u8>,
     next_sweep: Instant,
     stopping: Stopping,
+    /// The control socket and its path (removed on exit).
+    control: Option<(UnixListener, PathBuf)>,
+    control_conns: Slab<ControlConn>,
+    started: Instant,
+    totals: Totals,
+    last_reload_failure: Option<(String, Instant)>,
+    notifier: Notifier,
+    /// READY=1 has been sent for the first generation.
+    ready_notified: bool,
 }
 
 impl Supervisor {
@@ -170,11 +191,17 @@ impl Supervisor {
     pub fn new(config: Config) -> io::Result<Supervisor> {
         raise_fd_limit();
         let poller = Poller::new()?;
-        let mut listeners = Vec::new();
-        for addr in &config.listen {
-            let l = Listener::bind(addr, config.backlog)?;
-            info!("listening on {}", l.addr);
-            listeners.push(l);
+        mark_inherited_fds_cloexec();
+        let mut listeners = crate::listener::inherited()?;
+        for l in &listeners {
+            info!("listening on {} (inherited)", l.addr);
+        }
+        if listeners.is_empty() {
+            for addr in &config.listen {
+                let l = Listener::bind(addr, config.backlog)?;
+                info!("listening on {}", l.addr);
+                listeners.push(l);
+            }
         }
         for (i, l) in listeners.iter().enumerate() {
             // SAFETY: each listener is deleted from the poller before it is
@@ -187,6 +214,21 @@ impl Supervisor {
                 )?
             };
         }
+        let control_path = config
+            .control
+            .clone()
+            .unwrap_or_else(|| crate::control::default_control_path(listeners.first().map(|l| &l.addr)));
+        let control_listener = control::bind_control(&control_path)?;
+        // SAFETY: the control listener lives as long as the supervisor.
+        unsafe {
+            poller.add_with_mode(
+                control_listener.as_raw_fd(),
+                Event::readable(CONTROL_KEY),
+                PollMode::Level,
+            )?
+        };
+        info!("control socket at {}", control_path.display());
+        let control = Some((control_listener, control_path));
         let (read, write) = UnixStream::pair()?;
         read.set_nonblocking(true)?;
         write.set_nonblocking(true)?;
@@ -229,6 +271,13 @@ impl Supervisor {
             msg: Vec::with_capacity(READ_CHUNK),
             next_sweep: now,
             stopping: Stopping::No,
+            control,
+            control_conns: Slab::new(),
+            started: now,
+            totals: Totals::default(),
+            last_reload_failure: None,
+            notifier: Notifier::from_env(),
+            ready_notified: false,
         })
     }
 
@@ -248,6 +297,9 @@ impl Supervisor {
             }
             let now = Instant::now();
             let mut wake = self.next_sweep;
+            if let Some(t) = self.notifier.next_wake() {
+                wake = wake.min(t);
+            }
             if self.active_workers(self.serving_generation) < self.wanted_workers() {
                 wake = wake.min(self.next_spawn_at);
             }
@@ -267,6 +319,9 @@ impl Supervisor {
         for l in &self.listeners {
             l.unlink();
         }
+        if let Some((_, path)) = &self.control {
+            let _ = std::fs::remove_file(path);
+        }
         info!("supervisor {} stopped", std::process::id());
         Ok(())
     }
@@ -274,6 +329,10 @@ impl Supervisor {
     fn on_event(&mut self, key: usize) {
         if key == SIGNAL_KEY {
             self.on_signals();
+        } else if key == CONTROL_KEY {
+            self.on_control_listener_readable();
+        } else if key >= CONTROL_BASE {
+            self.on_control_event(key - CONTROL_BASE);
         } else if key >= WORKER_BASE {
             self.on_channel_readable(key - WORKER_BASE);
         } else if key >= LISTENER_BASE {
@@ -310,6 +369,7 @@ impl Supervisor {
             self.dispatcher.queued()
         );
         self.stopping = Stopping::Graceful { deadline: Instant::now() + self.config.graceful_timeout };
+        self.notifier.stopping();
         if let Some(r) = self.reload.take() {
             self.abandon_reload(r, "the supervisor is stopping");
         }
@@ -329,6 +389,7 @@ impl Supervisor {
     fn begin_fast_stop(&mut self) {
         info!("fast stop: killing {} workers", self.workers.len());
         self.stopping = Stopping::Fast;
+        self.notifier.stopping();
         self.close_listeners();
         for (_, w) in &self.workers {
             let _ = kill(w.pid, Signal::SIGKILL);
@@ -384,6 +445,10 @@ impl Supervisor {
 
     /// Closes connections whose head, idle or linger time is up.
     fn sweep(&mut self, now: Instant) {
+        if self.ready_notified {
+            let line = self.status_line();
+            self.notifier.tick(now, || line);
+        }
         let expired: Vec<(ConnKey, bool)> = self
             .conns
             .iter()
@@ -452,4 +517,16 @@ fn resolve_command(command: &[OsString]) -> Vec<OsString> {
         }
     }
     resolved
+}
+
+/// Whatever descriptors the launcher left open must not reach the workers:
+/// mark every inherited fd above stderr close-on-exec (listeners inherited
+/// on purpose are adopted afterwards, and are close-on-exec too).
+fn mark_inherited_fds_cloexec() {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC closes nothing; it only
+    // sets a flag on descriptors of this process.
+    let rc = unsafe { libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as libc::c_int) };
+    if rc != 0 {
+        debug!("close_range: {}", io::Error::last_os_error());
+    }
 }

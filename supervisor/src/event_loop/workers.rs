@@ -122,6 +122,8 @@ impl Supervisor {
             self.abandon_reload(r, "superseded by a newer reload");
         }
         self.generation += 1;
+        self.totals.reloads += 1;
+        self.notifier.reloading();
         let now = Instant::now();
         let command = resolve_command(&self.config.worker_command);
         info!(
@@ -148,6 +150,14 @@ impl Supervisor {
         for wkey in doomed {
             self.retire(wkey);
             let _ = kill(self.workers[wkey].pid, Signal::SIGTERM);
+        }
+        let message = format!("reload to generation {} failed: {reason}", reload.generation);
+        self.totals.failed_reloads += 1;
+        self.last_reload_failure = Some((message.clone(), Instant::now()));
+        self.reload_finished(reload.generation, Err(message));
+        if self.stopping == Stopping::No {
+            let line = self.status_line();
+            self.notifier.ready(line);
         }
     }
 
@@ -180,45 +190,54 @@ impl Supervisor {
         for wkey in ready {
             self.worker_idle(wkey);
         }
-        info!(
-            "reload: generation {} serving after {:.1?}; retiring {retired} workers of generation {old}",
+        let message = format!(
+            "generation {} serving after {:.1?}; retiring {retired} workers of generation {old}",
             reload.generation,
             reload.started.elapsed()
         );
+        info!("reload: {message}");
+        self.reload_finished(reload.generation, Ok(message));
+        let line = self.status_line();
+        self.notifier.ready(line);
     }
 
+    /// SIGTTIN / SIGTTOU: one worker more or less.
     pub(super) fn scale(&mut self, delta: i32) {
         if self.stopping != Stopping::No {
             return;
         }
-        if delta > 0 {
-            self.target_workers = self.target_workers.saturating_add(1).min(4096);
-        } else if self.target_workers > 1 {
-            self.target_workers -= 1;
-            // Prefer a worker with nothing to finish.
-            let serving = self.serving_generation;
-            let mut candidates: Vec<(u8, WorkerKey)> = self
-                .workers
-                .iter()
-                .filter(|(_, w)| w.generation == serving && !w.retiring)
-                .map(|(k, w)| {
-                    let rank = match w.state {
-                        WorkerState::Idle => 0,
-                        WorkerState::Starting => 1,
-                        WorkerState::Busy(_) => 2,
-                    };
-                    (rank, k)
-                })
-                .collect();
-            candidates.sort();
-            if let Some(&(_, wkey)) = candidates.first() {
-                self.retire(wkey);
-            }
-        } else {
+        if delta < 0 && self.target_workers <= 1 {
             warn!("SIGTTOU ignored: already down to one worker");
             return;
         }
-        info!("scaled to {} workers", self.target_workers);
+        let target = if delta > 0 { self.target_workers + 1 } else { self.target_workers - 1 };
+        self.set_target_workers(target.min(4096));
+    }
+
+    /// Sets the number of workers per generation; surplus workers retire,
+    /// idle ones first.
+    pub(super) fn set_target_workers(&mut self, target: usize) {
+        let serving = self.serving_generation;
+        self.target_workers = target;
+        let mut candidates: Vec<(u8, WorkerKey)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.generation == serving && !w.retiring)
+            .map(|(k, w)| {
+                let rank = match w.state {
+                    WorkerState::Idle => 0,
+                    WorkerState::Starting => 1,
+                    WorkerState::Busy(_) => 2,
+                };
+                (rank, k)
+            })
+            .collect();
+        candidates.sort();
+        let surplus = candidates.len().saturating_sub(target);
+        for &(_, wkey) in candidates.iter().take(surplus) {
+            self.retire(wkey);
+        }
+        info!("scaled to {target} workers");
     }
 
     pub(super) fn on_channel_readable(&mut self, wkey: WorkerKey) {
@@ -325,6 +344,19 @@ impl Supervisor {
             }
             return;
         }
+        let serving = self.serving_generation;
+        let ready = || {
+            self.workers
+                .iter()
+                .filter(|(_, w)| w.generation == serving && !w.retiring && w.state != WorkerState::Starting)
+                .count()
+        };
+        if !self.ready_notified && ready() >= self.target_workers {
+            self.ready_notified = true;
+            info!("generation {} ready: {} workers", self.serving_generation, self.target_workers);
+            let line = self.status_line();
+            self.notifier.ready(line);
+        }
         if let Some(ckey) = self.dispatcher.worker_idle(wkey) {
             self.hand_over(wkey, ckey);
         } else {
@@ -389,6 +421,7 @@ impl Supervisor {
         // worker that retired on purpose): SIGCHLD may overtake the channel.
         self.on_channel_readable(wkey);
         let w = self.workers.remove(wkey);
+        self.totals.requests += w.scoreboard.slot().requests.load(std::sync::atomic::Ordering::Relaxed);
         if let Some(ch) = &w.channel {
             let _ = self.poller.delete(ch);
         }
@@ -438,6 +471,7 @@ impl Supervisor {
             self.abandon_reload(reload, &format!("worker {} {how} {when}", w.pid));
             return;
         }
+        self.totals.respawns += 1;
         let delay = if w.killed.is_some() { Duration::ZERO } else { self.backoff.on_death(lived) };
         if delay > Duration::ZERO {
             warn!("workers keep dying young ({} in a row); next start in {delay:?}", self.backoff.failures());
@@ -473,6 +507,7 @@ impl Supervisor {
                     );
                     let _ = kill(w.pid, Signal::SIGTERM);
                     w.killed = Some((now, false));
+                    self.totals.timeouts += 1;
                 }
             }
         }

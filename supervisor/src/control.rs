@@ -1,0 +1,203 @@
+//! The control protocol: what `monodon status|reload|stop|scale` send to a
+//! running supervisor over its control socket, and what comes back.
+//!
+//! One JSON object per line, one request per connection. Field names are
+//! stable; `protocol` is bumped on any incompatible change.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ListenAddr;
+
+pub const PROTOCOL: u32 = 1;
+
+/// A request from the CLI.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub protocol: u32,
+    #[serde(flatten)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "lowercase")]
+pub enum Command {
+    /// The full status document.
+    Status,
+    /// Start a new generation; answered when it serves or has failed.
+    Reload,
+    /// Stop (gracefully unless `fast`); answered at once.
+    Stop {
+        #[serde(default)]
+        fast: bool,
+    },
+    /// Set the number of workers, or change it by `delta`.
+    Scale {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        workers: Option<usize>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        delta: Option<i64>,
+    },
+}
+
+/// The answer to a request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub protocol: u32,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+}
+
+impl Response {
+    pub fn ok(message: impl Into<String>) -> Response {
+        Response { protocol: PROTOCOL, ok: true, message: Some(message.into()), error: None, status: None }
+    }
+
+    pub fn error(error: impl Into<String>) -> Response {
+        Response { protocol: PROTOCOL, ok: false, message: None, error: Some(error.into()), status: None }
+    }
+
+    pub fn status(status: Status) -> Response {
+        Response { protocol: PROTOCOL, ok: true, message: None, error: None, status: Some(status) }
+    }
+}
+
+/// Everything `monodon status` shows. Documented in README.md; keep names stable.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_secs: f64,
+    /// The generation connections are dispatched to.
+    pub generation: u64,
+    pub listeners: Vec<String>,
+    pub control: String,
+    pub reload: ReloadStatus,
+    pub connections: ConnectionCounts,
+    pub workers: WorkerCounts,
+    pub totals: Totals,
+    pub worker_list: Vec<WorkerStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReloadStatus {
+    /// `idle`, `reloading` or `stopping`.
+    pub state: String,
+    /// The generation being started, while reloading.
+    pub generation: Option<u64>,
+    pub for_secs: Option<f64>,
+    /// Why the last failed reload failed, and how long ago.
+    pub last_failure: Option<String>,
+    pub last_failure_ago_secs: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ConnectionCounts {
+    pub total: usize,
+    /// Keep-alive connections between requests.
+    pub idle: usize,
+    /// A request head is arriving.
+    pub reading_head: usize,
+    /// Complete head, waiting for a worker.
+    pub queued: usize,
+    pub in_workers: usize,
+    /// Closed by us, draining the client's last bytes.
+    pub lingering: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WorkerCounts {
+    /// Workers wanted per generation.
+    pub target: usize,
+    pub total: usize,
+    pub busy: usize,
+    pub idle: usize,
+    pub starting: usize,
+    pub retiring: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Totals {
+    pub accepted: u64,
+    pub requests: u64,
+    pub reloads: u64,
+    pub failed_reloads: u64,
+    /// Workers replaced after an unexpected exit.
+    pub respawns: u64,
+    /// Workers killed for running past `--timeout`.
+    pub timeouts: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub pid: u32,
+    pub generation: u64,
+    /// `starting`, `idle`, `busy` or `retiring`.
+    pub state: String,
+    pub requests: u64,
+    pub age_secs: f64,
+    pub rss_kib: Option<u64>,
+    /// `METHOD target` of the connection it is serving.
+    pub request: Option<String>,
+    /// How long the current request has been running.
+    pub request_secs: Option<f64>,
+    /// Whether any response byte has been written on the current connection.
+    pub response_started: Option<bool>,
+}
+
+/// Where the control socket lives when `--control` is not given: in
+/// systemd's `RuntimeDirectory=` if there is one, else beside the first
+/// listener's name in `$XDG_RUNTIME_DIR` (or `/tmp`); a unix listener's
+/// control socket sits next to it.
+pub fn default_control_path(first_listener: Option<&ListenAddr>) -> PathBuf {
+    if let Some(dir) = std::env::var_os("RUNTIME_DIRECTORY") {
+        let first = dir.to_string_lossy().split(':').next().unwrap_or("").to_owned();
+        if !first.is_empty() {
+            return Path::new(&first).join("control.sock");
+        }
+    }
+    let base =
+        std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+    match first_listener {
+        Some(ListenAddr::Unix(path)) => {
+            let mut p = path.clone().into_os_string();
+            p.push(".control");
+            PathBuf::from(p)
+        }
+        Some(ListenAddr::Tcp(addr)) => {
+            let ip = addr.ip().to_string().replace(':', "_");
+            base.join(format!("monodon-{ip}-{}.sock", addr.port()))
+        }
+        None => base.join("monodon.sock"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_a_stable_shape() {
+        let r = Request { protocol: 1, command: Command::Stop { fast: true } };
+        assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"protocol":1,"command":"stop","fast":true}"#);
+        let parsed: Request = serde_json::from_str(r#"{"protocol":1,"command":"scale","delta":-1}"#).unwrap();
+        assert_eq!(parsed.command, Command::Scale { workers: None, delta: Some(-1) });
+        assert!(serde_json::from_str::<Request>(r#"{"protocol":1,"command":"explode"}"#).is_err());
+    }
+
+    #[test]
+    fn default_paths() {
+        let tcp: ListenAddr = "127.0.0.1:8080".parse().unwrap();
+        let unix: ListenAddr = "unix:/run/app.sock".parse().unwrap();
+        if std::env::var_os("RUNTIME_DIRECTORY").is_none() {
+            assert!(default_control_path(Some(&tcp)).ends_with("monodon-127.0.0.1-8080.sock"));
+            assert_eq!(default_control_path(Some(&unix)), PathBuf::from("/run/app.sock.control"));
+        }
+    }
+}

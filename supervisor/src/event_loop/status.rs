@@ -1,0 +1,122 @@
+//! A snapshot of the supervisor's state for `monodon status`, read from its
+//! own tables and the workers' scoreboards (no worker is asked anything).
+
+use super::*;
+use crate::control::{ConnectionCounts, ReloadStatus, Status, WorkerCounts, WorkerStatus};
+
+impl Supervisor {
+    pub(super) fn status(&self) -> Status {
+        let now = Instant::now();
+        let mut connections = ConnectionCounts { total: self.conns.len(), ..Default::default() };
+        for (_, c) in &self.conns {
+            match c.state {
+                ConnState::Reading if c.buf.is_empty() => connections.idle += 1,
+                ConnState::Reading => connections.reading_head += 1,
+                ConnState::Queued => connections.queued += 1,
+                ConnState::InWorker { .. } => connections.in_workers += 1,
+                ConnState::Lingering => connections.lingering += 1,
+            }
+        }
+        let mut workers =
+            WorkerCounts { target: self.target_workers, total: self.workers.len(), ..Default::default() };
+        let mut worker_list = Vec::with_capacity(self.workers.len());
+        let mut live_requests = 0;
+        for (_, w) in &self.workers {
+            let slot = w.scoreboard.slot();
+            let requests = slot.requests.load(std::sync::atomic::Ordering::Relaxed);
+            live_requests += requests;
+            let state = match (w.retiring, w.state) {
+                (true, _) => "retiring",
+                (false, WorkerState::Starting) => "starting",
+                (false, WorkerState::Idle) => "idle",
+                (false, WorkerState::Busy(_)) => "busy",
+            };
+            match state {
+                "retiring" => workers.retiring += 1,
+                "starting" => workers.starting += 1,
+                "idle" => workers.idle += 1,
+                _ => workers.busy += 1,
+            }
+            let (request, request_secs, response_started) = match w.state {
+                WorkerState::Busy(ckey) => {
+                    let started = match self.conns.get(ckey).map(|c| c.state) {
+                        Some(ConnState::InWorker { written_before, .. }) => {
+                            Some(slot.written() != written_before)
+                        }
+                        _ => None,
+                    };
+                    let secs = slot.request_age_ms().map(|ms| ms as f64 / 1000.0);
+                    (Some(w.current.clone()), secs, started)
+                }
+                _ => (None, None, None),
+            };
+            worker_list.push(WorkerStatus {
+                pid: w.pid.as_raw() as u32,
+                generation: w.generation,
+                state: state.to_owned(),
+                requests,
+                age_secs: now.duration_since(w.started).as_secs_f64(),
+                rss_kib: rss_kib(w.pid.as_raw()),
+                request,
+                request_secs,
+                response_started,
+            });
+        }
+        worker_list.sort_by_key(|w| (w.generation, w.pid));
+        let mut totals = self.totals.clone();
+        totals.requests += live_requests;
+        let reload = ReloadStatus {
+            state: if self.stopping != Stopping::No {
+                "stopping"
+            } else if self.reload.is_some() {
+                "reloading"
+            } else {
+                "idle"
+            }
+            .to_owned(),
+            generation: self.reload.as_ref().map(|r| r.generation),
+            for_secs: self.reload.as_ref().map(|r| now.duration_since(r.started).as_secs_f64()),
+            last_failure: self.last_reload_failure.as_ref().map(|(why, _)| why.clone()),
+            last_failure_ago_secs: self
+                .last_reload_failure
+                .as_ref()
+                .map(|(_, at)| now.duration_since(*at).as_secs_f64()),
+        };
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            uptime_secs: now.duration_since(self.started).as_secs_f64(),
+            generation: self.serving_generation,
+            listeners: self.listeners.iter().map(|l| l.addr.to_string()).collect(),
+            control: self.control.as_ref().map(|(_, p)| p.display().to_string()).unwrap_or_default(),
+            reload,
+            connections,
+            workers,
+            totals,
+            worker_list,
+        }
+    }
+
+    /// A one-line summary for systemd's `STATUS=`.
+    pub(super) fn status_line(&self) -> String {
+        let s = self.status();
+        format!(
+            "generation {}: {}/{} workers busy, {} connections ({} idle, {} queued), {} requests",
+            s.generation,
+            s.workers.busy,
+            s.workers.total,
+            s.connections.total,
+            s.connections.idle,
+            s.connections.queued,
+            s.totals.requests
+        )
+    }
+}
+
+/// Resident memory of a process, from /proc.
+fn rss_kib(pid: i32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().unwrap_or(4096) as u64;
+    Some(pages * page / 1024)
+}

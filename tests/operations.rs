@@ -1,0 +1,174 @@
+//! Operating a running supervisor: `monodon status` (table and JSON),
+//! `reload`, `stop`, `scale` through the control socket, and its access rules.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::{eventually, monodon, Server};
+
+fn control_path(server: &Server) -> PathBuf {
+    let line = server.wait_for_log("control socket at ", Duration::from_secs(5));
+    PathBuf::from(line.split("control socket at ").nth(1).unwrap().trim())
+}
+
+fn ctl(path: &PathBuf, args: &[&str]) -> std::process::Output {
+    monodon().args(args).arg("--control").arg(path).output().unwrap()
+}
+
+fn status_json(path: &PathBuf) -> serde_json::Value {
+    let out = ctl(path, &["status", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn status_shows_what_the_server_is_doing() {
+    let server = Server::start(&["--app", "echo", "--workers", "2"], 2);
+    let path = control_path(&server);
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "owner-only control socket");
+
+    // 5 requests, then 3 idle keep-alive connections and one busy worker.
+    for _ in 0..5 {
+        assert_eq!(server.get("/").status, 200);
+    }
+    let idle: Vec<_> = (0..3)
+        .map(|_| {
+            let mut c = server.connect();
+            c.send(b"GET /idle HTTP/1.1\r\nHost: x\r\n\r\n");
+            assert_eq!(c.response().unwrap().status, 200);
+            c
+        })
+        .collect();
+    let mut busy = server.connect();
+    busy.send(b"GET /busy?sleep_ms=3000 HTTP/1.1\r\nHost: x\r\n\r\n");
+    let path2 = path.clone();
+    assert!(eventually(Duration::from_secs(5), || status_json(&path2)["workers"]["busy"] == 1));
+    std::thread::sleep(Duration::from_millis(300));
+
+    let s = status_json(&path);
+    assert_eq!(s["pid"], server.pid);
+    assert_eq!(s["generation"], 1);
+    assert_eq!(s["listeners"][0], server.addr.to_string());
+    assert_eq!(s["workers"]["total"], 2);
+    assert_eq!(s["workers"]["idle"], 1);
+    assert_eq!(s["connections"]["idle"], 3);
+    assert_eq!(s["connections"]["in_workers"], 1);
+    assert_eq!(s["totals"]["requests"], 8);
+    assert_eq!(s["totals"]["accepted"], 9);
+    let mut pids: Vec<u64> =
+        s["worker_list"].as_array().unwrap().iter().map(|w| w["pid"].as_u64().unwrap()).collect();
+    pids.sort();
+    assert_eq!(pids, server.children().iter().map(|p| *p as u64).collect::<Vec<_>>());
+    let busy_row = s["worker_list"].as_array().unwrap().iter().find(|w| w["state"] == "busy").unwrap();
+    assert_eq!(busy_row["request"], "GET /busy?sleep_ms=3000");
+    assert!(busy_row["request_secs"].as_f64().unwrap() >= 0.3);
+    assert_eq!(busy_row["response_started"], false);
+    let served: u64 =
+        s["worker_list"].as_array().unwrap().iter().map(|w| w["requests"].as_u64().unwrap()).sum();
+    assert_eq!(served, 8);
+
+    let table = ctl(&path, &["status"]);
+    assert!(table.status.success());
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains(&format!("pid {}", server.pid)), "{text}");
+    assert!(text.contains("3 idle"), "{text}");
+    let busy_line = text.lines().find(|l| l.contains("busy ")).unwrap_or_else(|| panic!("{text}"));
+    assert!(busy_line.contains("GET /busy?sleep_ms=3000"), "{text}");
+    assert_eq!(busy.response().unwrap().status, 200);
+    drop(idle);
+}
+
+#[test]
+fn reload_scale_and_stop_through_the_cli() {
+    let mut server = Server::start(&["--app", "echo", "--workers", "2"], 2);
+    let path = control_path(&server);
+
+    let out = ctl(&path, &["reload"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("generation 2 serving"));
+    assert_eq!(server.get("/").json()["worker"]["generation"], 2);
+    assert_eq!(status_json(&path)["totals"]["reloads"], 1);
+
+    let out = ctl(&path, &["scale", "4"]);
+    assert!(out.status.success());
+    assert!(eventually(Duration::from_secs(10), || server.children().len() == 4));
+    let out = ctl(&path, &["scale", "-3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(eventually(Duration::from_secs(10), || server.children().len() == 1));
+    let out = ctl(&path, &["scale", "-5"]);
+    assert_eq!(out.status.code(), Some(1), "cannot go below one worker");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot scale to"));
+    let out = ctl(&path, &["scale", "lots"]);
+    assert_eq!(out.status.code(), Some(2));
+
+    let out = ctl(&path, &["stop"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("stopped"));
+    assert!(server.wait_exit(Duration::from_secs(10)).is_some_and(|s| s.success()));
+    assert!(!path.exists(), "control socket removed");
+    let out = ctl(&path, &["status"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no monodon supervisor"));
+}
+
+#[test]
+fn a_failed_reload_fails_the_reload_command() {
+    let dir = std::env::temp_dir().join(format!("monodon-ctl-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good");
+    std::fs::write(&good, format!("#!/bin/sh\nexec {} worker --app echo\n", env!("CARGO_BIN_EXE_monodon")))
+        .unwrap();
+    std::fs::set_permissions(&good, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let current = dir.join("current");
+    let _ = std::fs::remove_file(&current);
+    std::os::unix::fs::symlink(&good, &current).unwrap();
+    let mut cmd = monodon();
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--workers", "1", "--"]).arg(&current);
+    let server = Server::start_cmd(&mut cmd, 1);
+    let path = control_path(&server);
+    let bad = dir.join("bad");
+    std::fs::write(&bad, "#!/bin/sh\nexit 7\n").unwrap();
+    std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::remove_file(&current).unwrap();
+    std::os::unix::fs::symlink(&bad, &current).unwrap();
+    let out = ctl(&path, &["reload"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("reload to generation 2 failed") && err.contains("status 7"), "{err}");
+    let s = status_json(&path);
+    assert_eq!(s["generation"], 1);
+    assert_eq!(s["totals"]["failed_reloads"], 1);
+    assert!(s["reload"]["last_failure"].as_str().unwrap().contains("status 7"));
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_control_socket_refuses_other_users() {
+    if !nix_is_root() {
+        eprintln!("skipped: needs root to run a client as another user");
+        return;
+    }
+    let server = Server::start(&["--app", "echo", "--workers", "1"], 1);
+    let path = control_path(&server);
+    // The file mode keeps other users out...
+    let out = monodon().args(["status", "--control"]).arg(&path).uid(65534).gid(65534).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("permission denied"), "{out:?}");
+    // ...and so does the peer check, should the mode be loosened.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = monodon().args(["status", "--control"]).arg(&path).uid(65534).gid(65534).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not the supervisor's user"), "{out:?}");
+    assert!(server.logs().contains("refused a client with uid Some(65534)"));
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
