@@ -48,7 +48,7 @@ pub fn report(result: Result<Response, String>) -> ExitCode {
     match result {
         Ok(Response { ok: true, message, .. }) => {
             if let Some(m) = message {
-                println!("{m}");
+                print(&format!("{m}\n"));
             }
             ExitCode::SUCCESS
         }
@@ -61,6 +61,12 @@ pub fn report(result: Result<Response, String>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes to stdout; a reader that went away (`| head`) is not an error.
+pub fn print(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
 }
 
 /// Waits until nothing answers on the control socket any more.

@@ -124,9 +124,9 @@ fn control_command(command: Command) -> ExitCode {
             match ctl::call(&target.path(), Ctl::Status, Duration::from_secs(10)) {
                 Ok(monodon_supervisor::control::Response { ok: true, status: Some(status), .. }) => {
                     if json {
-                        println!("{}", serde_json::to_string_pretty(&status).unwrap_or_default());
+                        ctl::print(&(serde_json::to_string_pretty(&status).unwrap_or_default() + "\n"));
                     } else {
-                        print!("{}", ctl::render(&status));
+                        ctl::print(&ctl::render(&status));
                     }
                     ExitCode::SUCCESS
                 }
@@ -144,7 +144,7 @@ fn control_command(command: Command) -> ExitCode {
                 return code;
             }
             if ctl::wait_gone(&path, Duration::from_secs(3600)) {
-                println!("stopped");
+                ctl::print("stopped\n");
                 ExitCode::SUCCESS
             } else {
                 eprintln!("error: the supervisor is still running");

@@ -172,3 +172,68 @@ fn nix_is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
+
+#[test]
+fn systemd_notifications_are_exact() {
+    use std::os::unix::net::UnixDatagram;
+    use std::sync::{Arc, Mutex};
+    let dir = std::env::temp_dir().join(format!("monodon-notify-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("notify.sock");
+    let _ = std::fs::remove_file(&path);
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let messages = Arc::new(Mutex::new(Vec::<String>::new()));
+    let sink = Arc::clone(&messages);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_reader = Arc::clone(&stop);
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while !stop_reader.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok(n) = sock.recv(&mut buf) {
+                sink.lock().unwrap().push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+    });
+    let seen = |pred: &dyn Fn(&str) -> bool| messages.lock().unwrap().iter().any(|m| pred(m));
+
+    let mut cmd = monodon();
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--app", "echo", "--workers", "2"])
+        .env("NOTIFY_SOCKET", &path)
+        .env("WATCHDOG_USEC", "400000");
+    let mut server = Server::start_cmd(&mut cmd, 2);
+    assert!(eventually(Duration::from_secs(10), || seen(&|m| m.lines().any(|l| l == "READY=1"))));
+    assert!(
+        seen(&|m| m.contains("READY=1") && m.contains("STATUS=generation 1:")),
+        "{:?}",
+        messages.lock().unwrap()
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || seen(&|m| m.lines().any(|l| l == "WATCHDOG=1"))),
+        "watchdog pings"
+    );
+
+    server.signal(libc::SIGHUP);
+    let reloading = |m: &str| {
+        m.lines().any(|l| l == "RELOADING=1")
+            && m.lines().any(|l| l.strip_prefix("MONOTONIC_USEC=").is_some_and(|v| v.parse::<u64>().is_ok()))
+    };
+    assert!(eventually(Duration::from_secs(10), || seen(&reloading)), "{:?}", messages.lock().unwrap());
+    assert!(eventually(Duration::from_secs(10), || {
+        let all = messages.lock().unwrap();
+        let at = all.iter().position(|m| reloading(m));
+        at.is_some_and(|i| all[i..].iter().any(|m| m.contains("READY=1") && m.contains("generation 2")))
+    }));
+    server.get("/");
+    assert!(eventually(Duration::from_secs(5), || seen(
+        &|m| m.starts_with("STATUS=generation 2:") && m.contains("requests")
+    )));
+
+    server.signal(libc::SIGTERM);
+    assert!(server.wait_exit(Duration::from_secs(10)).is_some_and(|s| s.success()));
+    assert!(seen(&|m| m.lines().any(|l| l == "STOPPING=1")));
+    assert!(!server.logs().contains("NOTIFY_SOCKET"), "workers do not inherit NOTIFY_SOCKET");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    reader.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
