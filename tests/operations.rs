@@ -237,3 +237,62 @@ fn systemd_notifications_are_exact() {
     reader.join().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn server_starter_hands_over_without_failed_requests() {
+    let Ok(start_server) = which("start_server") else {
+        assert!(std::env::var_os("CI").is_none(), "CI installs start_server (libserver-starter-perl)");
+        eprintln!("skipped: start_server is not installed");
+        return;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = std::env::temp_dir().join(format!("monodon-starter-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut child = std::process::Command::new(start_server)
+        .arg(format!("--port=127.0.0.1:{port}"))
+        .arg(format!("--pid-file={}", dir.join("pid").display()))
+        .arg("--interval=1")
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_monodon"))
+        .args(["serve", "--app", "echo", "--workers", "2", "--graceful-timeout", "5s"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let starter = child.id();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let serving = || {
+        let mut c = std::net::TcpStream::connect(addr).ok()?;
+        std::io::Write::write_all(&mut c, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut c, &mut out).ok()?;
+        Some(out.starts_with("HTTP/1.1 200"))
+    };
+    assert!(eventually(Duration::from_secs(20), || serving() == Some(true)), "serves behind start_server");
+    let first = common::children_of(starter);
+    assert_eq!(first.len(), 1, "one supervisor under start_server");
+
+    let load = common::Load::start(addr, 0, 3, "/");
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: signalling the start_server process this test started.
+    unsafe { libc::kill(starter as i32, libc::SIGHUP) };
+    let handed_over = eventually(Duration::from_secs(30), || {
+        let now = common::children_of(starter);
+        now.len() == 1 && now[0] != first[0]
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let stats = load.stop();
+    // SAFETY: as above.
+    unsafe { libc::kill(starter as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(handed_over, "a new supervisor replaced {}", first[0]);
+    assert_eq!(stats.failed, 0, "{:?}", stats.errors);
+    assert!(stats.generations.len() == 1 && stats.ok > 10, "{stats:?}");
+}
+
+fn which(program: &str) -> Result<PathBuf, ()> {
+    std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(program)).find(|p| p.is_file()))
+        .ok_or(())
+}

@@ -129,6 +129,11 @@ impl Listener {
         Ok(Listener { fd, addr, is_tcp, owned: false })
     }
 
+    /// Handed down by systemd or Server::Starter rather than bound here.
+    pub fn is_inherited(&self) -> bool {
+        !self.owned
+    }
+
     /// Removes the socket file of a unix listener we bound (on a final stop).
     pub fn unlink(&self) {
         if !self.owned {

@@ -3,7 +3,7 @@
 //! the new generation serves or the reload fails.
 
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::sys::socket::{getsockopt, sockopt};
 
@@ -30,8 +30,30 @@ pub(super) struct ControlConn {
     refused: bool,
 }
 
-/// Binds the control socket, owner-only, replacing a stale one.
-pub(super) fn bind_control(path: &Path) -> io::Result<UnixListener> {
+/// The control socket and the identity of its file, so that a supervisor
+/// only ever removes its own (a successor may have taken the path over).
+pub(super) struct ControlSocket {
+    pub listener: UnixListener,
+    pub path: PathBuf,
+    inode: (u64, u64),
+}
+
+impl ControlSocket {
+    /// Removes the socket file if it is still ours.
+    pub fn remove(&self) {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(meta) = std::fs::symlink_metadata(&self.path) {
+            if (meta.dev(), meta.ino()) == self.inode {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+/// Binds the control socket, owner-only, replacing a stale one. A live one
+/// is an error, unless `take_over`: a successor started by Server::Starter
+/// or systemd on inherited listeners replaces its predecessor's.
+pub(super) fn bind_control(path: &Path, take_over: bool) -> io::Result<ControlSocket> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
         if !meta.file_type().is_socket() {
@@ -40,7 +62,7 @@ pub(super) fn bind_control(path: &Path) -> io::Result<UnixListener> {
                 format!("control socket {} exists and is not a socket", path.display()),
             ));
         }
-        if UnixStream::connect(path).is_ok() {
+        if UnixStream::connect(path).is_ok() && !take_over {
             return Err(io::Error::new(
                 io::ErrorKind::AddrInUse,
                 format!("control socket {} is in use: is another monodon running?", path.display()),
@@ -56,12 +78,15 @@ pub(super) fn bind_control(path: &Path) -> io::Result<UnixListener> {
         io::Error::new(e.kind(), format!("cannot bind control socket {}: {e}", path.display()))
     })?;
     listener.set_nonblocking(true)?;
-    Ok(listener)
+    let meta = std::fs::symlink_metadata(path)?;
+    use std::os::unix::fs::MetadataExt;
+    Ok(ControlSocket { listener, path: path.to_path_buf(), inode: (meta.dev(), meta.ino()) })
 }
 
 impl Supervisor {
     pub(super) fn on_control_listener_readable(&mut self) {
-        let Some((listener, _)) = self.control.as_ref() else { return };
+        let Some(control) = self.control.as_ref() else { return };
+        let listener = &control.listener;
         loop {
             let stream = match listener.accept() {
                 Ok((s, _)) => s,

@@ -42,8 +42,6 @@ mod status;
 mod workers;
 
 use std::io::{Read, Write};
-use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
 
 use crate::control::Totals;
 use crate::notify::Notifier;
@@ -176,7 +174,7 @@ pub struct Supervisor {
     next_sweep: Instant,
     stopping: Stopping,
     /// The control socket and its path (removed on exit).
-    control: Option<(UnixListener, PathBuf)>,
+    control: Option<control::ControlSocket>,
     control_conns: Slab<ControlConn>,
     started: Instant,
     totals: Totals,
@@ -218,7 +216,9 @@ impl Supervisor {
             .control
             .clone()
             .unwrap_or_else(|| crate::control::default_control_path(listeners.first().map(|l| &l.addr)));
-        let control_listener = control::bind_control(&control_path)?;
+        let inherited = listeners.iter().any(|l| l.is_inherited());
+        let control_socket = control::bind_control(&control_path, inherited)?;
+        let control_listener = &control_socket.listener;
         // SAFETY: the control listener lives as long as the supervisor.
         unsafe {
             poller.add_with_mode(
@@ -228,7 +228,7 @@ impl Supervisor {
             )?
         };
         info!("control socket at {}", control_path.display());
-        let control = Some((control_listener, control_path));
+        let control = Some(control_socket);
         let (read, write) = UnixStream::pair()?;
         read.set_nonblocking(true)?;
         write.set_nonblocking(true)?;
@@ -319,8 +319,8 @@ impl Supervisor {
         for l in &self.listeners {
             l.unlink();
         }
-        if let Some((_, path)) = &self.control {
-            let _ = std::fs::remove_file(path);
+        if let Some(control) = &self.control {
+            control.remove();
         }
         info!("supervisor {} stopped", std::process::id());
         Ok(())

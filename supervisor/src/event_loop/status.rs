@@ -88,7 +88,7 @@ impl Supervisor {
             uptime_secs: now.duration_since(self.started).as_secs_f64(),
             generation: self.serving_generation,
             listeners: self.listeners.iter().map(|l| l.addr.to_string()).collect(),
-            control: self.control.as_ref().map(|(_, p)| p.display().to_string()).unwrap_or_default(),
+            control: self.control.as_ref().map(|c| c.path.display().to_string()).unwrap_or_default(),
             reload,
             connections,
             workers,
