@@ -202,6 +202,15 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 
+    /// Access log, written by the workers: a file (reopened on SIGUSR1, for
+    /// logrotate) or `-` for stdout [default: none].
+    #[arg(long, value_name = "PATH")]
+    pub access_log: Option<String>,
+
+    /// Access log line format.
+    #[arg(long, value_name = "FORMAT", default_value = "combined", value_parser = ["combined", "json"])]
+    pub access_log_format: String,
+
     /// Listen backlog for new connections.
     #[arg(long, value_name = "N", default_value_t = 1024)]
     pub backlog: i32,
@@ -250,6 +259,8 @@ impl ServeArgs {
         config.timeout = self.timeout;
         config.reload_timeout = self.reload_timeout;
         config.control = self.control.clone();
+        config.access_log = self.access_log.clone();
+        config.access_log_format = self.access_log_format.clone();
         config
     }
 
@@ -262,6 +273,13 @@ impl ServeArgs {
                     self.max_requests_per_child
                 ));
             }
+        }
+        if let Some(path) = self.access_log.as_deref().filter(|p| *p != "-") {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("--access-log {path}: {e}"))?;
         }
         if self.timeout.is_zero() {
             return Err("--timeout must be longer than 0".into());

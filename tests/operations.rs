@@ -296,3 +296,83 @@ fn which(program: &str) -> Result<PathBuf, ()> {
         .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(program)).find(|p| p.is_file()))
         .ok_or(())
 }
+
+#[test]
+fn access_log_lines_and_reopen_on_usr1() {
+    let dir = std::env::temp_dir().join(format!("monodon-access-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("access.log");
+    let server = Server::start(
+        &[
+            "--app",
+            "echo",
+            "--workers",
+            "2",
+            "--access-log",
+            log.to_str().unwrap(),
+            "--access-log-format",
+            "json",
+        ],
+        2,
+    );
+    let lines = |path: &PathBuf| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    };
+    let mut c = server.connect();
+    c.send(b"GET /one HTTP/1.1\r\nHost: x\r\nUser-Agent: test-agent\r\nReferer: http://ref/\r\n\r\n");
+    assert_eq!(c.response().unwrap().status, 200);
+    c.send(b"POST /two?status=201 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc");
+    assert_eq!(c.response().unwrap().status, 201);
+    c.send(b"GET /three HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n");
+    assert_eq!(c.response().unwrap().status, 400);
+    assert!(eventually(Duration::from_secs(5), || lines(&log).len() == 2), "{:?}", lines(&log));
+    let l = lines(&log);
+    assert_eq!(
+        (l[0]["method"].as_str(), l[0]["target"].as_str(), l[0]["status"].as_u64()),
+        (Some("GET"), Some("/one"), Some(200))
+    );
+    assert_eq!(l[0]["user_agent"], "test-agent");
+    assert_eq!(l[0]["referer"], "http://ref/");
+    assert!(l[0]["bytes"].as_u64().unwrap() > 100);
+    assert_eq!((l[1]["method"].as_str(), l[1]["status"].as_u64()), (Some("POST"), Some(201)));
+    assert_eq!(l[1]["generation"], 1);
+    // (The malformed third request never reached a worker: the supervisor answered it.)
+
+    // logrotate: move the file away, USR1, and the next lines go to a new file.
+    let rotated = dir.join("access.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    server.signal(libc::SIGUSR1);
+    server.wait_for_log("reopen their access log", Duration::from_secs(5));
+    assert!(eventually(Duration::from_secs(5), || {
+        server.get("/after-rotate");
+        lines(&log).iter().any(|l| l["target"] == "/after-rotate")
+    }));
+    assert_eq!(lines(&rotated).len(), 2, "the old file got nothing new");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn combined_access_log_format() {
+    let dir = std::env::temp_dir().join(format!("monodon-combined-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("access.log");
+    let server =
+        Server::start(&["--app", "hello", "--workers", "1", "--access-log", log.to_str().unwrap()], 1);
+    server.get("/x?y=1");
+    assert!(eventually(Duration::from_secs(5), || std::fs::read_to_string(&log)
+        .is_ok_and(|s| s.lines().count() == 1)));
+    let line = std::fs::read_to_string(&log).unwrap();
+    assert!(line.starts_with("127.0.0.1 - - ["), "{line}");
+    assert!(line.contains("] \"GET /x?y=1 HTTP/1.1\" 200 "), "{line}");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = monodon().args(["serve", "--access-log", "/nonexistent-dir/x.log"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--access-log /nonexistent-dir/x.log"));
+}

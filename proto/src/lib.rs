@@ -27,6 +27,10 @@ pub mod env {
     pub const LIMITS: &str = "MONODON_LIMITS";
     /// Requests after which the worker retires (0: no limit).
     pub const MAX_REQUESTS: &str = "MONODON_MAX_REQUESTS";
+    /// Where the worker writes its access log (`-`: stdout); unset: none.
+    pub const ACCESS_LOG: &str = "MONODON_ACCESS_LOG";
+    /// `combined` or `json`.
+    pub const ACCESS_LOG_FORMAT: &str = "MONODON_ACCESS_LOG_FORMAT";
     /// Seconds a worker waits on a client's body or on a slow reader.
     pub const IO_TIMEOUT: &str = "MONODON_IO_TIMEOUT";
 }

@@ -82,6 +82,10 @@ pub struct Config {
     pub kill_grace: Duration,
     /// The control socket (`None`: `control::default_control_path`).
     pub control: Option<PathBuf>,
+    /// Where workers write the access log (`-`: stdout; `None`: nowhere).
+    pub access_log: Option<String>,
+    /// `combined` or `json`.
+    pub access_log_format: String,
 }
 
 impl Config {
@@ -105,6 +109,8 @@ impl Config {
             reload_timeout: Duration::from_secs(30),
             kill_grace: Duration::from_secs(2),
             control: None,
+            access_log: None,
+            access_log_format: "combined".into(),
         }
     }
 }

@@ -31,6 +31,8 @@ pub struct WorkerSpec<'a> {
     pub io_timeout: Duration,
     /// Requests after which this worker retires (0: never).
     pub max_requests: u64,
+    pub access_log: Option<&'a str>,
+    pub access_log_format: &'a str,
 }
 
 pub fn spawn_worker(spec: &WorkerSpec<'_>) -> io::Result<Spawned> {
@@ -68,7 +70,9 @@ pub fn spawn_worker(spec: &WorkerSpec<'_>) -> io::Result<Spawned> {
         .env(env::GENERATION, spec.generation.to_string())
         .env(env::LIMITS, spec.limits.to_env())
         .env(env::IO_TIMEOUT, spec.io_timeout.as_secs().max(1).to_string())
-        .env(env::MAX_REQUESTS, spec.max_requests.to_string());
+        .env(env::MAX_REQUESTS, spec.max_requests.to_string())
+        .env(env::ACCESS_LOG, spec.access_log.unwrap_or(""))
+        .env(env::ACCESS_LOG_FORMAT, spec.access_log_format);
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe system calls (fcntl, dup2, prctl, getppid, _exit) on
     // descriptors that exist in the child; it allocates nothing.

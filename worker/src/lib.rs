@@ -9,6 +9,7 @@
 //! A Rust application links this crate, implements [`App`], and calls
 //! [`run`] when [`is_worker`] says it was started as a worker.
 
+mod access_log;
 mod app;
 mod date;
 mod serve;
@@ -75,6 +76,14 @@ fn serve_forever(app: &mut dyn App) -> std::io::Result<()> {
     let max_requests: u64 = std::env::var(env::MAX_REQUESTS).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
     let mut remaining = (max_requests > 0).then_some(max_requests);
     let pid = std::process::id();
+    let access_log = match std::env::var(env::ACCESS_LOG) {
+        Ok(path) if !path.is_empty() => {
+            let format = std::env::var(env::ACCESS_LOG_FORMAT).unwrap_or_default();
+            let format = access_log::Format::parse(&format).unwrap_or(access_log::Format::Combined);
+            Some(std::cell::RefCell::new(access_log::AccessLog::open(&path, format)?))
+        }
+        _ => None,
+    };
 
     let mut out = Vec::with_capacity(256);
     FromWorker::Ready { pid }.encode(&mut out);
@@ -94,7 +103,14 @@ fn serve_forever(app: &mut dyn App) -> std::io::Result<()> {
         let Some(fd) = fd else {
             return Err(wire::WireError("Assign without a connection").into());
         };
-        let ctx = Context { limits: &limits, pid, generation, slot: scoreboard.slot(), peer };
+        let ctx = Context {
+            limits: &limits,
+            pid,
+            generation,
+            slot: scoreboard.slot(),
+            peer,
+            access_log: access_log.as_ref(),
+        };
         let mut input = Input::new(Stream::new(fd, io_timeout, scoreboard.slot()), data);
         let mut announce = || {
             let mut msg = Vec::with_capacity(2);

@@ -10,6 +10,10 @@ use log::{debug, warn};
 use monodon_proto::http::{self, BodyFraming, BodyReader, Limits, Rejection};
 use monodon_proto::scoreboard::Slot;
 
+use std::cell::RefCell;
+use std::time::Instant;
+
+use crate::access_log::{AccessLog, Entry};
 use crate::app::{App, Body, Request, Response, WorkerInfo};
 use crate::stream::{Input, Stream};
 
@@ -33,6 +37,7 @@ pub struct Context<'a> {
     pub generation: u64,
     pub slot: &'a Slot,
     pub peer: &'a str,
+    pub access_log: Option<&'a RefCell<AccessLog>>,
 }
 
 /// The most body bytes read and thrown away after the app returns without
@@ -155,6 +160,8 @@ impl Read for AppBody<'_, '_> {
 /// Serves one request whose head has been consumed; returns whether the
 /// connection can be kept.
 fn serve_one(app: &mut dyn App, input: &mut Input<'_>, head: &OwnedHead, ctx: &Context<'_>) -> bool {
+    let started = Instant::now();
+    let written_before = ctx.slot.written();
     let mut body = AppBody {
         reader: BodyReader::new(&mut *input, head.framing, ctx.limits),
         continue_pending: head.expect_continue,
@@ -195,17 +202,44 @@ fn serve_one(app: &mut dyn App, input: &mut Input<'_>, head: &OwnedHead, ctx: &C
     }
     if let Some(rejection) = body.rejection {
         reject(&mut input.stream, rejection);
+        log_request(ctx, head, rejection.status, written_before, started);
         return false;
     }
     keep &= !body.failed && !ctx.slot.is_draining();
     let head_only = head.method == "HEAD";
-    match write_response(&mut input.stream, response, head_only, head.minor_version, keep) {
+    let status = response.status;
+    let kept = match write_response(&mut input.stream, response, head_only, head.minor_version, keep) {
         Ok(kept) => kept,
         Err(e) => {
             debug!("writing response to {}: {e}", ctx.peer);
             false
         }
-    }
+    };
+    log_request(ctx, head, status, written_before, started);
+    kept
+}
+
+fn log_request(ctx: &Context<'_>, head: &OwnedHead, status: u16, written_before: u64, started: Instant) {
+    let Some(log) = ctx.access_log else { return };
+    let header = |name: &str| {
+        head.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    };
+    log.borrow_mut().write(&Entry {
+        peer: ctx.peer,
+        method: &head.method,
+        target: &head.target,
+        version: if head.minor_version == 0 { "HTTP/1.0" } else { "HTTP/1.1" },
+        status,
+        bytes: ctx.slot.written() - written_before,
+        referer: header("referer"),
+        user_agent: header("user-agent"),
+        duration: started.elapsed(),
+        pid: ctx.pid,
+        generation: ctx.generation,
+    });
 }
 
 /// How the response body is delimited on the wire.

@@ -27,7 +27,7 @@ use nix::sys::socket::{self, MsgFlags, Shutdown};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use polling::{Event, Events, PollMode, Poller};
-use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU};
+use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1};
 use signal_hook::iterator::backend::SignalDelivery;
 use signal_hook::iterator::exfiltrator::SignalOnly;
 use slab::Slab;
@@ -236,7 +236,7 @@ impl Supervisor {
             read,
             write,
             SignalOnly,
-            [SIGTERM, SIGINT, SIGQUIT, SIGCHLD, SIGHUP, SIGTTIN, SIGTTOU],
+            [SIGTERM, SIGINT, SIGQUIT, SIGCHLD, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1],
         )?;
         // SAFETY: the signal pipe lives as long as the supervisor (and so the poller).
         unsafe {
@@ -354,6 +354,7 @@ impl Supervisor {
                 SIGHUP => self.begin_reload(),
                 SIGTTIN => self.scale(1),
                 SIGTTOU => self.scale(-1),
+                SIGUSR1 => self.reopen_logs(),
                 other => debug!("ignoring signal {other}"),
             }
         }
@@ -384,6 +385,18 @@ impl Supervisor {
             self.close_now(key);
         }
         self.release_idle_workers();
+    }
+
+    /// SIGUSR1: workers reopen their access log (after logrotate moved it).
+    /// Starting workers open it afresh anyway, and may not handle USR1 yet.
+    fn reopen_logs(&mut self) {
+        let mut told = 0;
+        for (_, w) in &self.workers {
+            if w.state != WorkerState::Starting && kill(w.pid, Signal::SIGUSR1).is_ok() {
+                told += 1;
+            }
+        }
+        info!("SIGUSR1: {told} workers reopen their access log");
     }
 
     fn begin_fast_stop(&mut self) {

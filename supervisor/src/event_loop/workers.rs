@@ -57,6 +57,8 @@ impl Supervisor {
             limits: &self.config.limits,
             io_timeout: self.config.io_timeout,
             max_requests,
+            access_log: self.config.access_log.as_deref(),
+            access_log_format: &self.config.access_log_format,
         };
         let s = spawn_worker(&spec).inspect_err(|e| error!("{e}"))?;
         let entry = self.workers.vacant_entry();

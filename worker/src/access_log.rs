@@ -1,0 +1,195 @@
+//! The access log, written by each worker: one line per request, in one
+//! `write` to a file opened with O_APPEND, so lines from several workers
+//! never interleave. SIGUSR1 (forwarded by the supervisor) reopens the file,
+//! for logrotate.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use log::warn;
+
+/// Line formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Apache/nginx "combined", plus the duration in microseconds.
+    Combined,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Format {
+    pub fn parse(s: &str) -> Option<Format> {
+        match s {
+            "combined" => Some(Format::Combined),
+            "json" => Some(Format::Json),
+            _ => None,
+        }
+    }
+}
+
+/// What is logged about one request.
+pub struct Entry<'a> {
+    pub peer: &'a str,
+    pub method: &'a str,
+    pub target: &'a str,
+    pub version: &'a str,
+    pub status: u16,
+    /// Response bytes written, head included.
+    pub bytes: u64,
+    pub referer: Option<&'a str>,
+    pub user_agent: Option<&'a str>,
+    pub duration: Duration,
+    pub pid: u32,
+    pub generation: u64,
+}
+
+pub struct AccessLog {
+    path: String,
+    format: Format,
+    file: Option<File>,
+    reopen: Arc<AtomicBool>,
+}
+
+impl AccessLog {
+    /// `path` is a file, or `-` for the worker's stdout.
+    pub fn open(path: &str, format: Format) -> std::io::Result<AccessLog> {
+        let reopen = Arc::new(AtomicBool::new(false));
+        signal_hook::flag::register(signal_hook::consts::SIGUSR1, Arc::clone(&reopen))?;
+        let mut log = AccessLog { path: path.to_owned(), format, file: None, reopen };
+        log.file = log.open_file()?;
+        Ok(log)
+    }
+
+    fn open_file(&self) -> std::io::Result<Option<File>> {
+        if self.path == "-" {
+            return Ok(None);
+        }
+        OpenOptions::new().create(true).append(true).open(&self.path).map(Some)
+    }
+
+    pub fn write(&mut self, e: &Entry<'_>) {
+        if self.reopen.swap(false, Ordering::Relaxed) {
+            match self.open_file() {
+                Ok(f) => self.file = f,
+                Err(err) => warn!("cannot reopen access log {}: {err}", self.path),
+            }
+        }
+        let line = match self.format {
+            Format::Combined => combined(e),
+            Format::Json => json(e),
+        };
+        let result = match &mut self.file {
+            Some(f) => f.write_all(line.as_bytes()),
+            None => std::io::stdout().lock().write_all(line.as_bytes()),
+        };
+        if let Err(err) = result {
+            warn!("access log {}: {err}", self.path);
+        }
+    }
+}
+
+/// `127.0.0.1 - - [23/Nov/2026:13:55:36 +0000] "GET / HTTP/1.1" 200 123 "-" "curl/8" 1234`
+fn combined(e: &Entry<'_>) -> String {
+    let host = e.peer.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or(e.peer);
+    let quote = |s: Option<&str>| s.map(escape).unwrap_or_else(|| "-".into());
+    format!(
+        "{host} - - [{}] \"{} {} {}\" {} {} \"{}\" \"{}\" {}\n",
+        clf_time(SystemTime::now()),
+        escape(e.method),
+        escape(e.target),
+        e.version,
+        e.status,
+        e.bytes,
+        quote(e.referer),
+        quote(e.user_agent),
+        e.duration.as_micros()
+    )
+}
+
+fn json(e: &Entry<'_>) -> String {
+    let doc = serde_json::json!({
+        "time": httpdate::fmt_http_date(SystemTime::now()),
+        "peer": e.peer,
+        "method": e.method,
+        "target": e.target,
+        "version": e.version,
+        "status": e.status,
+        "bytes": e.bytes,
+        "referer": e.referer,
+        "user_agent": e.user_agent,
+        "duration_us": e.duration.as_micros() as u64,
+        "pid": e.pid,
+        "generation": e.generation,
+    });
+    format!("{doc}\n")
+}
+
+/// Quotes and control characters escaped, so a line stays one line.
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Common Log Format time, in UTC: `23/Nov/2026:13:55:36 +0000`, taken
+/// apart from the HTTP-date httpdate formats (`Mon, 23 Nov 2026 13:55:36 GMT`).
+fn clf_time(t: SystemTime) -> String {
+    let http = httpdate::fmt_http_date(t);
+    let parts: Vec<&str> = http.split(' ').collect();
+    match parts.as_slice() {
+        [_, day, month, year, time, _] => format!("{day}/{month}/{year}:{time} +0000"),
+        _ => http,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> Entry<'static> {
+        Entry {
+            peer: "127.0.0.1:5000",
+            method: "GET",
+            target: "/a\"b",
+            version: "HTTP/1.1",
+            status: 200,
+            bytes: 42,
+            referer: None,
+            user_agent: Some("curl/8"),
+            duration: Duration::from_micros(1500),
+            pid: 7,
+            generation: 2,
+        }
+    }
+
+    #[test]
+    fn combined_lines() {
+        let line = combined(&entry());
+        assert!(line.starts_with("127.0.0.1 - - ["), "{line}");
+        assert!(line.ends_with("] \"GET /a\\\"b HTTP/1.1\" 200 42 \"-\" \"curl/8\" 1500\n"), "{line}");
+    }
+
+    #[test]
+    fn json_lines() {
+        let v: serde_json::Value = serde_json::from_str(&json(&entry())).unwrap();
+        assert_eq!(v["target"], "/a\"b");
+        assert_eq!(v["generation"], 2);
+        assert_eq!(v["referer"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn clf_time_shape() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(784111777);
+        assert_eq!(clf_time(t), "06/Nov/1994:08:49:37 +0000");
+    }
+}
