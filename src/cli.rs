@@ -121,6 +121,12 @@ pub struct WorkerArgs {
 Examples:\n  monodon serve --listen 127.0.0.1:8080 --app hello\n  \
 monodon serve --listen [::1]:8080 --listen unix:/run/app.sock --workers 8 -- /srv/app/bin/my-app")]
 pub struct ServeArgs {
+    /// Settings from a TOML file whose keys are these flags' names
+    /// (`workers = 4`, `max-requests-per-child = 500`, `command = [..]` for the
+    /// worker command); flags given here win. Re-read on every reload.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Address to listen on: HOST:PORT, [IPv6]:PORT or unix:/path.
     /// Repeat for several. Port 0 picks a free port (logged at start).
     #[arg(short, long = "listen", value_name = "ADDR", default_value = "127.0.0.1:8080")]

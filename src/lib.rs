@@ -8,6 +8,7 @@
 
 pub mod apps;
 pub mod cli;
+mod config_file;
 pub mod ctl;
 
 use std::ffi::OsString;
@@ -34,12 +35,77 @@ fn own_path() -> std::io::Result<OsString> {
     Ok(std::env::current_exe()?.into_os_string())
 }
 
-fn serve(args: &ServeArgs, default_command: Vec<OsString>) -> ExitCode {
-    if let Err(e) = args.validate() {
-        use clap::CommandFactory;
-        Cli::command().error(clap::error::ErrorKind::ArgumentConflict, e).exit();
+/// How a binary builds its default worker command from the serve settings.
+type DefaultCommand = fn(&ServeArgs, &OsString) -> Vec<OsString>;
+
+/// The `monodon` binary's workers: itself, in the `worker` role, with the app flags.
+fn builtin_worker_command(args: &ServeArgs, exe: &OsString) -> Vec<OsString> {
+    vec![
+        exe.clone(),
+        "worker".into(),
+        "--app".into(),
+        args.app.app.as_str().into(),
+        "--root".into(),
+        args.app.root.clone().into_os_string(),
+    ]
+}
+
+/// An embedding app's workers: the binary itself (the worker role is told by
+/// the environment).
+fn embedded_worker_command(_: &ServeArgs, exe: &OsString) -> Vec<OsString> {
+    vec![exe.clone()]
+}
+
+/// The serve settings: the command line, merged with `--config` if given.
+fn serve_args(argv: &[OsString]) -> Result<ServeArgs, String> {
+    let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+    let Command::Serve(args) = cli.command else { return Err("not a serve command".into()) };
+    let Some(path) = args.config.clone() else { return Ok(*args) };
+    let at = argv.iter().position(|a| a == "serve").ok_or("no serve subcommand")?;
+    let mut merged: Vec<OsString> = argv[..=at].to_vec();
+    merged.extend(config_file::merge(&path, &argv[at + 1..])?);
+    match Cli::try_parse_from(&merged) {
+        Ok(Cli { command: Command::Serve(args) }) => Ok(*args),
+        Ok(_) => Err("not a serve command".into()),
+        Err(e) => {
+            Err(format!("in --config {}: {}", path.display(), e.to_string().trim_start_matches("error: ")))
+        }
     }
-    let config = args.to_config(default_command);
+}
+
+/// The supervisor's configuration from `argv`, checked.
+fn load_config(
+    argv: &[OsString],
+    exe: &OsString,
+    default: DefaultCommand,
+) -> Result<monodon_supervisor::Config, String> {
+    let args = serve_args(argv)?;
+    args.validate()?;
+    Ok(args.to_config(default(&args, exe)))
+}
+
+fn serve(default: DefaultCommand) -> ExitCode {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let exe = match own_path() {
+        Ok(p) => p,
+        Err(e) => {
+            error!("cannot find this executable's path: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut config = match load_config(&argv, &exe, default) {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::CommandFactory;
+            Cli::command().error(clap::error::ErrorKind::ValueValidation, e).exit();
+        }
+    };
+    // A reload reads the config file again, with the same command line.
+    let has_file = serve_args(&argv).is_ok_and(|a| a.config.is_some());
+    if has_file {
+        let source = move || load_config(&argv, &exe, default);
+        config.source = Some(monodon_supervisor::config::ConfigSource(std::sync::Arc::new(source)));
+    }
     match monodon_supervisor::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -54,24 +120,7 @@ pub fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => {
-            let exe = match own_path() {
-                Ok(p) => p,
-                Err(e) => {
-                    error!("cannot find this executable's path: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let default = vec![
-                exe,
-                "worker".into(),
-                "--app".into(),
-                args.app.app.as_str().into(),
-                "--root".into(),
-                args.app.root.clone().into_os_string(),
-            ];
-            serve(&args, default)
-        }
+        Command::Serve(_) => serve(builtin_worker_command),
         Command::Status { .. } | Command::Reload { .. } | Command::Stop { .. } | Command::Scale { .. } => {
             control_command(cli.command)
         }
@@ -101,13 +150,7 @@ pub fn main_with<A: App, F: FnOnce() -> A>(make_app: F) -> ExitCode {
     }
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => match own_path() {
-            Ok(exe) => serve(&args, vec![exe]),
-            Err(e) => {
-                error!("cannot find this executable's path: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Serve(_) => serve(embedded_worker_command),
         Command::Worker(_) => {
             eprintln!("error: the worker role is started by `serve`, not by hand");
             ExitCode::from(2)

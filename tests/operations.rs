@@ -376,3 +376,48 @@ fn combined_access_log_format() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--access-log /nonexistent-dir/x.log"));
 }
+
+#[test]
+fn config_file_settings_flags_win_and_reload_rereads_it() {
+    let dir = std::env::temp_dir().join(format!("monodon-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("monodon.toml");
+    std::fs::write(&file, "app = \"echo\"\nworkers = 3\nmax-requests-per-child = 0\ntimeout = \"7s\"\n")
+        .unwrap();
+    // --workers on the command line wins over the file's 3.
+    let server = Server::start(&["--config", file.to_str().unwrap(), "--workers", "2"], 2);
+    let path = control_path(&server);
+    assert_eq!(server.get("/").json()["worker"]["generation"], 1, "the file's app = echo");
+    assert_eq!(server.children().len(), 2);
+
+    // A reload reads the file again: bad content refuses the reload.
+    std::fs::write(&file, "app = \"echo\"\n\nmax-requests = 3\n").unwrap();
+    let out = ctl(&path, &["reload"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("max-requests") && err.contains("line 3"), "{err}");
+    assert_eq!(server.get("/").json()["worker"]["generation"], 1, "still serving");
+
+    // Good content: the new generation runs with it (the app changes to hello).
+    std::fs::write(&file, "app = \"hello\"\nbacklog = 16\n").unwrap();
+    let out = ctl(&path, &["reload"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(server.get("/").body, b"hello\n");
+    assert!(server.logs().contains("a change of `backlog` takes effect only when the supervisor restarts"));
+    drop(server);
+
+    std::fs::write(&file, "workers = 2\nlisten-on = \"x\"\n").unwrap();
+    let out = monodon().args(["serve", "--config"]).arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("listen-on") && err.contains("line 2"), "{err}");
+    std::fs::write(&file, "workers = 0\n").unwrap();
+    let out = monodon().args(["serve", "--config"]).arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--workers"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

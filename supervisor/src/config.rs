@@ -86,6 +86,19 @@ pub struct Config {
     pub access_log: Option<String>,
     /// `combined` or `json`.
     pub access_log_format: String,
+    /// Where a reload gets fresh settings (the config file), if anywhere.
+    pub source: Option<ConfigSource>,
+}
+
+/// Re-reads the settings (a config file merged with the command line), for
+/// reloads.
+#[derive(Clone)]
+pub struct ConfigSource(pub std::sync::Arc<dyn Fn() -> Result<Config, String> + Send + Sync>);
+
+impl fmt::Debug for ConfigSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ConfigSource")
+    }
 }
 
 impl Config {
@@ -111,6 +124,7 @@ impl Config {
             control: None,
             access_log: None,
             access_log_format: "combined".into(),
+            source: None,
         }
     }
 }

@@ -68,6 +68,10 @@ impl<W: PartialEq + Copy, C: PartialEq + Copy> Dispatcher<W, C> {
         self.queue.len() >= self.capacity
     }
 
+    pub fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity;
+    }
+
     pub fn queued(&self) -> usize {
         self.queue.len()
     }

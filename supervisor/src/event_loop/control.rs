@@ -182,8 +182,12 @@ impl Supervisor {
                 if self.stopping != Stopping::No {
                     return self.answer_control(key, Response::error("the supervisor is stopping"));
                 }
-                self.begin_reload();
-                self.control_conns[key].state = ControlState::AwaitingReload(self.generation);
+                match self.begin_reload() {
+                    Ok(generation) => {
+                        self.control_conns[key].state = ControlState::AwaitingReload(generation)
+                    }
+                    Err(e) => self.answer_control(key, Response::error(e)),
+                }
             }
             Command::Stop { fast } => {
                 self.answer_control(

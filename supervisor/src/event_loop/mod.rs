@@ -351,7 +351,9 @@ impl Supervisor {
                 SIGCHLD => self.reap_children(),
                 SIGTERM | SIGQUIT => self.begin_graceful_stop(),
                 SIGINT => self.begin_fast_stop(),
-                SIGHUP => self.begin_reload(),
+                SIGHUP => {
+                    let _ = self.begin_reload();
+                }
                 SIGTTIN => self.scale(1),
                 SIGTTOU => self.scale(-1),
                 SIGUSR1 => self.reopen_logs(),

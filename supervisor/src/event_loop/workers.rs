@@ -116,9 +116,23 @@ impl Supervisor {
 
     // ---- reloads and scaling ----------------------------------------------
 
-    pub(super) fn begin_reload(&mut self) {
+    /// Starts a new generation (after re-reading the config file, if there
+    /// is one); the generation started, or why none was.
+    pub(super) fn begin_reload(&mut self) -> Result<u64, String> {
         if self.stopping != Stopping::No {
-            return;
+            return Err("the supervisor is stopping".into());
+        }
+        if let Some(source) = self.config.source.clone() {
+            match (source.0)() {
+                Ok(fresh) => self.apply_config(fresh),
+                Err(e) => {
+                    let message = format!("reload refused: {e}");
+                    error!("{message}; generation {} keeps serving", self.serving_generation);
+                    self.totals.failed_reloads += 1;
+                    self.last_reload_failure = Some((message.clone(), Instant::now()));
+                    return Err(message);
+                }
+            }
         }
         if let Some(r) = self.reload.take() {
             self.abandon_reload(r, "superseded by a newer reload");
@@ -138,6 +152,31 @@ impl Supervisor {
             started: now,
             deadline: now + self.config.reload_timeout,
         });
+        Ok(self.generation)
+    }
+
+    /// Takes fresh settings for the next generation. What only a new
+    /// supervisor can change (listeners, control socket) is kept, and said so.
+    fn apply_config(&mut self, mut fresh: Config) {
+        let old = &self.config;
+        for (what, changed) in [
+            ("listen", fresh.listen != old.listen),
+            ("backlog", fresh.backlog != old.backlog),
+            ("control", fresh.control != old.control),
+        ] {
+            if changed {
+                warn!("config: a change of `{what}` takes effect only when the supervisor restarts; keeping the old value");
+            }
+        }
+        if fresh.workers != old.workers {
+            info!("config: workers {} -> {}", old.workers, fresh.workers);
+            self.target_workers = fresh.workers;
+        }
+        fresh.listen = old.listen.clone();
+        fresh.backlog = old.backlog;
+        fresh.control = old.control.clone();
+        self.dispatcher.set_capacity(fresh.queue_capacity);
+        self.config = fresh;
     }
 
     /// Stops a reload's workers; the serving generation carries on.

@@ -1,0 +1,210 @@
+//! `--config FILE`: the settings of `monodon serve` in TOML, with the same
+//! names as the flags (`max-requests-per-child = 100`). Flags given on the
+//! command line win. Unknown keys and bad values are errors that name the
+//! key (and, for TOML errors, the line). The file is read again on every
+//! reload (SIGHUP), so most settings change without a restart.
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// A duration as seconds (`30`) or with a unit (`"500ms"`, `"2m"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum Duration {
+    Secs(u64),
+    Text(String),
+}
+
+impl Duration {
+    fn arg(&self) -> String {
+        match self {
+            Duration::Secs(s) => s.to_string(),
+            Duration::Text(t) => t.clone(),
+        }
+    }
+}
+
+/// Every key a config file may hold: the flags of `monodon serve`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct Settings {
+    listen: Option<Vec<String>>,
+    workers: Option<u32>,
+    app: Option<String>,
+    root: Option<String>,
+    /// The worker command (what follows `--` on the command line).
+    command: Option<Vec<String>>,
+    keepalive_timeout: Option<Duration>,
+    head_timeout: Option<Duration>,
+    io_timeout: Option<Duration>,
+    graceful_timeout: Option<Duration>,
+    timeout: Option<Duration>,
+    reload_timeout: Option<Duration>,
+    max_requests_per_child: Option<u64>,
+    min_requests_per_child: Option<u64>,
+    max_request_line: Option<u64>,
+    max_header_line: Option<u64>,
+    max_headers: Option<u64>,
+    max_head: Option<u64>,
+    max_body: Option<u64>,
+    queue: Option<u64>,
+    backlog: Option<i64>,
+    control: Option<String>,
+    access_log: Option<String>,
+    access_log_format: Option<String>,
+}
+
+impl Settings {
+    /// The settings as `(flag, values)`, in a fixed order.
+    fn flags(&self) -> Vec<(&'static str, Vec<String>)> {
+        let mut out: Vec<(&'static str, Vec<String>)> = Vec::new();
+        let mut one = |flag: &'static str, v: Option<String>| {
+            if let Some(v) = v {
+                out.push((flag, vec![v]));
+            }
+        };
+        one("--workers", self.workers.map(|v| v.to_string()));
+        one("--app", self.app.clone());
+        one("--root", self.root.clone());
+        one("--keepalive-timeout", self.keepalive_timeout.as_ref().map(Duration::arg));
+        one("--head-timeout", self.head_timeout.as_ref().map(Duration::arg));
+        one("--io-timeout", self.io_timeout.as_ref().map(Duration::arg));
+        one("--graceful-timeout", self.graceful_timeout.as_ref().map(Duration::arg));
+        one("--timeout", self.timeout.as_ref().map(Duration::arg));
+        one("--reload-timeout", self.reload_timeout.as_ref().map(Duration::arg));
+        one("--max-requests-per-child", self.max_requests_per_child.map(|v| v.to_string()));
+        one("--min-requests-per-child", self.min_requests_per_child.map(|v| v.to_string()));
+        one("--max-request-line", self.max_request_line.map(|v| v.to_string()));
+        one("--max-header-line", self.max_header_line.map(|v| v.to_string()));
+        one("--max-headers", self.max_headers.map(|v| v.to_string()));
+        one("--max-head", self.max_head.map(|v| v.to_string()));
+        one("--max-body", self.max_body.map(|v| v.to_string()));
+        one("--queue", self.queue.map(|v| v.to_string()));
+        one("--backlog", self.backlog.map(|v| v.to_string()));
+        one("--control", self.control.clone());
+        one("--access-log", self.access_log.clone());
+        one("--access-log-format", self.access_log_format.clone());
+        if let Some(listen) = &self.listen {
+            out.push(("--listen", listen.clone()));
+        }
+        out
+    }
+}
+
+/// Short forms of the flags that have one.
+fn short_of(flag: &str) -> Option<&'static str> {
+    match flag {
+        "--listen" => Some("-l"),
+        "--workers" => Some("-w"),
+        _ => None,
+    }
+}
+
+/// Whether `args` (the command line after `serve`, before `--`) sets `flag`.
+fn given(args: &[OsString], flag: &str) -> bool {
+    let short = short_of(flag);
+    args.iter().map(|a| a.to_string_lossy()).take_while(|a| a != "--").any(|a| {
+        a == flag
+            || a.starts_with(&format!("{flag}="))
+            || short.is_some_and(|s| a == s || a.starts_with(s) && a.len() > 2)
+    })
+}
+
+/// Reads `path` and returns the arguments of `serve`: the file's settings
+/// first, then `cli` (the command line after `serve`), a flag given on the
+/// command line replacing the file's.
+pub fn merge(path: &Path, cli: &[OsString]) -> Result<Vec<OsString>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("--config {}: {e}", path.display()))?;
+    let settings: Settings =
+        toml::from_str(&text).map_err(|e| format!("--config {}: {e}", path.display()))?;
+    let mut args: Vec<OsString> = Vec::new();
+    for (flag, values) in settings.flags() {
+        if given(cli, flag) {
+            continue;
+        }
+        for v in values {
+            args.push(flag.into());
+            args.push(v.into());
+        }
+    }
+    args.extend(cli.iter().cloned());
+    if let Some(command) = settings.command {
+        if !cli.iter().any(|a| a == "--") && !command.is_empty() {
+            args.push("--".into());
+            args.extend(command.into_iter().map(OsString::from));
+        }
+    }
+    Ok(args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os(v: &[&str]) -> Vec<OsString> {
+        v.iter().map(OsString::from).collect()
+    }
+
+    fn file(text: &str) -> tempfile_path::TempFile {
+        tempfile_path::TempFile::new(text)
+    }
+
+    /// A file that removes itself (no extra crate for one test helper).
+    mod tempfile_path {
+        pub struct TempFile(pub std::path::PathBuf);
+        impl TempFile {
+            pub fn new(text: &str) -> TempFile {
+                use std::sync::atomic::{AtomicU32, Ordering};
+                static N: AtomicU32 = AtomicU32::new(0);
+                let p = std::env::temp_dir().join(format!(
+                    "monodon-config-{}-{}.toml",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::Relaxed)
+                ));
+                std::fs::write(&p, text).unwrap();
+                TempFile(p)
+            }
+        }
+        impl Drop for TempFile {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn file_settings_become_flags_and_the_command_line_wins() {
+        let f = file("workers = 3\nlisten = [\"127.0.0.1:9000\", \"unix:/tmp/a\"]\ntimeout = \"5s\"\ncommand = [\"/bin/app\", \"-x\"]\n");
+        let args = merge(&f.0, &os(&["-w", "5"])).unwrap();
+        assert_eq!(
+            args,
+            os(&[
+                "--timeout",
+                "5s",
+                "--listen",
+                "127.0.0.1:9000",
+                "--listen",
+                "unix:/tmp/a",
+                "-w",
+                "5",
+                "--",
+                "/bin/app",
+                "-x"
+            ])
+        );
+        let args = merge(&f.0, &os(&["--listen=[::1]:1", "--", "/other"])).unwrap();
+        assert_eq!(args, os(&["--workers", "3", "--timeout", "5s", "--listen=[::1]:1", "--", "/other"]));
+    }
+
+    #[test]
+    fn unknown_keys_name_the_key_and_line() {
+        let f = file("workers = 2\n\nmax-requests = 5\n");
+        let e = merge(&f.0, &[]).unwrap_err();
+        assert!(e.contains("max-requests") && e.contains("line 3"), "{e}");
+        let f = file("workers = \"many\"\n");
+        let e = merge(&f.0, &[]).unwrap_err();
+        assert!(e.contains("workers") || e.contains("line 1"), "{e}");
+    }
+}
