@@ -197,6 +197,13 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub reload_timeout: Duration,
 
+    /// After a response, how long a worker may wait for the same keep-alive
+    /// client's next request before handing the connection back to the
+    /// supervisor; only while no other connection waits for a worker.
+    /// A waiting connection is noticed within this time. 0 turns it off.
+    #[arg(long, value_name = "DURATION", default_value = "200us", value_parser = parse_duration)]
+    pub read_ahead: Duration,
+
     /// Connections with a complete request that may wait for a free worker;
     /// when that many wait, monodon stops accepting until one is served.
     #[arg(long, value_name = "N", default_value_t = 1024)]
@@ -265,6 +272,7 @@ impl ServeArgs {
         config.timeout = self.timeout;
         config.reload_timeout = self.reload_timeout;
         config.control = self.control.clone();
+        config.read_ahead = self.read_ahead;
         config.access_log = self.access_log.clone();
         config.access_log_format = self.access_log_format.clone();
         config

@@ -42,6 +42,7 @@ struct Settings {
     graceful_timeout: Option<Duration>,
     timeout: Option<Duration>,
     reload_timeout: Option<Duration>,
+    read_ahead: Option<Duration>,
     max_requests_per_child: Option<u64>,
     min_requests_per_child: Option<u64>,
     max_request_line: Option<u64>,
@@ -74,6 +75,7 @@ impl Settings {
         one("--graceful-timeout", self.graceful_timeout.as_ref().map(Duration::arg));
         one("--timeout", self.timeout.as_ref().map(Duration::arg));
         one("--reload-timeout", self.reload_timeout.as_ref().map(Duration::arg));
+        one("--read-ahead", self.read_ahead.as_ref().map(Duration::arg));
         one("--max-requests-per-child", self.max_requests_per_child.map(|v| v.to_string()));
         one("--min-requests-per-child", self.min_requests_per_child.map(|v| v.to_string()));
         one("--max-request-line", self.max_request_line.map(|v| v.to_string()));

@@ -31,6 +31,9 @@ pub mod env {
     pub const ACCESS_LOG: &str = "MONODON_ACCESS_LOG";
     /// `combined` or `json`.
     pub const ACCESS_LOG_FORMAT: &str = "MONODON_ACCESS_LOG_FORMAT";
+    /// Microseconds a worker may wait for the next request on its connection
+    /// when no other connection waits (0: hand it back at once).
+    pub const READ_AHEAD_US: &str = "MONODON_READ_AHEAD_US";
     /// Seconds a worker waits on a client's body or on a slow reader.
     pub const IO_TIMEOUT: &str = "MONODON_IO_TIMEOUT";
 }

@@ -30,6 +30,9 @@ pub struct Slot {
     /// Set by the supervisor when it is stopping: finish the current
     /// request with `Connection: close`.
     pub draining: AtomicU64,
+    /// Set by the supervisor while connections wait for a free worker: a
+    /// worker must then not linger on its connection for a next request.
+    pub others_waiting: AtomicU64,
 }
 
 impl Slot {
@@ -64,6 +67,14 @@ impl Slot {
 
     pub fn set_draining(&self) {
         self.draining.store(1, Ordering::Relaxed);
+    }
+
+    pub fn others_waiting(&self) -> bool {
+        self.others_waiting.load(Ordering::Relaxed) != 0
+    }
+
+    pub fn set_others_waiting(&self, waiting: bool) {
+        self.others_waiting.store(u64::from(waiting), Ordering::Relaxed);
     }
 }
 

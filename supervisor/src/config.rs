@@ -86,6 +86,9 @@ pub struct Config {
     pub access_log: Option<String>,
     /// `combined` or `json`.
     pub access_log_format: String,
+    /// How long a worker may wait for a keep-alive client's next request
+    /// while no other connection waits for a worker (zero: never).
+    pub read_ahead: Duration,
     /// Where a reload gets fresh settings (the config file), if anywhere.
     pub source: Option<ConfigSource>,
 }
@@ -125,6 +128,7 @@ impl Config {
             access_log: None,
             access_log_format: "combined".into(),
             source: None,
+            read_ahead: Duration::from_micros(200),
         }
     }
 }

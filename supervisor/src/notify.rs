@@ -33,6 +33,11 @@ impl Notifier {
         }
     }
 
+    /// Whether a service manager listens at all.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
     fn send(&self, states: &[NotifyState<'_>]) {
         if self.enabled {
             if let Err(e) = sd_notify::notify(states) {

@@ -33,6 +33,7 @@ pub struct WorkerSpec<'a> {
     pub max_requests: u64,
     pub access_log: Option<&'a str>,
     pub access_log_format: &'a str,
+    pub read_ahead: Duration,
 }
 
 pub fn spawn_worker(spec: &WorkerSpec<'_>) -> io::Result<Spawned> {
@@ -72,7 +73,8 @@ pub fn spawn_worker(spec: &WorkerSpec<'_>) -> io::Result<Spawned> {
         .env(env::IO_TIMEOUT, spec.io_timeout.as_secs().max(1).to_string())
         .env(env::MAX_REQUESTS, spec.max_requests.to_string())
         .env(env::ACCESS_LOG, spec.access_log.unwrap_or(""))
-        .env(env::ACCESS_LOG_FORMAT, spec.access_log_format);
+        .env(env::ACCESS_LOG_FORMAT, spec.access_log_format)
+        .env(env::READ_AHEAD_US, spec.read_ahead.as_micros().to_string());
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe system calls (fcntl, dup2, prctl, getppid, _exit) on
     // descriptors that exist in the child; it allocates nothing.

@@ -75,6 +75,8 @@ fn serve_forever(app: &mut dyn App) -> std::io::Result<()> {
     let io_timeout = Duration::from_secs(io_timeout);
     let max_requests: u64 = std::env::var(env::MAX_REQUESTS).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
     let mut remaining = (max_requests > 0).then_some(max_requests);
+    let read_ahead = std::env::var(env::READ_AHEAD_US).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let read_ahead = Duration::from_micros(read_ahead);
     let pid = std::process::id();
     let access_log = match std::env::var(env::ACCESS_LOG) {
         Ok(path) if !path.is_empty() => {
@@ -104,6 +106,7 @@ fn serve_forever(app: &mut dyn App) -> std::io::Result<()> {
             return Err(wire::WireError("Assign without a connection").into());
         };
         let ctx = Context {
+            read_ahead,
             limits: &limits,
             pid,
             generation,

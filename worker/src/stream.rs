@@ -40,6 +40,14 @@ impl<'s> Stream<'s> {
         }
     }
 
+    /// Waits up to `window` for the client to send something; false if it
+    /// did not (or the wait failed).
+    pub fn readable_within(&self, window: Duration) -> bool {
+        let ts = nix::sys::time::TimeSpec::from_duration(window);
+        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+        matches!(nix::poll::ppoll(&mut fds, Some(ts), None), Ok(n) if n > 0)
+    }
+
     /// Copies `len` bytes of `file` from `offset` with sendfile(2).
     pub fn send_file(&mut self, file: &std::fs::File, mut offset: u64, len: u64) -> io::Result<()> {
         let end = offset + len;
@@ -126,6 +134,30 @@ impl Read for Input<'_> {
         }
         let n = self.fill_buf()?.read(out)?;
         self.consume(n);
+        Ok(n)
+    }
+}
+
+impl Input<'_> {
+    /// Appends what the client has sent, without waiting: `Ok(0)` at EOF or
+    /// when nothing is there.
+    pub fn read_available(&mut self) -> io::Result<usize> {
+        if self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+        }
+        let start = self.buf.len();
+        self.buf.resize(start + READ_CHUNK, 0);
+        let result = nix::unistd::read(self.stream.fd.as_fd(), &mut self.buf[start..]);
+        let n = match result {
+            Ok(n) => n,
+            Err(Errno::EAGAIN) | Err(Errno::EINTR) => 0,
+            Err(e) => {
+                self.buf.truncate(start);
+                return Err(e.into());
+            }
+        };
+        self.buf.truncate(start + n);
         Ok(n)
     }
 }

@@ -54,11 +54,12 @@ impl Supervisor {
         let now = Instant::now();
         let entry = self.conns.vacant_entry();
         let key = entry.key();
-        // Registered disarmed; armed only when we want to read (see module doc).
+        // Edge-triggered for its whole life: no re-arming per request (see
+        // the module doc of event_loop for why that is safe).
         // SAFETY: every connection is deleted from the poller in `close_now`
         // before its fd is dropped.
         if let Err(e) =
-            unsafe { self.poller.add_with_mode(fd.as_raw_fd(), Event::none(key), PollMode::Oneshot) }
+            unsafe { self.poller.add_with_mode(fd.as_raw_fd(), Event::readable(key), PollMode::Edge) }
         {
             error!("cannot watch a new connection: {e}");
             return;
@@ -75,6 +76,7 @@ impl Supervisor {
             deadline: now + self.config.head_timeout,
             served: 0,
             request_line: String::new(),
+            unread: true,
         });
         // With TCP_DEFER_ACCEPT the request is usually here already.
         self.on_conn_readable(key);
@@ -82,46 +84,65 @@ impl Supervisor {
 
     // ---- client connections --------------------------------------------
 
+    /// Readiness (or its possibility) on a client connection.
     pub(super) fn on_conn_readable(&mut self, key: ConnKey) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
         match conn.state {
-            ConnState::Reading => {}
-            ConnState::Lingering => return self.drain_lingering(key),
-            // A stale event from before a hand-over: not ours to read.
-            ConnState::Queued | ConnState::InWorker { .. } => return,
+            ConnState::Reading => self.read_head(key),
+            ConnState::Lingering => self.drain_lingering(key),
+            // Not ours to read now; remember to look when it comes back.
+            ConnState::Queued | ConnState::InWorker { .. } => conn.unread = true,
         }
-        let was_empty = conn.buf.is_empty();
-        match nix::unistd::read(conn.fd.as_fd(), &mut self.scratch[..READ_CHUNK]) {
-            Ok(0) => {
-                if conn.buf.is_empty() {
-                    self.close_now(key);
-                } else {
-                    self.reject(
-                        key,
-                        Rejection { status: 400, reason: "connection closed inside the request head" },
-                    );
-                }
+    }
+
+    /// Reads until a head is complete or the socket has nothing more.
+    fn read_head(&mut self, key: ConnKey) {
+        loop {
+            let Some(conn) = self.conns.get_mut(key) else { return };
+            if conn.state != ConnState::Reading {
+                return;
             }
-            Ok(n) => {
-                conn.buf.extend_from_slice(&self.scratch[..n]);
-                let now = Instant::now();
-                if was_empty {
-                    conn.deadline = now + self.config.head_timeout;
+            let was_empty = conn.buf.is_empty();
+            match nix::unistd::read(conn.fd.as_fd(), &mut self.scratch[..READ_CHUNK]) {
+                Ok(0) => {
+                    return if conn.buf.is_empty() {
+                        self.close_now(key)
+                    } else {
+                        let closed =
+                            Rejection { status: 400, reason: "connection closed inside the request head" };
+                        self.reject(key, closed)
+                    };
                 }
-                self.after_input(key, now);
-            }
-            Err(Errno::EAGAIN) | Err(Errno::EINTR) => self.arm(key),
-            Err(e) => {
-                debug!("read from {}: {e}", conn.peer);
-                self.close_now(key);
+                Ok(n) => {
+                    conn.buf.extend_from_slice(&self.scratch[..n]);
+                    // A short read took all there was; anything later raises a new edge.
+                    conn.unread = n == READ_CHUNK;
+                    let now = Instant::now();
+                    if was_empty {
+                        conn.deadline = now + self.config.head_timeout;
+                    }
+                    if !self.after_input(key, now) {
+                        return;
+                    }
+                }
+                Err(Errno::EAGAIN) => {
+                    conn.unread = false;
+                    return;
+                }
+                Err(Errno::EINTR) => {}
+                Err(e) => {
+                    debug!("read from {}: {e}", conn.peer);
+                    return self.close_now(key);
+                }
             }
         }
     }
 
     /// Decides what a connection in `Reading` needs after its buffer changed.
-    pub(super) fn after_input(&mut self, key: ConnKey, now: Instant) {
+    /// True if it still waits for input that may already be in the socket.
+    pub(super) fn after_input(&mut self, key: ConnKey, now: Instant) -> bool {
         let conn = &mut self.conns[key];
         match http::parse_head(&conn.buf, &self.config.limits) {
             Ok(Some(head)) => {
@@ -133,23 +154,30 @@ impl Supervisor {
                     Some(wkey) => self.hand_over(wkey, key),
                     None => self.update_accepting(),
                 }
+                false
             }
             Ok(None) => {
                 if conn.buf.is_empty() {
                     conn.deadline = now + self.config.keepalive_timeout;
                 }
-                self.arm(key);
+                conn.unread
             }
-            Err(rejection) => self.reject(key, rejection),
+            Err(rejection) => {
+                self.reject(key, rejection);
+                false
+            }
         }
     }
 
-    pub(super) fn arm(&mut self, key: ConnKey) {
-        let conn = &self.conns[key];
-        if let Err(e) = self.poller.modify_with_mode(conn.fd.as_fd(), Event::readable(key), PollMode::Oneshot)
-        {
-            debug!("re-arming {}: {e}", conn.peer);
-            self.close_now(key);
+    /// A connection is back from a worker, with what it had read past the
+    /// last request.
+    pub(super) fn resume_reading(&mut self, key: ConnKey, leftover: &[u8]) {
+        let conn = &mut self.conns[key];
+        conn.state = ConnState::Reading;
+        conn.buf.clear();
+        conn.buf.extend_from_slice(leftover);
+        if self.after_input(key, Instant::now()) {
+            self.read_head(key);
         }
     }
 
@@ -174,21 +202,21 @@ impl Supervisor {
         conn.state = ConnState::Lingering;
         conn.buf = Vec::new();
         conn.deadline = Instant::now() + self.config.linger_timeout;
-        self.arm(key);
+        self.drain_lingering(key);
     }
 
     pub(super) fn drain_lingering(&mut self, key: ConnKey) {
         let conn = &self.conns[key];
+        // Bounded, so one chatty client cannot hold the loop; the linger
+        // timeout ends it in any case.
         for _ in 0..16 {
             match nix::unistd::read(conn.fd.as_fd(), &mut self.scratch[..READ_CHUNK]) {
                 Ok(0) => return self.close_now(key),
-                Ok(_) => continue,
-                Err(Errno::EAGAIN) => return self.arm(key),
-                Err(Errno::EINTR) => continue,
+                Ok(_) | Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => return,
                 Err(_) => return self.close_now(key),
             }
         }
-        self.arm(key);
     }
 
     pub(super) fn close_now(&mut self, key: ConnKey) {

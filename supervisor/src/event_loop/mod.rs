@@ -3,9 +3,12 @@
 //!
 //! Invariants (see ARCHITECTURE.md):
 //! - A client connection is registered in the poller from accept to close,
-//!   in oneshot mode, and is armed only while the supervisor itself wants to
-//!   read it (reading a head, idle, lingering). While a worker or the queue
-//!   has it, it is disarmed, so only one process ever reads it.
+//!   edge-triggered, so no system call re-arms it per request. The
+//!   supervisor reads it only in `Reading` and `Lingering`; an edge that
+//!   arrives while the queue or a worker has it only sets `unread`, and the
+//!   supervisor reads when the connection comes back. A read shorter than
+//!   the buffer took everything there was, so any later byte raises a new
+//!   edge: nothing is left unnoticed.
 //! - Every fd is deleted from the poller before it is closed.
 //! - The supervisor keeps its own copy of a connection while a worker serves
 //!   it; nothing is passed back, and a worker's death never loses it.
@@ -91,6 +94,9 @@ struct Conn {
     served: u32,
     /// `METHOD target` of the complete head waiting to be served, for logs.
     request_line: String,
+    /// The socket may hold bytes nobody has read: an edge arrived while a
+    /// worker had the connection, or the last read filled the buffer.
+    unread: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,7 +175,10 @@ pub struct Supervisor {
     target_workers: usize,
     rng: fastrand::Rng,
     next_conn_id: u64,
+    /// Client reads land here first (idle connections hold no buffer).
     scratch: Vec<u8>,
+    /// Messages from workers are received here.
+    channel_buf: Vec<u8>,
     msg: Vec<u8>,
     next_sweep: Instant,
     stopping: Stopping,
@@ -182,6 +191,8 @@ pub struct Supervisor {
     notifier: Notifier,
     /// READY=1 has been sent for the first generation.
     ready_notified: bool,
+    /// What the workers' scoreboards say about connections waiting for one.
+    others_waiting: bool,
 }
 
 impl Supervisor {
@@ -268,6 +279,7 @@ impl Supervisor {
             rng: fastrand::Rng::new(),
             next_conn_id: 1,
             scratch: vec![0; READ_CHUNK],
+            channel_buf: Vec::new(),
             msg: Vec::with_capacity(READ_CHUNK),
             next_sweep: now,
             stopping: Stopping::No,
@@ -278,6 +290,7 @@ impl Supervisor {
             last_reload_failure: None,
             notifier: Notifier::from_env(),
             ready_notified: false,
+            others_waiting: false,
         })
     }
 
@@ -310,6 +323,7 @@ impl Supervisor {
             for key in keys {
                 self.on_event(key);
             }
+            self.publish_queue_state();
             let now = Instant::now();
             if now >= self.next_sweep {
                 self.sweep(now);
@@ -458,9 +472,21 @@ impl Supervisor {
         }
     }
 
+    /// Tells the workers whether connections wait for one of them, so that
+    /// none lingers on its own keep-alive client meanwhile (read-ahead).
+    fn publish_queue_state(&mut self) {
+        let waiting = self.dispatcher.queued() > 0;
+        if waiting != self.others_waiting {
+            self.others_waiting = waiting;
+            for (_, w) in &self.workers {
+                w.scoreboard.slot().set_others_waiting(waiting);
+            }
+        }
+    }
+
     /// Closes connections whose head, idle or linger time is up.
     fn sweep(&mut self, now: Instant) {
-        if self.ready_notified {
+        if self.ready_notified && self.notifier.enabled() {
             let line = self.status_line();
             self.notifier.tick(now, || line);
         }

@@ -59,6 +59,7 @@ impl Supervisor {
             max_requests,
             access_log: self.config.access_log.as_deref(),
             access_log_format: &self.config.access_log_format,
+            read_ahead: self.config.read_ahead,
         };
         let s = spawn_worker(&spec).inspect_err(|e| error!("{e}"))?;
         let entry = self.workers.vacant_entry();
@@ -77,6 +78,7 @@ impl Supervisor {
             let _ = kill(s.pid, Signal::SIGKILL);
         }
         info!("spawned worker {} (generation {generation}, max requests {max_requests})", s.pid);
+        s.scoreboard.slot().set_others_waiting(self.others_waiting);
         entry.insert(Worker {
             pid: s.pid,
             channel: Some(s.channel),
@@ -282,7 +284,9 @@ impl Supervisor {
     }
 
     pub(super) fn on_channel_readable(&mut self, wkey: WorkerKey) {
-        let mut buf = std::mem::take(&mut self.scratch);
+        // Taken out so handlers may use `self`; a nested call (a death
+        // handled while messages are) finds it empty and makes its own.
+        let mut buf = std::mem::take(&mut self.channel_buf);
         if buf.len() < wire::max_message(&self.config.limits) {
             buf.resize(wire::max_message(&self.config.limits), 0);
         }
@@ -315,7 +319,7 @@ impl Supervisor {
                 }
             }
         }
-        self.scratch = buf;
+        self.channel_buf = buf;
     }
 
     pub(super) fn worker_misbehaved(&mut self, wkey: WorkerKey, what: &str) {
@@ -358,9 +362,7 @@ impl Supervisor {
                 conn.served = served;
                 conn.state = ConnState::Reading;
                 if keep && self.stopping == Stopping::No {
-                    conn.buf.clear();
-                    conn.buf.extend_from_slice(leftover);
-                    self.after_input(ckey, Instant::now());
+                    self.resume_reading(ckey, leftover);
                 } else {
                     self.linger(ckey);
                 }
