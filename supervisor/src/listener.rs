@@ -81,7 +81,7 @@ impl Listener {
         // SAFETY: accept4 just returned this descriptor; we are its only owner.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let peer = if self.is_tcp {
-            let _ = socket::setsockopt(&fd, sockopt::TcpNoDelay, &true);
+            // TCP_NODELAY is inherited from the listener (Linux copies it on accept).
             socket::getpeername::<SockaddrStorage>(raw)
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| "unknown".into())

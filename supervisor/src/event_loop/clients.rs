@@ -193,6 +193,18 @@ impl Supervisor {
         let _ = socket::send(conn.fd.as_raw_fd(), &response, MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT);
     }
 
+    /// Closes a connection whose last response is out. If the client has
+    /// sent nothing more, a plain close is safe (the FIN follows the data);
+    /// if it has, or may still be sending, it gets a lingering close.
+    pub(super) fn close_after_response(&mut self, key: ConnKey) {
+        let conn = &mut self.conns[key];
+        let mut probe = [0u8; 1];
+        match socket::recv(conn.fd.as_raw_fd(), &mut probe, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+            Ok(0) | Err(Errno::EAGAIN) => self.close_now(key),
+            _ => self.linger(key),
+        }
+    }
+
     /// Lingering close: send our FIN, then read and discard what the client
     /// still sends, so its unread data cannot make the kernel answer with an
     /// RST that would destroy our last response.

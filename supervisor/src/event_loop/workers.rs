@@ -364,7 +364,7 @@ impl Supervisor {
                 if keep && self.stopping == Stopping::No {
                     self.resume_reading(ckey, leftover);
                 } else {
-                    self.linger(ckey);
+                    self.close_after_response(ckey);
                 }
                 self.worker_idle(wkey);
             }
