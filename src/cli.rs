@@ -224,6 +224,16 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FORMAT", default_value = "combined", value_parser = ["combined", "json"])]
     pub access_log_format: String,
 
+    /// After binding its sockets, the supervisor (and so every worker) runs
+    /// as this user (name or uid); needs root to start.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+
+    /// The group to run as with --user (name or gid) [default: the user's
+    /// primary group].
+    #[arg(long, value_name = "GROUP", requires = "user")]
+    pub group: Option<String>,
+
     /// Listen backlog for new connections.
     #[arg(long, value_name = "N", default_value_t = 1024)]
     pub backlog: i32,
@@ -273,6 +283,10 @@ impl ServeArgs {
         config.reload_timeout = self.reload_timeout;
         config.control = self.control.clone();
         config.read_ahead = self.read_ahead;
+        config.run_as = self
+            .user
+            .as_ref()
+            .and_then(|u| monodon_supervisor::privileges::RunAs::resolve(u, self.group.as_deref()).ok());
         config.access_log = self.access_log.clone();
         config.access_log_format = self.access_log_format.clone();
         config
@@ -294,6 +308,9 @@ impl ServeArgs {
                 .append(true)
                 .open(path)
                 .map_err(|e| format!("--access-log {path}: {e}"))?;
+        }
+        if let Some(user) = &self.user {
+            monodon_supervisor::privileges::RunAs::resolve(user, self.group.as_deref())?;
         }
         if self.timeout.is_zero() {
             return Err("--timeout must be longer than 0".into());

@@ -55,6 +55,8 @@ struct Settings {
     control: Option<String>,
     access_log: Option<String>,
     access_log_format: Option<String>,
+    user: Option<String>,
+    group: Option<String>,
 }
 
 impl Settings {
@@ -88,6 +90,8 @@ impl Settings {
         one("--control", self.control.clone());
         one("--access-log", self.access_log.clone());
         one("--access-log-format", self.access_log_format.clone());
+        one("--user", self.user.clone());
+        one("--group", self.group.clone());
         if let Some(listen) = &self.listen {
             out.push(("--listen", listen.clone()));
         }

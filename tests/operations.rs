@@ -421,3 +421,50 @@ fn config_file_settings_flags_win_and_reload_rereads_it() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn user_and_group_drop_privileges_after_binding() {
+    if !nix_is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("monodon-user-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("access.log");
+    let server = Server::start(
+        &[
+            "--app",
+            "echo",
+            "--workers",
+            "2",
+            "--user",
+            "65534",
+            "--group",
+            "65534",
+            "--access-log",
+            log.to_str().unwrap(),
+        ],
+        2,
+    );
+    let uid_of = |pid: u32| -> Option<String> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .map(|l| l.split_whitespace().nth(2).unwrap_or("").to_owned())
+    };
+    assert_eq!(uid_of(server.pid).as_deref(), Some("65534"), "the supervisor dropped to the user");
+    for w in server.children() {
+        assert_eq!(uid_of(w).as_deref(), Some("65534"), "worker {w}");
+    }
+    assert_eq!(server.get("/").status, 200);
+    assert!(eventually(Duration::from_secs(5), || std::fs::read_to_string(&log).is_ok_and(|s| !s.is_empty())));
+    // Root may still use the control socket.
+    let path = control_path(&server);
+    assert_eq!(status_json(&path)["workers"]["total"], 2);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = monodon().args(["serve", "--user", "no-such-user-here"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--user no-such-user-here: no such user"));
+}

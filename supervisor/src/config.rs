@@ -89,6 +89,8 @@ pub struct Config {
     /// How long a worker may wait for a keep-alive client's next request
     /// while no other connection waits for a worker (zero: never).
     pub read_ahead: Duration,
+    /// Who to become once the sockets are bound (`--user`/`--group`).
+    pub run_as: Option<crate::privileges::RunAs>,
     /// Where a reload gets fresh settings (the config file), if anywhere.
     pub source: Option<ConfigSource>,
 }
@@ -128,6 +130,7 @@ impl Config {
             access_log: None,
             access_log_format: "combined".into(),
             source: None,
+            run_as: None,
             read_ahead: Duration::from_micros(200),
         }
     }

@@ -12,6 +12,7 @@ pub mod control;
 mod event_loop;
 mod listener;
 mod notify;
+pub mod privileges;
 pub mod sched;
 mod spawn;
 

@@ -239,6 +239,13 @@ impl Supervisor {
             )?
         };
         info!("control socket at {}", control_path.display());
+        if let Some(run_as) = &config.run_as {
+            let mut owned: Vec<&std::path::Path> = vec![&control_path];
+            if let Some(log) = config.access_log.as_deref().filter(|p| *p != "-") {
+                owned.push(std::path::Path::new(log));
+            }
+            run_as.drop_to(&owned)?;
+        }
         let control = Some(control_socket);
         let (read, write) = UnixStream::pair()?;
         read.set_nonblocking(true)?;
