@@ -226,15 +226,23 @@ pub fn parse_head<'b>(buf: &'b [u8], limits: &Limits) -> Result<Option<Head<'b>>
 }
 
 /// Finds the end of the head (just past the blank line) while enforcing the
-/// line limits and CRLF-only line endings, on complete and partial heads
-/// alike, so an oversized head is refused before it is all buffered.
+/// line limits and CRLF-only line endings. Every limit is judged at the byte
+/// that crosses it, so the decision is the same whether the head arrives
+/// whole or a byte at a time, and an oversized head is refused before it is
+/// all buffered.
 fn find_head_end(buf: &[u8], limits: &Limits) -> Result<Option<usize>, Rejection> {
     let mut line_start = 0;
     let mut seen_request_line = false;
-    let mut i = 0;
-    while i < buf.len() {
-        match buf[i] {
-            b'\r' if i + 1 < buf.len() && buf[i + 1] != b'\n' => return Err(BAD_LINE_ENDING),
+    for (i, &byte) in buf.iter().enumerate() {
+        if i >= limits.max_head {
+            return Err(Rejection::new(431, "request head too large"));
+        }
+        match byte {
+            b'\r' => {
+                if i + 1 < buf.len() && buf[i + 1] != b'\n' {
+                    return Err(BAD_LINE_ENDING);
+                }
+            }
             b'\n' => {
                 if i == 0 || buf[i - 1] != b'\r' {
                     return Err(BAD_LINE_ENDING);
@@ -242,36 +250,22 @@ fn find_head_end(buf: &[u8], limits: &Limits) -> Result<Option<usize>, Rejection
                 let line_len = i - 1 - line_start;
                 if !seen_request_line {
                     // RFC 9112 §2.2: empty lines before the request line are ignored.
-                    if line_len > 0 {
-                        if line_len > limits.max_request_line {
-                            return Err(Rejection::new(414, "request line too long"));
-                        }
-                        seen_request_line = true;
-                    }
+                    seen_request_line = line_len > 0;
                 } else if line_len == 0 {
-                    let end = i + 1;
-                    if end > limits.max_head {
-                        return Err(Rejection::new(431, "request head too large"));
-                    }
-                    return Ok(Some(end));
-                } else if line_len + 2 > limits.max_header_line {
-                    return Err(Rejection::new(431, "header field too large"));
+                    return Ok(Some(i + 1));
                 }
                 line_start = i + 1;
             }
-            _ => {}
+            _ => {
+                let line_len = i + 1 - line_start;
+                if !seen_request_line && line_len > limits.max_request_line {
+                    return Err(Rejection::new(414, "request line too long"));
+                }
+                if seen_request_line && line_len + 2 > limits.max_header_line {
+                    return Err(Rejection::new(431, "header field too large"));
+                }
+            }
         }
-        i += 1;
-    }
-    let partial = buf.len() - line_start;
-    if !seen_request_line && partial > limits.max_request_line {
-        return Err(Rejection::new(414, "request line too long"));
-    }
-    if seen_request_line && partial > limits.max_header_line {
-        return Err(Rejection::new(431, "header field too large"));
-    }
-    if buf.len() > limits.max_head {
-        return Err(Rejection::new(431, "request head too large"));
     }
     Ok(None)
 }
