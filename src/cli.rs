@@ -234,6 +234,13 @@ pub struct ServeArgs {
     #[arg(long, value_name = "GROUP", requires = "user")]
     pub group: Option<String>,
 
+    /// Client connections held at most; when reached, the longest-idle
+    /// keep-alive connections are closed to make room, and with none idle
+    /// new ones wait in the listen backlog [default: the open-file limit,
+    /// less a reserve].
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
+    pub max_connections: usize,
+
     /// Listen backlog for new connections.
     #[arg(long, value_name = "N", default_value_t = 1024)]
     pub backlog: i32,
@@ -276,6 +283,7 @@ impl ServeArgs {
         config.graceful_timeout = self.graceful_timeout;
         config.queue_capacity = self.queue.max(1);
         config.backlog = self.backlog;
+        config.max_connections = self.max_connections;
         config.max_requests = self.max_requests_per_child;
         config.min_requests =
             self.min_requests_per_child.unwrap_or((self.max_requests_per_child * 4 / 5).max(1));

@@ -52,6 +52,7 @@ struct Settings {
     max_body: Option<u64>,
     queue: Option<u64>,
     backlog: Option<i64>,
+    max_connections: Option<u64>,
     control: Option<String>,
     access_log: Option<String>,
     access_log_format: Option<String>,
@@ -87,6 +88,7 @@ impl Settings {
         one("--max-body", self.max_body.map(|v| v.to_string()));
         one("--queue", self.queue.map(|v| v.to_string()));
         one("--backlog", self.backlog.map(|v| v.to_string()));
+        one("--max-connections", self.max_connections.map(|v| v.to_string()));
         one("--control", self.control.clone());
         one("--access-log", self.access_log.clone());
         one("--access-log-format", self.access_log_format.clone());

@@ -396,3 +396,41 @@ fn bad_command_lines_are_clear_errors() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("--max-body"));
 }
+
+#[test]
+fn max_connections_closes_the_longest_idle_first_then_waits() {
+    let server = Server::start(
+        &["--app", "echo", "--workers", "2", "--max-connections", "20", "--head-timeout", "2s"],
+        2,
+    );
+    let mut idle: Vec<Client> = (0..20)
+        .map(|_| {
+            let mut c = server.connect();
+            c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+            assert_eq!(c.response().unwrap().status, 200);
+            c
+        })
+        .collect();
+    // A 21st client gets in: the longest-idle connection made room.
+    let r = server.get("/newcomer");
+    assert_eq!(r.status, 200);
+    assert!(idle[0].is_closed(), "the oldest idle connection was closed");
+    idle[19].send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(idle[19].response().unwrap().status, 200, "a recent one was kept");
+    drop(idle);
+
+    // With every slot taken by clients mid-head, a newcomer waits in the
+    // backlog until the head timeout frees a slot, and is then served.
+    assert!(eventually(Duration::from_secs(5), || server.fd_count() < 20));
+    let stalled: Vec<TcpStream> = (0..20)
+        .map(|_| {
+            let mut s = TcpStream::connect(server.addr).unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+            s
+        })
+        .collect();
+    let r = server.get("/patient");
+    assert_eq!(r.status, 200);
+    assert!(server.logs().contains("none idle: not accepting"));
+    drop(stalled);
+}

@@ -65,6 +65,8 @@ pub struct Config {
     pub queue_capacity: usize,
     /// Listen backlog.
     pub backlog: i32,
+    /// Client connections held at most (0: what the fd limit allows).
+    pub max_connections: usize,
     /// How long to drain a client's input after our last response, so that
     /// an RST does not destroy that response.
     pub linger_timeout: Duration,
@@ -119,6 +121,7 @@ impl Config {
             io_timeout: Duration::from_secs(30),
             queue_capacity: 1024,
             backlog: 1024,
+            max_connections: 0,
             linger_timeout: Duration::from_secs(2),
             graceful_timeout: Duration::from_secs(30),
             max_requests: 1000,

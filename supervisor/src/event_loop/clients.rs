@@ -10,7 +10,8 @@ impl Supervisor {
             return;
         }
         let paused = self.accept_paused_until.is_some_and(|t| Instant::now() < t);
-        let want = self.stopping == Stopping::No && !paused && !self.dispatcher.is_full();
+        let full = self.conns.len() >= self.max_connections;
+        let want = self.stopping == Stopping::No && !paused && !self.dispatcher.is_full() && !full;
         if want == self.accepting {
             return;
         }
@@ -28,6 +29,9 @@ impl Supervisor {
 
     pub(super) fn on_listener_readable(&mut self, index: usize) {
         for _ in 0..ACCEPT_BATCH {
+            if self.conns.len() >= self.max_connections {
+                self.make_room();
+            }
             if !self.accepting {
                 return;
             }
@@ -240,5 +244,34 @@ impl Supervisor {
             self.dispatcher.remove_conn(key);
         }
         drop(conn);
+        if !self.accepting && self.conns.len() + 1 == self.max_connections {
+            self.update_accepting();
+        }
+    }
+
+    /// At `--max-connections`: closes the longest-idle keep-alive
+    /// connections (a batch, so a flood of new clients does not scan the
+    /// table for each one). With none idle, accepting pauses until a
+    /// connection ends: the kernel's backlog holds the newcomers.
+    fn make_room(&mut self) {
+        let mut idle: Vec<(Instant, ConnKey)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.state == ConnState::Reading && c.buf.is_empty())
+            .map(|(k, c)| (c.deadline, k))
+            .collect();
+        let batch = (self.max_connections / 64).clamp(1, 256).min(idle.len());
+        if batch == 0 {
+            warn!("{} connections, none idle: not accepting until one ends", self.conns.len());
+            self.update_accepting();
+            return;
+        }
+        if batch < idle.len() {
+            idle.select_nth_unstable(batch);
+        }
+        for &(_, key) in &idle[..batch] {
+            self.close_now(key);
+        }
+        debug!("--max-connections {}: closed {batch} idle keep-alive connections", self.max_connections);
     }
 }

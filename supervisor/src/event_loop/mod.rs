@@ -193,6 +193,8 @@ pub struct Supervisor {
     ready_notified: bool,
     /// What the workers' scoreboards say about connections waiting for one.
     others_waiting: bool,
+    /// Client connections held at most (from the config or the fd limit).
+    max_connections: usize,
 }
 
 impl Supervisor {
@@ -201,6 +203,10 @@ impl Supervisor {
         raise_fd_limit();
         let poller = Poller::new()?;
         mark_inherited_fds_cloexec();
+        let max_connections = match config.max_connections {
+            0 => default_max_connections(config.workers),
+            n => n,
+        };
         let mut listeners = crate::listener::inherited()?;
         for l in &listeners {
             info!("listening on {} (inherited)", l.addr);
@@ -298,6 +304,7 @@ impl Supervisor {
             notifier: Notifier::from_env(),
             ready_notified: false,
             others_waiting: false,
+            max_connections,
         })
     }
 
@@ -565,6 +572,16 @@ fn resolve_command(command: &[OsString]) -> Vec<OsString> {
         }
     }
     resolved
+}
+
+/// As many connections as the open-file limit allows, less room for the
+/// supervisor's other descriptors (listeners, channels, scoreboards, logs).
+fn default_max_connections(workers: usize) -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(s, _)| s)
+        .unwrap_or(1024);
+    let reserve = 64 + 4 * workers as u64;
+    usize::try_from(soft.saturating_sub(reserve)).unwrap_or(usize::MAX).max(16)
 }
 
 /// Whatever descriptors the launcher left open must not reach the workers:
