@@ -173,6 +173,13 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(1024..=1 << 20))]
     pub max_head: u32,
 
+    /// Request bodies up to this size are received whole by the supervisor
+    /// before a worker sees the request, so slow senders never hold a
+    /// worker; larger bodies are streamed to the app by the worker.
+    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().buffered_body as u32,
+          value_parser = clap::value_parser!(u32).range(0..=16 << 20))]
+    pub buffer_body: u32,
+
     /// Largest request body in bytes (larger: 413).
     #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_body)]
     pub max_body: u64,
@@ -234,6 +241,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "GROUP", requires = "user")]
     pub group: Option<String>,
 
+    /// A request body (read by a worker) must average at least this many
+    /// bytes per second once it has taken 10 s, or it is cut off with 408.
+    /// 0: no minimum.
+    #[arg(long, value_name = "BYTES", default_value_t = 1024)]
+    pub min_body_rate: u64,
+
     /// Client connections held at most; when reached, the longest-idle
     /// keep-alive connections are closed to make room, and with none idle
     /// new ones wait in the listen backlog [default: the open-file limit,
@@ -276,6 +289,7 @@ impl ServeArgs {
             max_headers: self.max_headers,
             max_head: self.max_head as usize,
             max_body: self.max_body,
+            buffered_body: self.buffer_body as usize,
         };
         config.head_timeout = self.head_timeout;
         config.keepalive_timeout = self.keepalive_timeout;
@@ -284,6 +298,7 @@ impl ServeArgs {
         config.queue_capacity = self.queue.max(1);
         config.backlog = self.backlog;
         config.max_connections = self.max_connections;
+        config.min_body_rate = self.min_body_rate;
         config.max_requests = self.max_requests_per_child;
         config.min_requests =
             self.min_requests_per_child.unwrap_or((self.max_requests_per_child * 4 / 5).max(1));

@@ -50,9 +50,11 @@ struct Settings {
     max_headers: Option<u64>,
     max_head: Option<u64>,
     max_body: Option<u64>,
+    buffer_body: Option<u64>,
     queue: Option<u64>,
     backlog: Option<i64>,
     max_connections: Option<u64>,
+    min_body_rate: Option<u64>,
     control: Option<String>,
     access_log: Option<String>,
     access_log_format: Option<String>,
@@ -86,9 +88,11 @@ impl Settings {
         one("--max-headers", self.max_headers.map(|v| v.to_string()));
         one("--max-head", self.max_head.map(|v| v.to_string()));
         one("--max-body", self.max_body.map(|v| v.to_string()));
+        one("--buffer-body", self.buffer_body.map(|v| v.to_string()));
         one("--queue", self.queue.map(|v| v.to_string()));
         one("--backlog", self.backlog.map(|v| v.to_string()));
         one("--max-connections", self.max_connections.map(|v| v.to_string()));
+        one("--min-body-rate", self.min_body_rate.map(|v| v.to_string()));
         one("--control", self.control.clone());
         one("--access-log", self.access_log.clone());
         one("--access-log-format", self.access_log_format.clone());

@@ -25,6 +25,10 @@ pub struct Limits {
     pub max_head: usize,
     /// Largest request body in bytes (413).
     pub max_body: u64,
+    /// Bodies up to this size are read by the supervisor before a worker
+    /// gets the request (slow senders never hold a worker); larger ones are
+    /// streamed by the worker.
+    pub buffered_body: usize,
 }
 
 impl Default for Limits {
@@ -37,6 +41,7 @@ impl Default for Limits {
             max_headers: 100,
             max_head: 64 * 1024,
             max_body: 1 << 30,
+            buffered_body: 64 * 1024,
         }
     }
 }
@@ -45,8 +50,13 @@ impl Limits {
     /// The form the supervisor hands to a worker in its environment.
     pub fn to_env(&self) -> String {
         format!(
-            "{},{},{},{},{}",
-            self.max_request_line, self.max_header_line, self.max_headers, self.max_head, self.max_body
+            "{},{},{},{},{},{}",
+            self.max_request_line,
+            self.max_header_line,
+            self.max_headers,
+            self.max_head,
+            self.max_body,
+            self.buffered_body
         )
     }
 
@@ -60,6 +70,7 @@ impl Limits {
             max_headers: usize::try_from(next()?).ok()?,
             max_head: usize::try_from(next()?).ok()?,
             max_body: next()?,
+            buffered_body: usize::try_from(next()?).ok()?,
         })
     }
 }
@@ -555,6 +566,47 @@ impl<R: BufRead> BodyReader<R> {
     }
 }
 
+/// Where a chunked body that starts at `buf[0]` ends, if all of it is in
+/// `buf`: `Ok(Some(len))` (trailers included), `Ok(None)` if more is
+/// needed, or the rejection for a malformed body. Lets the supervisor buffer
+/// small bodies so that slow senders never hold a worker.
+pub fn chunked_body_len(buf: &[u8], limits: &Limits) -> Result<Option<usize>, Rejection> {
+    let mut reader = BodyReader::new(Partial(buf), BodyFraming::Chunked, limits);
+    let mut sink = [0u8; 4096];
+    loop {
+        match reader.read(&mut sink) {
+            Ok(0) => return Ok(Some(buf.len() - reader.get_ref().0.len())),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(body_rejection(&e).unwrap_or(Rejection::new(400, "malformed chunked body"))),
+        }
+    }
+}
+
+/// The bytes received so far, ending in "would block" rather than EOF.
+struct Partial<'a>(&'a [u8]);
+
+impl Read for Partial<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let n = self.fill_buf()?.read(out)?;
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl BufRead for Partial<'_> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        if self.0.is_empty() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(self.0)
+    }
+
+    fn consume(&mut self, amt: usize) {
+        self.0 = &self.0[amt.min(self.0.len())..];
+    }
+}
+
 /// Parses a chunk-size line: `1*HEXDIG [ BWS ";" chunk-ext ]` (RFC 9112 §7.1).
 pub fn parse_chunk_size_line(line: &[u8]) -> Result<u64, Rejection> {
     const BAD: Rejection = Rejection::new(400, "invalid chunk size");
@@ -825,6 +877,17 @@ mod tests {
                 String::from_utf8_lossy(raw)
             );
         }
+    }
+
+    #[test]
+    fn chunked_body_len_finds_the_end_or_waits() {
+        let limits = Limits::default();
+        let body = b"5\r\nhello\r\n0\r\nX: y\r\n\r\nGET /next";
+        assert_eq!(chunked_body_len(body, &limits), Ok(Some(body.len() - 9)));
+        for cut in 0..body.len() - 9 {
+            assert_eq!(chunked_body_len(&body[..cut], &limits), Ok(None), "cut at {cut}");
+        }
+        assert_eq!(chunked_body_len(b"zz\r\n", &limits).map_err(|r| r.status), Err(400));
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub mod env {
     /// Microseconds a worker may wait for the next request on its connection
     /// when no other connection waits (0: hand it back at once).
     pub const READ_AHEAD_US: &str = "MONODON_READ_AHEAD_US";
+    /// Bytes per second a request body must average after 10 s (0: no minimum).
+    pub const MIN_BODY_RATE: &str = "MONODON_MIN_BODY_RATE";
     /// Seconds a worker waits on a client's body or on a slow reader.
     pub const IO_TIMEOUT: &str = "MONODON_IO_TIMEOUT";
 }

@@ -26,7 +26,7 @@ const RETIRING: u8 = 4;
 /// a worker hands back at most as much as it was given or one read's worth.
 /// Both ends size their buffers (and the socket's) from this.
 pub fn max_message(limits: &crate::http::Limits) -> usize {
-    2 * limits.max_head + 64 * 1024
+    2 * limits.max_head + limits.buffered_body + 64 * 1024
 }
 
 /// Supervisor → worker.

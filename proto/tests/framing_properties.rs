@@ -95,7 +95,7 @@ proptest! {
     /// decision, every longer prefix (and the whole) gives the same one.
     #[test]
     fn decisions_do_not_depend_on_how_bytes_arrive(input in any_input()) {
-        let limits = Limits { max_request_line: 64, max_header_line: 64, max_headers: 8, max_head: 256, max_body: 1000 };
+        let limits = Limits { max_request_line: 64, max_header_line: 64, max_headers: 8, max_head: 256, max_body: 1000, ..Limits::default() };
         let mut first: Option<Decision> = None;
         for k in 0..=input.len() {
             let d = decide(&input[..k], &limits);

@@ -65,6 +65,8 @@ pub struct Config {
     pub queue_capacity: usize,
     /// Listen backlog.
     pub backlog: i32,
+    /// Bytes per second a request body must average after a 10 s grace.
+    pub min_body_rate: u64,
     /// Client connections held at most (0: what the fd limit allows).
     pub max_connections: usize,
     /// How long to drain a client's input after our last response, so that
@@ -122,6 +124,7 @@ impl Config {
             queue_capacity: 1024,
             backlog: 1024,
             max_connections: 0,
+            min_body_rate: 1024,
             linger_timeout: Duration::from_secs(2),
             graceful_timeout: Duration::from_secs(30),
             max_requests: 1000,

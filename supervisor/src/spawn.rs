@@ -34,6 +34,7 @@ pub struct WorkerSpec<'a> {
     pub access_log: Option<&'a str>,
     pub access_log_format: &'a str,
     pub read_ahead: Duration,
+    pub min_body_rate: u64,
 }
 
 pub fn spawn_worker(spec: &WorkerSpec<'_>) -> io::Result<Spawned> {
@@ -74,7 +75,8 @@ pub fn spawn_worker(spec: &WorkerSpec<'_>) -> io::Result<Spawned> {
         .env(env::MAX_REQUESTS, spec.max_requests.to_string())
         .env(env::ACCESS_LOG, spec.access_log.unwrap_or(""))
         .env(env::ACCESS_LOG_FORMAT, spec.access_log_format)
-        .env(env::READ_AHEAD_US, spec.read_ahead.as_micros().to_string());
+        .env(env::READ_AHEAD_US, spec.read_ahead.as_micros().to_string())
+        .env(env::MIN_BODY_RATE, spec.min_body_rate.to_string());
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe system calls (fcntl, dup2, prctl, getppid, _exit) on
     // descriptors that exist in the child; it allocates nothing.

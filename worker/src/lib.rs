@@ -77,6 +77,7 @@ fn serve_forever(app: &mut dyn App) -> std::io::Result<()> {
     let mut remaining = (max_requests > 0).then_some(max_requests);
     let read_ahead = std::env::var(env::READ_AHEAD_US).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
     let read_ahead = Duration::from_micros(read_ahead);
+    let min_body_rate = std::env::var(env::MIN_BODY_RATE).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
     let pid = std::process::id();
     let access_log = match std::env::var(env::ACCESS_LOG) {
         Ok(path) if !path.is_empty() => {
@@ -107,6 +108,7 @@ fn serve_forever(app: &mut dyn App) -> std::io::Result<()> {
         };
         let ctx = Context {
             read_ahead,
+            min_body_rate,
             limits: &limits,
             pid,
             generation,

@@ -35,6 +35,8 @@ pub struct Context<'a> {
     /// How long to wait for a keep-alive client's next request before
     /// handing the connection back (only while no connection waits).
     pub read_ahead: std::time::Duration,
+    /// Bytes per second a request body must average (after a grace period).
+    pub min_body_rate: u64,
     pub limits: &'a Limits,
     pub pid: u32,
     pub generation: u64,
@@ -155,6 +157,25 @@ struct AppBody<'a, 's> {
     continue_pending: bool,
     rejection: Option<Rejection>,
     failed: bool,
+    /// When the body started to be read, for the minimum rate.
+    since: Option<Instant>,
+    min_rate: u64,
+}
+
+/// A body slower than `--min-body-rate` is given this long to pick up
+/// before it is cut off.
+const BODY_RATE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl AppBody<'_, '_> {
+    /// A client trickling its body holds a worker: past the grace period it
+    /// must average at least `min_rate` bytes per second.
+    fn too_slow(&mut self) -> bool {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        let elapsed = since.elapsed();
+        self.min_rate > 0
+            && elapsed > BODY_RATE_GRACE
+            && (self.reader.decoded() as f64) < self.min_rate as f64 * elapsed.as_secs_f64()
+    }
 }
 
 impl Read for AppBody<'_, '_> {
@@ -163,9 +184,18 @@ impl Read for AppBody<'_, '_> {
             self.continue_pending = false;
             self.reader.get_mut().stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
         }
+        if !self.reader.is_done() && self.too_slow() {
+            self.rejection = Some(Rejection { status: 408, reason: "request body sent too slowly" });
+            self.failed = true;
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "request body below the minimum rate"));
+        }
         match self.reader.read(buf) {
             Ok(n) => Ok(n),
             Err(e) => {
+                if e.kind() == io::ErrorKind::TimedOut {
+                    self.rejection =
+                        Some(Rejection { status: 408, reason: "request body not received in time" });
+                }
                 self.rejection = self.rejection.or(http::body_rejection(&e));
                 self.failed = true;
                 Err(e)
@@ -184,6 +214,8 @@ fn serve_one(app: &mut dyn App, input: &mut Input<'_>, head: &OwnedHead, ctx: &C
         continue_pending: head.expect_continue,
         rejection: None,
         failed: false,
+        since: None,
+        min_rate: ctx.min_body_rate,
     };
     let requests = ctx.slot.requests.load(std::sync::atomic::Ordering::Relaxed);
     let mut request = Request {

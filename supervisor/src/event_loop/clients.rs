@@ -114,8 +114,10 @@ impl Supervisor {
                     return if conn.buf.is_empty() {
                         self.close_now(key)
                     } else {
-                        let closed =
-                            Rejection { status: 400, reason: "connection closed inside the request head" };
+                        let closed = Rejection {
+                            status: 400,
+                            reason: "connection closed before the request was complete",
+                        };
                         self.reject(key, closed)
                     };
                 }
@@ -150,6 +152,27 @@ impl Supervisor {
         let conn = &mut self.conns[key];
         match http::parse_head(&conn.buf, &self.config.limits) {
             Ok(Some(head)) => {
+                // Small bodies are received here, not by a worker: a slow
+                // sender costs the supervisor a buffer, never a process.
+                let limits = &self.config.limits;
+                let have = conn.buf.len() - head.len;
+                let body_complete = match head.framing {
+                    _ if head.expect_continue => true,
+                    http::BodyFraming::None => true,
+                    http::BodyFraming::Length(n) => n > limits.buffered_body as u64 || have as u64 >= n,
+                    http::BodyFraming::Chunked => match http::chunked_body_len(&conn.buf[head.len..], limits)
+                    {
+                        Ok(Some(_)) => true,
+                        Ok(None) => have > limits.buffered_body,
+                        Err(rejection) => {
+                            self.reject(key, rejection);
+                            return false;
+                        }
+                    },
+                };
+                if !body_complete {
+                    return conn.unread;
+                }
                 conn.request_line.clear();
                 let target = &head.target[..head.target.len().min(200)];
                 let _ = write!(conn.request_line, "{} {}", head.method, target);

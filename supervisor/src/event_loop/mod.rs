@@ -514,7 +514,7 @@ impl Supervisor {
             .collect();
         for (key, mid_head) in expired {
             if mid_head {
-                self.reject(key, Rejection { status: 408, reason: "request head not received in time" });
+                self.reject(key, Rejection { status: 408, reason: "request not received in time" });
             } else {
                 self.close_now(key);
             }

@@ -60,6 +60,7 @@ impl Supervisor {
             access_log: self.config.access_log.as_deref(),
             access_log_format: &self.config.access_log_format,
             read_ahead: self.config.read_ahead,
+            min_body_rate: self.config.min_body_rate,
         };
         let s = spawn_worker(&spec).inspect_err(|e| error!("{e}"))?;
         let entry = self.workers.vacant_entry();
