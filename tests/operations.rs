@@ -468,3 +468,31 @@ fn user_and_group_drop_privileges_after_binding() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--user no-such-user-here: no such user"));
 }
+
+#[test]
+fn malformed_control_requests_get_errors_not_crashes() {
+    use std::io::{BufRead, BufReader, Write};
+    let server = Server::start(&["--app", "echo", "--workers", "1"], 1);
+    let path = control_path(&server);
+    let ask = |bytes: &[u8]| -> String {
+        let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(bytes).unwrap();
+        let mut line = String::new();
+        let _ = BufReader::new(s).read_line(&mut line);
+        line
+    };
+    for (bytes, needle) in [
+        (&b"not json\n"[..], "bad request"),
+        (b"{\"protocol\":1,\"command\":\"explode\"}\n", "bad request"),
+        (b"{\"protocol\":99,\"command\":\"status\"}\n", "protocol version mismatch"),
+        (b"{\"protocol\":1,\"command\":\"scale\"}\n", "scale needs"),
+        (b"\xff\xfe\x00garbage\n", "bad request"),
+    ] {
+        let answer = ask(bytes);
+        assert!(answer.contains("\"ok\":false") && answer.contains(needle), "{:?} -> {answer}", String::from_utf8_lossy(bytes));
+    }
+    let huge = vec![b'x'; 70 * 1024];
+    assert!(ask(&huge).contains("request too large"));
+    assert_eq!(status_json(&path)["workers"]["total"], 1, "the supervisor is fine");
+}

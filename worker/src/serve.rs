@@ -414,3 +414,19 @@ fn valid_header(name: &str, value: &str) -> bool {
         && name.bytes().all(is_tchar)
         && !value.bytes().any(|c| c == b'\r' || c == b'\n' || c == 0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::valid_header;
+
+    #[test]
+    fn response_headers_cannot_inject_lines() {
+        assert!(valid_header("X-Ok", "a value; with=stuff"));
+        assert!(!valid_header("X-Bad", "a\r\nSet-Cookie: evil=1"));
+        assert!(!valid_header("X-Bad", "a\nb"));
+        assert!(!valid_header("X-Bad", "a\0b"));
+        assert!(!valid_header("Bad Name", "v"));
+        assert!(!valid_header("Bad:Name", "v"));
+        assert!(!valid_header("", "v"));
+    }
+}
