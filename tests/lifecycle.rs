@@ -394,3 +394,26 @@ fn ttin_and_ttou_change_the_worker_count() {
     c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(c.response().unwrap().status, 200);
 }
+
+#[test]
+fn a_frozen_worker_that_never_takes_its_request_is_replaced() {
+    let server = Server::start(&["--app", "echo", "--workers", "1", "--timeout", "1s"], 1);
+    let frozen = server.children()[0];
+    // SAFETY: stopping the worker the test just found, to play a wedged one.
+    unsafe { libc::kill(frozen as i32, libc::SIGSTOP) };
+    let r = server.get("/never-read");
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(eventually(Duration::from_secs(10), || !server.children().contains(&frozen)));
+    assert_eq!(server.get("/").status, 200);
+}
+
+#[test]
+fn a_worker_that_closes_its_channel_and_lingers_is_killed() {
+    let scratch = Scratch::new("channel-closer");
+    let closer = scratch.script("closer", "exec 3>&-\nexec sleep 600");
+    let mut cmd = monodon();
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--workers", "1", "--"]).arg(&closer);
+    let server = Server::start_cmd(&mut cmd, 0);
+    server.wait_for_log("closed its channel but did not exit; killing it", Duration::from_secs(15));
+    assert!(eventually(Duration::from_secs(10), || server.children().len() <= 1), "no pile of stray workers");
+}

@@ -490,7 +490,11 @@ fn malformed_control_requests_get_errors_not_crashes() {
         (b"\xff\xfe\x00garbage\n", "bad request"),
     ] {
         let answer = ask(bytes);
-        assert!(answer.contains("\"ok\":false") && answer.contains(needle), "{:?} -> {answer}", String::from_utf8_lossy(bytes));
+        assert!(
+            answer.contains("\"ok\":false") && answer.contains(needle),
+            "{:?} -> {answer}",
+            String::from_utf8_lossy(bytes)
+        );
     }
     let huge = vec![b'x'; 70 * 1024];
     assert!(ask(&huge).contains("request too large"));

@@ -124,6 +124,10 @@ struct Worker {
     /// When it was sent SIGTERM for running past `--timeout`, and whether
     /// SIGKILL followed.
     killed: Option<(Instant, bool)>,
+    /// When it was last handed a connection.
+    busy_since: Instant,
+    /// When it closed its channel (it should be exiting).
+    channel_lost: Option<Instant>,
 }
 
 /// A reload in progress: generation `generation` is starting.

@@ -91,6 +91,8 @@ impl Supervisor {
             max_requests,
             current: String::new(),
             killed: None,
+            busy_since: Instant::now(),
+            channel_lost: None,
         });
         Ok(key)
     }
@@ -307,10 +309,14 @@ impl Supervisor {
                     }
                 }
                 Ok(Received::Closed) => {
-                    // It is exiting; SIGCHLD will tell us how.
-                    if let Some(ch) = self.workers[wkey].channel.take() {
+                    // It is exiting, and SIGCHLD will tell us how; one that
+                    // closed its channel and lives on is killed in the sweep.
+                    let w = &mut self.workers[wkey];
+                    if let Some(ch) = w.channel.take() {
                         let _ = self.poller.delete(&ch);
+                        w.channel_lost = Some(Instant::now());
                     }
+                    self.dispatcher.remove_worker(wkey);
                     break;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -426,6 +432,7 @@ impl Supervisor {
                 // Idle connections must stay cheap: drop the buffer, not just clear it.
                 conn.buf = Vec::new();
                 worker.state = WorkerState::Busy(ckey);
+                worker.busy_since = Instant::now();
                 std::mem::swap(&mut worker.current, &mut conn.request_line);
             }
             Err(e) => {
@@ -528,6 +535,13 @@ impl Supervisor {
     pub(super) fn check_stuck_workers(&mut self, now: Instant) {
         let timeout_ms = self.config.timeout.as_millis() as u64;
         for (_, w) in self.workers.iter_mut() {
+            if let Some(at) = w.channel_lost {
+                if now.duration_since(at) >= self.config.kill_grace && w.killed.is_none() {
+                    warn!("worker {} closed its channel but did not exit; killing it", w.pid);
+                    let _ = kill(w.pid, Signal::SIGKILL);
+                    w.channel_lost = None;
+                }
+            }
             match w.killed {
                 Some((at, false)) if now.duration_since(at) >= self.config.kill_grace => {
                     warn!("worker {} did not exit after SIGTERM; sending SIGKILL", w.pid);
@@ -537,7 +551,12 @@ impl Supervisor {
                 Some(_) => {}
                 None => {
                     let WorkerState::Busy(ckey) = w.state else { continue };
-                    let Some(age) = w.scoreboard.slot().request_age_ms() else { continue };
+                    // A worker that never even started the request counts from the hand-over.
+                    let age = w
+                        .scoreboard
+                        .slot()
+                        .request_age_ms()
+                        .unwrap_or_else(|| now.duration_since(w.busy_since).as_millis() as u64);
                     if age <= timeout_ms {
                         continue;
                     }
