@@ -21,6 +21,9 @@ pub mod env {
     pub const CHANNEL_FD: &str = "MONODON_CHANNEL_FD";
     /// The fd number of the worker's scoreboard page (always 4).
     pub const SCOREBOARD_FD: &str = "MONODON_SCOREBOARD_FD";
+    /// The supervisor's pid: a worker whose parent is another has been
+    /// orphaned and exits.
+    pub const SUPERVISOR_PID: &str = "MONODON_SUPERVISOR_PID";
     /// The generation this worker belongs to.
     pub const GENERATION: &str = "MONODON_GENERATION";
     /// The request limits, as `Limits::to_env` writes them.

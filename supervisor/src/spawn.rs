@@ -1,19 +1,35 @@
-//! Starting a worker process: fork+exec of the worker command as it is on
-//! disk now, with its channel on fd 3 and its scoreboard on fd 4.
+//! Starting a worker process: posix_spawn of the worker command as it is on
+//! disk now, with its channel on fd 3 and its scoreboard on fd 4. Nothing
+//! runs between fork and exec but the kernel's and libc's own file actions,
+//! so this module needs no `unsafe` pre-exec code.
 
-use std::ffi::OsString;
+use std::ffi::{CString, OsString};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::time::Duration;
 
 use monodon_proto::env;
 use monodon_proto::http::Limits;
 use monodon_proto::scoreboard::Scoreboard;
 use monodon_proto::wire;
+use nix::fcntl::OFlag;
+use nix::spawn::{posix_spawnp, PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags};
+use nix::sys::signal::{SigSet, Signal};
 use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType};
+use nix::sys::stat::Mode;
 use nix::unistd::Pid;
+
+/// What systemd and Server::Starter told the supervisor is not for workers.
+const NOT_FOR_WORKERS: [&str; 7] = [
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "SERVER_STARTER_PORT",
+];
 
 /// A worker process just started, and the supervisor's ends of its links.
 pub struct Spawned {
@@ -38,7 +54,7 @@ pub struct WorkerSpec<'a> {
 }
 
 pub fn spawn_worker(spec: &WorkerSpec<'_>) -> io::Result<Spawned> {
-    let (program, args) = spec
+    let (program, _) = spec
         .command
         .split_first()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty worker command"))?;
@@ -53,59 +69,59 @@ pub fn spawn_worker(spec: &WorkerSpec<'_>) -> io::Result<Spawned> {
     nix::fcntl::fcntl(&ours, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))?;
     let scoreboard = Scoreboard::create()?;
 
-    let channel_fd = theirs.as_raw_fd();
-    let scoreboard_fd = scoreboard.fd().as_raw_fd();
-    let parent = std::process::id() as libc::pid_t;
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        // What systemd and Server::Starter told the supervisor is not for workers.
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID")
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_PID")
-        .env_remove("LISTEN_FDNAMES")
-        .env_remove("SERVER_STARTER_PORT")
-        .env(env::CHANNEL_FD, "3")
-        .env(env::SCOREBOARD_FD, "4")
-        .env(env::GENERATION, spec.generation.to_string())
-        .env(env::LIMITS, spec.limits.to_env())
-        .env(env::IO_TIMEOUT, spec.io_timeout.as_secs().max(1).to_string())
-        .env(env::MAX_REQUESTS, spec.max_requests.to_string())
-        .env(env::ACCESS_LOG, spec.access_log.unwrap_or(""))
-        .env(env::ACCESS_LOG_FORMAT, spec.access_log_format)
-        .env(env::READ_AHEAD_US, spec.read_ahead.as_micros().to_string())
-        .env(env::MIN_BODY_RATE, spec.min_body_rate.to_string());
-    // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe system calls (fcntl, dup2, prctl, getppid, _exit) on
-    // descriptors that exist in the child; it allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Move both descriptors above 4 first, so placing one on 3 or 4
-            // cannot clobber the other; dup'd copies have CLOEXEC clear.
-            let chan = libc::fcntl(channel_fd, libc::F_DUPFD, 10);
-            let board = libc::fcntl(scoreboard_fd, libc::F_DUPFD, 10);
-            if chan < 0 || board < 0 || libc::dup2(chan, 3) < 0 || libc::dup2(board, 4) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            libc::close(chan);
-            libc::close(board);
-            // No worker outlives its supervisor.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) < 0
-                || libc::getppid() != parent
-            {
-                libc::_exit(1);
-            }
-            Ok(())
-        });
-    }
-    let child = cmd
-        .spawn()
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot start worker {:?}: {e}", program)))?;
-    let pid = Pid::from_raw(child.id() as i32);
-    // We reap the child ourselves (waitpid on SIGCHLD); std's handle is not needed.
-    drop(child);
-    drop(theirs);
+    // Copies above 4, close-on-exec, so that placing them on 3 and 4 in the
+    // child cannot clobber one another and the dup2 clears close-on-exec.
+    let channel_high = nix::fcntl::fcntl(&theirs, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))?;
+    let board_high = nix::fcntl::fcntl(scoreboard.fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))?;
+    // SAFETY: F_DUPFD_CLOEXEC just created these descriptors for us alone.
+    let (channel_high, board_high) =
+        unsafe { (OwnedFd::from_raw_fd(channel_high), OwnedFd::from_raw_fd(board_high)) };
+    let mut actions = PosixSpawnFileActions::init()?;
+    actions.add_open(0, "/dev/null", OFlag::O_RDONLY, Mode::empty())?;
+    actions.add_dup2(channel_high.as_raw_fd(), 3)?;
+    actions.add_dup2(board_high.as_raw_fd(), 4)?;
+    // Workers start with default signal handling and an empty mask (Rust
+    // ignores SIGPIPE in the supervisor; a worker in another language expects
+    // the default).
+    let mut attr = PosixSpawnAttr::init()?;
+    let mut defaults = SigSet::empty();
+    defaults.add(Signal::SIGPIPE);
+    attr.set_sigdefault(&defaults)?;
+    attr.set_sigmask(&SigSet::empty())?;
+    attr.set_flags(PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF | PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK)?;
+
+    let c = |s: &std::ffi::OsStr| CString::new(s.as_bytes());
+    let bad_arg = |_| io::Error::new(io::ErrorKind::InvalidInput, "a worker argument contains a NUL byte");
+    let argv: Vec<CString> = spec.command.iter().map(|a| c(a)).collect::<Result<_, _>>().map_err(bad_arg)?;
+    let settings = [
+        (env::CHANNEL_FD, "3".to_owned()),
+        (env::SCOREBOARD_FD, "4".to_owned()),
+        (env::SUPERVISOR_PID, std::process::id().to_string()),
+        (env::GENERATION, spec.generation.to_string()),
+        (env::LIMITS, spec.limits.to_env()),
+        (env::IO_TIMEOUT, spec.io_timeout.as_secs().max(1).to_string()),
+        (env::MAX_REQUESTS, spec.max_requests.to_string()),
+        (env::ACCESS_LOG, spec.access_log.unwrap_or("").to_owned()),
+        (env::ACCESS_LOG_FORMAT, spec.access_log_format.to_owned()),
+        (env::READ_AHEAD_US, spec.read_ahead.as_micros().to_string()),
+        (env::MIN_BODY_RATE, spec.min_body_rate.to_string()),
+    ];
+    let mut envp: Vec<CString> = std::env::vars_os()
+        .filter(|(k, _)| !NOT_FOR_WORKERS.iter().any(|n| k == n) && !settings.iter().any(|(n, _)| k == n))
+        .filter_map(|(k, v)| {
+            let mut kv = k.into_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            CString::new(kv).ok()
+        })
+        .collect();
+    envp.extend(settings.iter().filter_map(|(k, v)| CString::new(format!("{k}={v}")).ok()));
+
+    // posix_spawn (vfork-style): no copy of the supervisor's page tables or
+    // descriptor table, whatever it holds. PATH is searched as by a shell.
+    let pid = posix_spawnp(&argv[0], &actions, &attr, &argv, &envp).map_err(|e| {
+        io::Error::new(io::Error::from(e).kind(), format!("cannot start worker {program:?}: {e}"))
+    })?;
+    drop((channel_high, board_high, theirs));
     Ok(Spawned { pid, channel: ours, scoreboard })
 }

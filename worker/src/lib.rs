@@ -66,7 +66,21 @@ fn inherited_fd(var: &str) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
+/// No worker outlives its supervisor: SIGTERM when the parent dies, and an
+/// exit now if it already has (the pid check closes the race).
+fn die_with_supervisor() -> std::io::Result<()> {
+    let Some(supervisor) = std::env::var(env::SUPERVISOR_PID).ok().and_then(|p| p.parse::<i32>().ok()) else {
+        return Ok(());
+    };
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
+    if nix::unistd::getppid().as_raw() != supervisor {
+        return Err(std::io::Error::other("the supervisor is gone"));
+    }
+    Ok(())
+}
+
 fn serve_forever(app: &mut dyn App) -> std::io::Result<()> {
+    die_with_supervisor()?;
     let channel = inherited_fd(env::CHANNEL_FD)?;
     let scoreboard = Scoreboard::map(inherited_fd(env::SCOREBOARD_FD)?)?;
     let limits = std::env::var(env::LIMITS).ok().and_then(|s| Limits::from_env(&s)).unwrap_or_default();
