@@ -373,7 +373,7 @@ def cmd_report(a):
             if not rs:
                 mine = [r for r in recs if r["server"] == s and r["scenario"] == sc]
                 word = "n/a" if mine and all(r["status"] == "na" for r in mine) else "failed"
-                lines.append(f"| {s} | {word} |" + " — |" * (6 + 2 * extra))
+                lines.append(f"| {s} | {word} |" + " — |" * (5 + 2 * extra))
                 continue
             rps = _median(r["rps"] for r in rs)
             ratio = f"{rps / nginx_rps:.2f}" if nginx_rps else "—"
