@@ -148,8 +148,14 @@ pub fn render(s: &Status) -> String {
     push(
         &mut out,
         format!(
-            "totals: {} accepted, {} requests, {} reloads ({} failed), {} respawns, {} timeouts",
-            t.accepted, t.requests, t.reloads, t.failed_reloads, t.respawns, t.timeouts
+            "totals: {} accepted, {} requests ({:.0}/s now), {} reloads ({} failed), {} respawns, {} timeouts",
+            t.accepted,
+            t.requests,
+            s.requests_per_sec,
+            t.reloads,
+            t.failed_reloads,
+            t.respawns,
+            t.timeouts
         ),
     );
     push(&mut out, String::new());

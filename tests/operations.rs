@@ -500,3 +500,20 @@ fn malformed_control_requests_get_errors_not_crashes() {
     assert!(ask(&huge).contains("request too large"));
     assert_eq!(status_json(&path)["workers"]["total"], 1, "the supervisor is fine");
 }
+
+#[test]
+fn status_names_the_request_being_served_not_the_first_of_the_connection() {
+    let server = Server::start(&["--app", "echo", "--workers", "1"], 1);
+    let path = control_path(&server);
+    let mut c = server.connect();
+    // Pipelined: the worker serves both in one pass.
+    c.send(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\nGET /second?sleep_ms=2000 HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(c.response().unwrap().status, 200);
+    let path2 = path.clone();
+    let shown = eventually(Duration::from_secs(5), || {
+        status_json(&path2)["worker_list"][0]["request"] == "GET /second?sleep_ms=2000"
+    });
+    assert!(shown, "{}", status_json(&path)["worker_list"]);
+    assert_eq!(c.response().unwrap().status, 200);
+    assert!(status_json(&path)["requests_per_sec"].as_f64().is_some());
+}

@@ -10,7 +10,7 @@ use std::io;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
@@ -18,7 +18,7 @@ use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 /// What a worker publishes. Only atomics, so both processes may touch it
 /// at any time.
 #[repr(C)]
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Slot {
     /// Response bytes written since the worker started.
     pub bytes_written: AtomicU64,
@@ -33,7 +33,16 @@ pub struct Slot {
     /// Set by the supervisor while connections wait for a free worker: a
     /// worker must then not linger on its connection for a next request.
     pub others_waiting: AtomicU64,
+    /// A sequence lock over `request_len` and `request_line`: odd while the
+    /// worker is writing them.
+    pub request_seq: AtomicU64,
+    pub request_len: AtomicU64,
+    /// `METHOD target` of the request being served (cut at its capacity).
+    pub request_line: [AtomicU8; REQUEST_LINE_MAX],
 }
+
+/// Room for the request line in a slot.
+pub const REQUEST_LINE_MAX: usize = 256;
 
 impl Slot {
     pub fn add_written(&self, n: usize) {
@@ -67,6 +76,36 @@ impl Slot {
 
     pub fn set_draining(&self) {
         self.draining.store(1, Ordering::Relaxed);
+    }
+
+    /// Publishes the request the worker is starting (worker side).
+    pub fn set_request_line(&self, line: &[u8]) {
+        let line = &line[..line.len().min(REQUEST_LINE_MAX)];
+        self.request_seq.fetch_add(1, Ordering::AcqRel);
+        for (cell, &b) in self.request_line.iter().zip(line) {
+            cell.store(b, Ordering::Relaxed);
+        }
+        self.request_len.store(line.len() as u64, Ordering::Relaxed);
+        self.request_seq.fetch_add(1, Ordering::Release);
+    }
+
+    /// The request line last published, if it can be read consistently
+    /// (supervisor side; gives up rather than wait on a busy writer).
+    pub fn request_line(&self) -> Option<String> {
+        for _ in 0..8 {
+            let before = self.request_seq.load(Ordering::Acquire);
+            if before % 2 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let len = (self.request_len.load(Ordering::Relaxed) as usize).min(REQUEST_LINE_MAX);
+            let bytes: Vec<u8> = self.request_line[..len].iter().map(|c| c.load(Ordering::Relaxed)).collect();
+            std::sync::atomic::fence(Ordering::Acquire);
+            if self.request_seq.load(Ordering::Relaxed) == before {
+                return (before > 0).then(|| String::from_utf8_lossy(&bytes).into_owned());
+            }
+        }
+        None
     }
 
     pub fn others_waiting(&self) -> bool {
@@ -150,5 +189,15 @@ mod tests {
         let b = Scoreboard::map(a.fd().try_clone_to_owned().unwrap()).unwrap();
         b.slot().add_written(5);
         assert_eq!(a.slot().written(), 5);
+        assert_eq!(a.slot().request_line(), None);
+        b.slot().set_request_line(b"GET /x");
+        assert_eq!(a.slot().request_line().as_deref(), Some("GET /x"));
+        b.slot().set_request_line(&[b'a'; 400]);
+        assert_eq!(a.slot().request_line().map(|l| l.len()), Some(REQUEST_LINE_MAX));
+    }
+
+    #[test]
+    fn a_slot_fits_its_page() {
+        assert!(std::mem::size_of::<Slot>() <= LEN);
     }
 }

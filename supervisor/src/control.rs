@@ -82,6 +82,9 @@ pub struct Status {
     pub connections: ConnectionCounts,
     pub workers: WorkerCounts,
     pub totals: Totals,
+    /// Requests per second over the last second or so.
+    #[serde(default)]
+    pub requests_per_sec: f64,
     pub worker_list: Vec<WorkerStatus>,
 }
 

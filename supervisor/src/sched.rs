@@ -103,10 +103,13 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    /// A worker died unexpectedly after `lived`: how long to wait before
-    /// starting its replacement.
-    pub fn on_death(&mut self, lived: Duration) -> Duration {
-        if lived >= self.healthy_after {
+    /// A worker died unexpectedly after `lived`, having completed `served`
+    /// requests: how long to wait before starting its replacement. It died
+    /// young if it served nothing, or lived less than `healthy_after`
+    /// without getting far (one that served requests for a while was
+    /// killed, not broken).
+    pub fn on_death(&mut self, lived: Duration, served: u64) -> Duration {
+        if lived >= self.healthy_after || (served > 0 && lived >= self.healthy_after / 5) {
             self.failures = 0;
             return Duration::ZERO;
         }
@@ -117,7 +120,7 @@ impl Backoff {
 
     /// A worker could not even be started.
     pub fn on_spawn_failure(&mut self) -> Duration {
-        self.on_death(Duration::ZERO)
+        self.on_death(Duration::ZERO, 0)
     }
 
     /// Consecutive quick deaths so far.
@@ -171,12 +174,16 @@ mod tests {
     fn backoff_grows_to_a_cap_and_resets() {
         let mut b = Backoff::default();
         let quick = Duration::from_millis(10);
-        let delays: Vec<_> = (0..10).map(|_| b.on_death(quick)).collect();
+        let delays: Vec<_> = (0..10).map(|_| b.on_death(quick, 0)).collect();
         assert_eq!(delays[0], Duration::from_millis(100));
         assert_eq!(delays[1], Duration::from_millis(200));
         assert!(delays.windows(2).all(|w| w[0] <= w[1]));
         assert_eq!(*delays.last().unwrap(), Duration::from_secs(10));
-        assert_eq!(b.on_death(Duration::from_secs(60)), Duration::ZERO);
+        assert_eq!(b.on_death(Duration::from_secs(60), 0), Duration::ZERO);
         assert_eq!(b.failures(), 0);
+        // Served requests for a couple of seconds, then died: killed, not broken.
+        assert_eq!(b.on_death(Duration::from_secs(2), 40), Duration::ZERO);
+        // Died at its first request: broken.
+        assert!(b.on_death(Duration::from_secs(2), 0) > Duration::ZERO);
     }
 }

@@ -84,6 +84,11 @@ pub fn serve_connection(
         if last {
             (budget.on_last)();
         }
+        let mut line = Vec::with_capacity(head.method.len() + 1 + head.target.len());
+        line.extend_from_slice(head.method.as_bytes());
+        line.push(b' ');
+        line.extend_from_slice(head.target.as_bytes());
+        ctx.slot.set_request_line(&line);
         ctx.slot.begin_request();
         let keep = serve_one(app, input, &head, ctx);
         ctx.slot.end_request();

@@ -199,6 +199,9 @@ pub struct Supervisor {
     others_waiting: bool,
     /// Client connections held at most (from the config or the fd limit).
     max_connections: usize,
+    /// (when, total requests then): the last sample for the request rate.
+    rate_sample: (Instant, u64),
+    requests_per_sec: f64,
 }
 
 impl Supervisor {
@@ -309,6 +312,8 @@ impl Supervisor {
             ready_notified: false,
             others_waiting: false,
             max_connections,
+            rate_sample: (now, 0),
+            requests_per_sec: 0.0,
         })
     }
 
@@ -504,6 +509,12 @@ impl Supervisor {
 
     /// Closes connections whose head, idle or linger time is up.
     fn sweep(&mut self, now: Instant) {
+        let elapsed = now.duration_since(self.rate_sample.0);
+        if elapsed >= Duration::from_secs(1) {
+            let total = self.total_requests();
+            self.requests_per_sec = total.saturating_sub(self.rate_sample.1) as f64 / elapsed.as_secs_f64();
+            self.rate_sample = (now, total);
+        }
         if self.ready_notified && self.notifier.enabled() {
             let line = self.status_line();
             self.notifier.tick(now, || line);

@@ -46,7 +46,7 @@ impl Supervisor {
                         _ => None,
                     };
                     let secs = slot.request_age_ms().map(|ms| ms as f64 / 1000.0);
-                    (Some(w.current.clone()), secs, started)
+                    (Some(slot.request_line().unwrap_or_else(|| w.current.clone())), secs, started)
                 }
                 _ => (None, None, None),
             };
@@ -93,21 +93,33 @@ impl Supervisor {
             connections,
             workers,
             totals,
+            requests_per_sec: self.requests_per_sec,
             worker_list,
         }
+    }
+
+    /// Requests completed, by live and departed workers.
+    pub(super) fn total_requests(&self) -> u64 {
+        let live: u64 = self
+            .workers
+            .iter()
+            .map(|(_, w)| w.scoreboard.slot().requests.load(std::sync::atomic::Ordering::Relaxed))
+            .sum();
+        self.totals.requests + live
     }
 
     /// A one-line summary for systemd's `STATUS=`.
     pub(super) fn status_line(&self) -> String {
         let s = self.status();
         format!(
-            "generation {}: {}/{} workers busy, {} connections ({} idle, {} queued), {} requests",
+            "generation {}: {}/{} workers busy, {} connections ({} idle, {} queued), {:.0} req/s, {} requests",
             s.generation,
             s.workers.busy,
             s.workers.total,
             s.connections.total,
             s.connections.idle,
             s.connections.queued,
+            s.requests_per_sec,
             s.totals.requests
         )
     }

@@ -523,7 +523,8 @@ impl Supervisor {
             return;
         }
         self.totals.respawns += 1;
-        let delay = if w.killed.is_some() { Duration::ZERO } else { self.backoff.on_death(lived) };
+        let served = w.scoreboard.slot().requests.load(std::sync::atomic::Ordering::Relaxed);
+        let delay = if w.killed.is_some() { Duration::ZERO } else { self.backoff.on_death(lived, served) };
         if delay > Duration::ZERO {
             warn!("workers keep dying young ({} in a row); next start in {delay:?}", self.backoff.failures());
         }
@@ -561,6 +562,9 @@ impl Supervisor {
                         continue;
                     }
                     let peer = self.conns.get(ckey).map(|c| c.peer.as_str()).unwrap_or("?");
+                    if let Some(line) = w.scoreboard.slot().request_line() {
+                        w.current = line;
+                    }
                     warn!(
                         "worker {} has been busy for {:.1}s on {:?} from {peer} (--timeout {:?}); killing it",
                         w.pid,
