@@ -434,3 +434,59 @@ fn max_connections_closes_the_longest_idle_first_then_waits() {
     assert!(server.logs().contains("none idle: not accepting"));
     drop(stalled);
 }
+
+#[test]
+fn a_full_queue_pauses_accepting_and_loses_nothing() {
+    let server = Server::start(&["--app", "echo", "--workers", "1", "--queue", "2"], 1);
+    let clients: Vec<_> = (0..10)
+        .map(|i| {
+            let addr = server.addr;
+            std::thread::spawn(move || {
+                let mut c = Client::connect(addr);
+                c.send(
+                    format!("GET /{i}?sleep_ms=50 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                );
+                c.response().map(|r| r.status).ok()
+            })
+        })
+        .collect();
+    for (i, c) in clients.into_iter().enumerate() {
+        assert_eq!(c.join().unwrap(), Some(200), "client {i}: waiting in the backlog, then served");
+    }
+}
+
+#[test]
+fn out_of_descriptors_the_supervisor_backs_off_and_recovers() {
+    // 64 descriptors, and no --max-connections below that: accept will hit EMFILE.
+    let mut cmd = std::process::Command::new("prlimit");
+    cmd.args(["--nofile=64:64", "--"]).arg(env!("CARGO_BIN_EXE_monodon")).args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--app",
+        "echo",
+        "--workers",
+        "1",
+        "--max-connections",
+        "1000",
+    ]);
+    let server = Server::start_cmd(&mut cmd, 1);
+    let supervisor = server.pid; // prlimit execs monodon: same process
+    let held: Vec<Client> = (0..70)
+        .filter_map(|_| {
+            let mut c = server.connect();
+            c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+            c.stream().set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+            c.response().ok().map(|_| c)
+        })
+        .collect();
+    assert!(held.len() < 70, "some clients wait: the supervisor ran out of descriptors");
+    server.wait_for_log("pausing accepts for 100 ms", Duration::from_secs(5));
+    // Not a busy loop while it is out of descriptors.
+    let before = common::cpu_ticks(supervisor);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(common::cpu_ticks(supervisor) - before < 100, "under a second of CPU in 2 s");
+    drop(held);
+    assert_eq!(server.get("/recovered").status, 200);
+}
