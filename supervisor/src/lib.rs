@@ -5,7 +5,10 @@
 //! - `event_loop`: the one-thread `polling` loop that holds every client
 //!   connection and drives the workers.
 //! - `sched`: the pure scheduling state machines the loop drives.
-//! - `spawn`: fork+exec of a worker with its channel and scoreboard.
+//! - `spawn`: posix_spawn of a worker with its channel and scoreboard.
+//! - [`control`]: the control protocol and the status document.
+//! - `notify`: systemd's notification protocol.
+//! - [`privileges`]: `--user` / `--group`.
 
 pub mod config;
 pub mod control;
