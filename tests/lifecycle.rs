@@ -4,51 +4,13 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{alive, cpu_ticks, eventually, monodon, Client, Load, Server};
+use common::{alive, cpu_ticks, eventually, monodon, Client, Load, Scratch, Server};
 
 fn assert_no_failures(stats: &common::Stats) {
     assert_eq!(stats.failed, 0, "failed requests: {:?}", stats.errors);
     assert!(stats.ok > 0, "the load ran");
-}
-
-/// A scratch directory for worker scripts, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("monodon-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    /// An executable shell script.
-    fn script(&self, name: &str, body: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        path
-    }
-
-    /// Points the symlink `link` at `target` atomically, as a deploy does.
-    fn point(&self, link: &str, target: &Path) -> PathBuf {
-        let link = self.0.join(link);
-        let tmp = self.0.join(format!("{}.tmp", link.display()));
-        let _ = std::fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(target, &tmp).unwrap();
-        std::fs::rename(&tmp, &link).unwrap();
-        link
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn bin() -> &'static str {

@@ -118,8 +118,8 @@ fn reload_scale_and_stop_through_the_cli() {
 
 #[test]
 fn a_failed_reload_fails_the_reload_command() {
-    let dir = std::env::temp_dir().join(format!("monodon-ctl-reload-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = common::Scratch::new("ctl-reload");
+    let dir = scratch.0.clone();
     let good = dir.join("good");
     std::fs::write(&good, format!("#!/bin/sh\nexec {} worker --app echo\n", env!("CARGO_BIN_EXE_monodon")))
         .unwrap();
@@ -145,7 +145,6 @@ fn a_failed_reload_fails_the_reload_command() {
     assert_eq!(s["totals"]["failed_reloads"], 1);
     assert!(s["reload"]["last_failure"].as_str().unwrap().contains("status 7"));
     drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -177,8 +176,8 @@ fn nix_is_root() -> bool {
 fn systemd_notifications_are_exact() {
     use std::os::unix::net::UnixDatagram;
     use std::sync::{Arc, Mutex};
-    let dir = std::env::temp_dir().join(format!("monodon-notify-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = common::Scratch::new("notify");
+    let dir = scratch.0.clone();
     let path = dir.join("notify.sock");
     let _ = std::fs::remove_file(&path);
     let sock = UnixDatagram::bind(&path).unwrap();
@@ -235,7 +234,6 @@ fn systemd_notifications_are_exact() {
     assert!(!server.logs().contains("NOTIFY_SOCKET"), "workers do not inherit NOTIFY_SOCKET");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     reader.join().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -246,8 +244,8 @@ fn server_starter_hands_over_without_failed_requests() {
         return;
     };
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let dir = std::env::temp_dir().join(format!("monodon-starter-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = common::Scratch::new("starter");
+    let dir = scratch.0.clone();
     let mut child = std::process::Command::new(start_server)
         .arg(format!("--port=127.0.0.1:{port}"))
         .arg(format!("--pid-file={}", dir.join("pid").display()))
@@ -285,7 +283,6 @@ fn server_starter_hands_over_without_failed_requests() {
     // SAFETY: as above.
     unsafe { libc::kill(starter as i32, libc::SIGTERM) };
     let _ = child.wait();
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(handed_over, "a new supervisor replaced {}", first[0]);
     assert_eq!(stats.failed, 0, "{:?}", stats.errors);
     assert!(stats.generations.len() == 1 && stats.ok > 10, "{stats:?}");
@@ -299,9 +296,8 @@ fn which(program: &str) -> Result<PathBuf, ()> {
 
 #[test]
 fn access_log_lines_and_reopen_on_usr1() {
-    let dir = std::env::temp_dir().join(format!("monodon-access-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = common::Scratch::new("access");
+    let dir = scratch.0.clone();
     let log = dir.join("access.log");
     let server = Server::start(
         &[
@@ -354,13 +350,12 @@ fn access_log_lines_and_reopen_on_usr1() {
     }));
     assert_eq!(lines(&rotated).len(), 2, "the old file got nothing new");
     drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn combined_access_log_format() {
-    let dir = std::env::temp_dir().join(format!("monodon-combined-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = common::Scratch::new("combined");
+    let dir = scratch.0.clone();
     let log = dir.join("access.log");
     let server =
         Server::start(&["--app", "hello", "--workers", "1", "--access-log", log.to_str().unwrap()], 1);
@@ -371,7 +366,6 @@ fn combined_access_log_format() {
     assert!(line.starts_with("127.0.0.1 - - ["), "{line}");
     assert!(line.contains("] \"GET /x?y=1 HTTP/1.1\" 200 "), "{line}");
     drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
     let out = monodon().args(["serve", "--access-log", "/nonexistent-dir/x.log"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--access-log /nonexistent-dir/x.log"));
@@ -379,8 +373,8 @@ fn combined_access_log_format() {
 
 #[test]
 fn config_file_settings_flags_win_and_reload_rereads_it() {
-    let dir = std::env::temp_dir().join(format!("monodon-config-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = common::Scratch::new("config-test");
+    let dir = scratch.0.clone();
     let file = dir.join("monodon.toml");
     std::fs::write(&file, "app = \"echo\"\nworkers = 3\nmax-requests-per-child = 0\ntimeout = \"7s\"\n")
         .unwrap();
@@ -419,7 +413,6 @@ fn config_file_settings_flags_win_and_reload_rereads_it() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -428,8 +421,8 @@ fn user_and_group_drop_privileges_after_binding() {
         eprintln!("skipped: needs root");
         return;
     }
-    let dir = std::env::temp_dir().join(format!("monodon-user-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = common::Scratch::new("user");
+    let dir = scratch.0.clone();
     let log = dir.join("access.log");
     let server = Server::start(
         &[
@@ -463,7 +456,6 @@ fn user_and_group_drop_privileges_after_binding() {
     let path = control_path(&server);
     assert_eq!(status_json(&path)["workers"]["total"], 2);
     drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
     let out = monodon().args(["serve", "--user", "no-such-user-here"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--user no-such-user-here: no such user"));

@@ -424,3 +424,43 @@ pub fn alive(pid: u32) -> bool {
         .map(|s| !s.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with('Z')).unwrap_or(true))
         .unwrap_or(false)
 }
+
+/// A scratch directory (for worker scripts, logs, sockets), removed on drop.
+pub struct Scratch(pub std::path::PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("monodon-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    /// An executable shell script.
+    pub fn script(&self, name: &str, body: &str) -> std::path::PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(
+            &path,
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
+        )
+        .unwrap();
+        path
+    }
+
+    /// Points the symlink `link` at `target` atomically, as a deploy does.
+    pub fn point(&self, link: &str, target: &std::path::Path) -> std::path::PathBuf {
+        let link = self.0.join(link);
+        let tmp = self.0.join(format!("{}.tmp", link.display()));
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(target, &tmp).unwrap();
+        std::fs::rename(&tmp, &link).unwrap();
+        link
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
