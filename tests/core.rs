@@ -490,3 +490,43 @@ fn out_of_descriptors_the_supervisor_backs_off_and_recovers() {
     drop(held);
     assert_eq!(server.get("/recovered").status, 200);
 }
+
+#[test]
+fn a_worker_killed_half_way_through_a_response_closes_the_connection() {
+    let scratch = common::Scratch::new("half-response");
+    std::fs::write(scratch.0.join("big.bin"), vec![7u8; 32 << 20]).unwrap();
+    let server =
+        Server::start(&["--app", "static", "--root", scratch.0.to_str().unwrap(), "--workers", "1"], 1);
+    let control = server.wait_for_log("control socket at ", Duration::from_secs(5));
+    let control = control.split("control socket at ").nth(1).unwrap().trim().to_owned();
+    let worker = server.children()[0];
+
+    let mut c = server.connect();
+    c.send(b"GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut head = [0u8; 4096];
+    let n = c.reader.get_mut().read(&mut head).unwrap();
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+    // The client stops reading; the worker is stuck mid-response.
+    let responding = eventually(Duration::from_secs(10), || {
+        let out = monodon().args(["status", "--json", "--control", &control]).output().unwrap();
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        s["worker_list"][0]["response_started"] == true
+    });
+    assert!(responding, "the worker is sending the body");
+    // SAFETY: killing the worker process, on purpose.
+    unsafe { libc::kill(worker as i32, libc::SIGKILL) };
+    // The client gets the end of the connection (short of the promised 32 MiB), not a hang.
+    let mut total = n;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match c.reader.get_mut().read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => total += k,
+            Err(e) => panic!("the connection hung or failed oddly: {e}"),
+        }
+    }
+    assert!(total < 32 << 20, "cut short: {total} bytes");
+    server.wait_for_log("; closing it", Duration::from_secs(5));
+    assert!(eventually(Duration::from_secs(10), || server.children().iter().any(|p| *p != worker)));
+    assert_eq!(server.get("/big.bin").body.len(), 32 << 20, "the replacement serves it whole");
+}
