@@ -308,15 +308,14 @@ impl Supervisor {
                         }
                     }
                 }
+                // Closed, or reset because it was killed with our message
+                // unread: either way it is exiting, not breaking the protocol.
                 Ok(Received::Closed) => {
-                    // It is exiting, and SIGCHLD will tell us how; one that
-                    // closed its channel and lives on is killed in the sweep.
-                    let w = &mut self.workers[wkey];
-                    if let Some(ch) = w.channel.take() {
-                        let _ = self.poller.delete(&ch);
-                        w.channel_lost = Some(Instant::now());
-                    }
-                    self.dispatcher.remove_worker(wkey);
+                    self.channel_gone(wkey);
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                    self.channel_gone(wkey);
                     break;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -327,6 +326,17 @@ impl Supervisor {
             }
         }
         self.channel_buf = buf;
+    }
+
+    /// The worker's end of the channel is gone: it is exiting, and SIGCHLD
+    /// will tell how; one that lives on anyway is killed in the sweep.
+    fn channel_gone(&mut self, wkey: WorkerKey) {
+        let w = &mut self.workers[wkey];
+        if let Some(ch) = w.channel.take() {
+            let _ = self.poller.delete(&ch);
+            w.channel_lost = Some(Instant::now());
+        }
+        self.dispatcher.remove_worker(wkey);
     }
 
     pub(super) fn worker_misbehaved(&mut self, wkey: WorkerKey, what: &str) {
