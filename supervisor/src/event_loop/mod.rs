@@ -418,9 +418,15 @@ impl Supervisor {
             w.scoreboard.slot().set_draining();
         }
         self.close_listeners();
-        let waiting: Vec<ConnKey> =
-            self.conns.iter().filter(|(_, c)| c.state == ConnState::Reading).map(|(k, _)| k).collect();
-        for key in waiting {
+        // Idle keep-alive connections close now; a request whose head is
+        // still arriving is let in (bounded by the head timeout) and served.
+        let idle: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.state == ConnState::Reading && c.buf.is_empty() && !c.unread)
+            .map(|(k, _)| k)
+            .collect();
+        for key in idle {
             self.close_now(key);
         }
         self.release_idle_workers();
@@ -462,7 +468,7 @@ impl Supervisor {
     /// While stopping, a worker with nothing left to do gets its channel
     /// closed, which tells it to exit.
     fn release_idle_workers(&mut self) {
-        if self.stopping == Stopping::No || self.dispatcher.queued() > 0 {
+        if self.stopping == Stopping::No || self.requests_pending() {
             return;
         }
         let done: Vec<WorkerKey> = self
@@ -476,6 +482,15 @@ impl Supervisor {
         for wkey in done {
             self.release(wkey);
         }
+    }
+
+    /// Requests not yet handed to a worker: queued, or with part of a head.
+    fn requests_pending(&self) -> bool {
+        self.dispatcher.queued() > 0
+            || self
+                .conns
+                .iter()
+                .any(|(_, c)| c.state == ConnState::Reading && (!c.buf.is_empty() || c.unread))
     }
 
     fn finished(&mut self) -> bool {
