@@ -365,7 +365,7 @@ fn sigterm_stops_cleanly_and_leaves_no_worker() {
     let workers = server.children();
     let mut slow = server.connect();
     slow.send(b"GET /?sleep_ms=500 HTTP/1.1\r\nHost: x\r\n\r\n");
-    std::thread::sleep(Duration::from_millis(100));
+    common::wait_until_a_worker_sleeps(&server);
     server.signal(libc::SIGTERM);
     let r = slow.response().unwrap();
     assert_eq!(r.status, 200, "the request in flight completes");

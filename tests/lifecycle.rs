@@ -300,7 +300,7 @@ fn sigterm_lets_the_request_in_flight_finish_with_connection_close() {
     let mut idle = server.connect();
     idle.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(idle.response().unwrap().status, 200);
-    std::thread::sleep(Duration::from_millis(100));
+    common::wait_until_a_worker_sleeps(&server);
     server.signal(libc::SIGTERM);
     let r = slow.response().unwrap();
     assert_eq!(r.status, 200);
@@ -318,7 +318,7 @@ fn graceful_timeout_bounds_a_stop() {
     let mut server = Server::start(&["--app", "echo", "--workers", "1", "--graceful-timeout", "1s"], 1);
     let mut slow = server.connect();
     slow.send(b"GET /?sleep_ms=30000 HTTP/1.1\r\nHost: x\r\n\r\n");
-    std::thread::sleep(Duration::from_millis(200));
+    common::wait_until_a_worker_sleeps(&server);
     server.signal(libc::SIGTERM);
     let status = server.wait_exit(Duration::from_secs(10)).expect("exits after the graceful timeout");
     assert!(status.success());

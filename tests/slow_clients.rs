@@ -42,45 +42,38 @@ fn ordinary_traffic(server: &Server, during: Duration) -> (u32, u32, Duration) {
     (ok, failed, slowest)
 }
 
-fn run_attack(mut cmd: Command, server: &Server) -> String {
+/// Runs slowhttptest with `args` against a fresh server (head timeout 3 s)
+/// while ordinary traffic flows; its report, once it has ended by itself.
+fn run_attack(args: &[&str]) -> Option<String> {
+    let mut cmd = slowhttptest()?;
+    let server = Server::start(&["--app", "echo", "--workers", "2", "--head-timeout", "3s"], 2);
+    cmd.args(args).arg("-u").arg(format!("http://{}/", server.addr));
     let attack = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("start slowhttptest");
-    std::thread::sleep(Duration::from_millis(1500));
-    let (ok, failed, slowest) = ordinary_traffic(server, Duration::from_secs(6));
+    // Let the attack build up before measuring.
+    assert!(common::eventually(Duration::from_secs(10), || server.fd_count() > 100), "the attack connected");
+    let (ok, failed, slowest) = ordinary_traffic(&server, Duration::from_secs(6));
     let out = attack.wait_with_output().expect("slowhttptest ends by itself");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     eprintln!("ordinary requests during the attack: {ok} served, {failed} failed, slowest {slowest:?}");
     assert_eq!(failed, 0, "ordinary requests failed during the attack");
     assert!(ok > 50, "ordinary requests kept flowing: {ok}");
-    text
+    assert!(text.contains("No open connections left"), "monodon closed the attack's connections:\n{text}");
+    Some(text)
 }
 
 #[test]
 fn slowloris_heads_hold_no_worker_and_time_out() {
-    let Some(mut cmd) = slowhttptest() else { return };
-    let server = Server::start(&["--app", "echo", "--workers", "2", "--head-timeout", "3s"], 2);
     // 1,000 connections sending a header line every 5 s, for at most 20 s.
-    cmd.args(["-H", "-c", "1000", "-r", "500", "-i", "5", "-x", "10", "-p", "2", "-l", "20"])
-        .arg("-u")
-        .arg(format!("http://{}/", server.addr));
-    let report = run_attack(cmd, &server);
-    assert!(
-        report.contains("No open connections left"),
-        "monodon closed the attack's connections:\n{report}"
-    );
+    let Some(report) =
+        run_attack(&["-H", "-c", "1000", "-r", "500", "-i", "5", "-x", "10", "-p", "2", "-l", "20"])
+    else {
+        return;
+    };
     assert!(!report.contains("service available:\u{1b}[1;32m   \u{1b}[1;31mNO"), "{report}");
 }
 
 #[test]
 fn slow_bodies_hold_no_worker_and_time_out() {
-    let Some(mut cmd) = slowhttptest() else { return };
-    let server = Server::start(&["--app", "echo", "--workers", "2", "--head-timeout", "3s"], 2);
     // 200 POSTs announcing 8 KiB bodies sent 10 bytes every 2 s, for at most 20 s.
-    cmd.args(["-B", "-c", "200", "-r", "100", "-i", "2", "-x", "10", "-s", "8192", "-p", "2", "-l", "20"])
-        .arg("-u")
-        .arg(format!("http://{}/", server.addr));
-    let report = run_attack(cmd, &server);
-    assert!(
-        report.contains("No open connections left"),
-        "monodon closed the attack's connections:\n{report}"
-    );
+    run_attack(&["-B", "-c", "200", "-r", "100", "-i", "2", "-x", "10", "-s", "8192", "-p", "2", "-l", "20"]);
 }

@@ -108,6 +108,12 @@ impl Slot {
         None
     }
 
+    /// The request being served right now, if the worker has started one.
+    pub fn current_request(&self) -> Option<String> {
+        self.request_age_ms()?;
+        self.request_line()
+    }
+
     pub fn others_waiting(&self) -> bool {
         self.others_waiting.load(Ordering::Relaxed) != 0
     }

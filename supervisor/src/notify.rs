@@ -67,9 +67,14 @@ impl Notifier {
         self.watchdog.map(|_| self.next_ping)
     }
 
+    /// Whether `tick` would refresh STATUS= now.
+    pub fn status_due(&self, now: Instant) -> bool {
+        self.enabled && now >= self.next_status
+    }
+
     /// Called from the loop: pings the watchdog (at half its interval) and
-    /// refreshes STATUS= when it changed.
-    pub fn tick(&mut self, now: Instant, status: impl FnOnce() -> String) {
+    /// refreshes STATUS= with `status` (given when `status_due`) if it changed.
+    pub fn tick(&mut self, now: Instant, status: Option<String>) {
         if !self.enabled {
             return;
         }
@@ -79,9 +84,8 @@ impl Notifier {
                 self.next_ping = now + interval / 2;
             }
         }
-        if now >= self.next_status {
+        if let Some(line) = status.filter(|_| now >= self.next_status) {
             self.next_status = now + STATUS_EVERY;
-            let line = status();
             if line != self.last_status {
                 self.send(&[NotifyState::Status(&line)]);
                 self.last_status = line;

@@ -464,3 +464,14 @@ impl Drop for Scratch {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Waits until one of the server's workers is inside the echo app's
+/// `sleep_ms` (blocked in nanosleep): a request is in flight.
+pub fn wait_until_a_worker_sleeps(server: &Server) {
+    let sleeping = eventually(Duration::from_secs(10), || {
+        server.children().iter().any(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/wchan")).is_ok_and(|w| w.contains("nanosleep"))
+        })
+    });
+    assert!(sleeping, "no worker started the slow request");
+}

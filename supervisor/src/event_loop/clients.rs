@@ -79,7 +79,6 @@ impl Supervisor {
             state: ConnState::Reading,
             deadline: now + self.config.head_timeout,
             served: 0,
-            request_line: String::new(),
             unread: true,
         });
         // With TCP_DEFER_ACCEPT the request is usually here already.
@@ -173,9 +172,6 @@ impl Supervisor {
                 if !body_complete {
                     return conn.unread;
                 }
-                conn.request_line.clear();
-                let target = &head.target[..head.target.len().min(200)];
-                let _ = write!(conn.request_line, "{} {}", head.method, target);
                 conn.state = ConnState::Queued;
                 match self.dispatcher.conn_ready(key) {
                     Some(wkey) => self.hand_over(wkey, key),
@@ -277,12 +273,8 @@ impl Supervisor {
     /// table for each one). With none idle, accepting pauses until a
     /// connection ends: the kernel's backlog holds the newcomers.
     fn make_room(&mut self) {
-        let mut idle: Vec<(Instant, ConnKey)> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.state == ConnState::Reading && c.buf.is_empty())
-            .map(|(k, c)| (c.deadline, k))
-            .collect();
+        let mut idle: Vec<(Instant, ConnKey)> =
+            self.conns.iter().filter(|(_, c)| c.is_idle()).map(|(k, c)| (c.deadline, k)).collect();
         let batch = (self.max_connections / 64).clamp(1, 256).min(idle.len());
         if batch == 0 {
             warn!("{} connections, none idle: not accepting until one ends", self.conns.len());

@@ -14,7 +14,6 @@
 //!   it; nothing is passed back, and a worker's death never loses it.
 
 use std::ffi::OsString;
-use std::fmt::Write as _;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -92,11 +91,16 @@ struct Conn {
     deadline: Instant,
     /// Requests served on this connection.
     served: u32,
-    /// `METHOD target` of the complete head waiting to be served, for logs.
-    request_line: String,
     /// The socket may hold bytes nobody has read: an edge arrived while a
     /// worker had the connection, or the last read filled the buffer.
     unread: bool,
+}
+
+impl Conn {
+    /// Between requests of a keep-alive connection, with nothing pending.
+    fn is_idle(&self) -> bool {
+        self.state == ConnState::Reading && self.buf.is_empty() && !self.unread && self.served > 0
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,8 +123,6 @@ struct Worker {
     retiring: bool,
     /// Its max-requests draw (0: none).
     max_requests: u64,
-    /// The first request line of the connection it was handed, for logs.
-    current: String,
     /// When it was sent SIGTERM for running past `--timeout`, and whether
     /// SIGKILL followed.
     killed: Option<(Instant, bool)>,
@@ -418,14 +420,11 @@ impl Supervisor {
             w.scoreboard.slot().set_draining();
         }
         self.close_listeners();
-        // Idle keep-alive connections close now; a request whose head is
-        // still arriving is let in (bounded by the head timeout) and served.
-        let idle: Vec<ConnKey> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.state == ConnState::Reading && c.buf.is_empty() && !c.unread)
-            .map(|(k, _)| k)
-            .collect();
+        // Idle keep-alive connections close now; a request on its way (part
+        // of a head, or a new connection whose first request has not arrived:
+        // inherited listeners may lack TCP_DEFER_ACCEPT) is let in, bounded by
+        // the head timeout, and served.
+        let idle: Vec<ConnKey> = self.conns.iter().filter(|(_, c)| c.is_idle()).map(|(k, _)| k).collect();
         for key in idle {
             self.close_now(key);
         }
@@ -487,10 +486,7 @@ impl Supervisor {
     /// Requests not yet handed to a worker: queued, or with part of a head.
     fn requests_pending(&self) -> bool {
         self.dispatcher.queued() > 0
-            || self
-                .conns
-                .iter()
-                .any(|(_, c)| c.state == ConnState::Reading && (!c.buf.is_empty() || c.unread))
+            || self.conns.iter().any(|(_, c)| c.state == ConnState::Reading && !c.is_idle())
     }
 
     fn finished(&mut self) -> bool {
@@ -531,8 +527,9 @@ impl Supervisor {
             self.rate_sample = (now, total);
         }
         if self.ready_notified && self.notifier.enabled() {
-            let line = self.status_line();
-            self.notifier.tick(now, || line);
+            // The status line reads /proc for every worker: only when due.
+            let line = self.notifier.status_due(now).then(|| self.status_line());
+            self.notifier.tick(now, line);
         }
         let expired: Vec<(ConnKey, bool)> = self
             .conns

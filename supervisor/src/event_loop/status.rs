@@ -46,7 +46,8 @@ impl Supervisor {
                         _ => None,
                     };
                     let secs = slot.request_age_ms().map(|ms| ms as f64 / 1000.0);
-                    (Some(slot.request_line().unwrap_or_else(|| w.current.clone())), secs, started)
+                    let request = slot.current_request().unwrap_or_else(|| "(not started yet)".to_owned());
+                    (Some(request), secs, started)
                 }
                 _ => (None, None, None),
             };

@@ -89,7 +89,6 @@ impl Supervisor {
             started: Instant::now(),
             retiring: false,
             max_requests,
-            current: String::new(),
             killed: None,
             busy_since: Instant::now(),
             channel_lost: None,
@@ -391,7 +390,6 @@ impl Supervisor {
     pub(super) fn worker_idle(&mut self, wkey: WorkerKey) {
         let w = &mut self.workers[wkey];
         w.state = WorkerState::Idle;
-        w.current.clear();
         if w.retiring {
             self.release(wkey);
             return;
@@ -443,7 +441,6 @@ impl Supervisor {
                 conn.buf = Vec::new();
                 worker.state = WorkerState::Busy(ckey);
                 worker.busy_since = Instant::now();
-                std::mem::swap(&mut worker.current, &mut conn.request_line);
             }
             Err(e) => {
                 // A worker only ever has one message from us in flight, so a
@@ -502,10 +499,10 @@ impl Supervisor {
                 } else {
                     (502, "the worker serving this request died")
                 };
+                let request = w.scoreboard.slot().current_request().unwrap_or_default();
                 warn!(
-                    "worker {} {how} while serving {:?} on connection {} from {}{}",
+                    "worker {} {how} while serving {request:?} on connection {} from {}{}",
                     w.pid,
-                    w.current,
                     conn.id,
                     conn.peer,
                     if wrote { "; closing it".to_owned() } else { format!("; answering {status}") }
@@ -572,14 +569,12 @@ impl Supervisor {
                         continue;
                     }
                     let peer = self.conns.get(ckey).map(|c| c.peer.as_str()).unwrap_or("?");
-                    if let Some(line) = w.scoreboard.slot().request_line() {
-                        w.current = line;
-                    }
+                    let request =
+                        w.scoreboard.slot().current_request().unwrap_or_else(|| "(not started)".into());
                     warn!(
-                        "worker {} has been busy for {:.1}s on {:?} from {peer} (--timeout {:?}); killing it",
+                        "worker {} has been busy for {:.1}s on {request:?} from {peer} (--timeout {:?}); killing it",
                         w.pid,
                         age as f64 / 1000.0,
-                        w.current,
                         self.config.timeout
                     );
                     let _ = kill(w.pid, Signal::SIGTERM);
