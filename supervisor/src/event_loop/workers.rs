@@ -286,45 +286,64 @@ impl Supervisor {
     }
 
     pub(super) fn on_channel_readable(&mut self, wkey: WorkerKey) {
+        // One message per readiness event: a worker rarely has more than one
+        // queued, and the channel is level-triggered, so a second message
+        // raises the event again; reading on to EAGAIN would cost a recvmsg
+        // per request for nothing.
+        self.receive_from(wkey);
+    }
+
+    /// Handles every message a worker has sent (it is exiting).
+    fn drain_channel(&mut self, wkey: WorkerKey) {
+        while self.receive_from(wkey) {}
+    }
+
+    /// Receives and handles one message; false when there was none, or the
+    /// channel is gone.
+    fn receive_from(&mut self, wkey: WorkerKey) -> bool {
         // Taken out so handlers may use `self`; a nested call (a death
         // handled while messages are) finds it empty and makes its own.
         let mut buf = std::mem::take(&mut self.channel_buf);
         if buf.len() < wire::max_message(&self.config.limits) {
             buf.resize(wire::max_message(&self.config.limits), 0);
         }
-        while let Some(channel) = self.workers.get(wkey).and_then(|w| w.channel.as_ref()) {
-            match wire::recv(channel.as_fd(), &mut buf) {
-                Ok(Received::Message(n, fd)) => {
-                    if fd.is_some() {
-                        self.worker_misbehaved(wkey, "sent a descriptor");
-                        break;
-                    }
-                    match FromWorker::decode(&buf[..n]) {
-                        Ok(msg) => self.on_worker_message(wkey, msg),
-                        Err(e) => {
-                            self.worker_misbehaved(wkey, &e.to_string());
-                            break;
-                        }
-                    }
+        let Some(channel) = self.workers.get(wkey).and_then(|w| w.channel.as_ref()) else {
+            self.channel_buf = buf;
+            return false;
+        };
+        let more = match wire::recv(channel.as_fd(), &mut buf) {
+            Ok(Received::Message(_, Some(_))) => {
+                self.worker_misbehaved(wkey, "sent a descriptor");
+                false
+            }
+            Ok(Received::Message(n, None)) => match FromWorker::decode(&buf[..n]) {
+                Ok(msg) => {
+                    self.on_worker_message(wkey, msg);
+                    true
                 }
-                // Closed, or reset because it was killed with our message
-                // unread: either way it is exiting, not breaking the protocol.
-                Ok(Received::Closed) => {
-                    self.channel_gone(wkey);
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
-                    self.channel_gone(wkey);
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     self.worker_misbehaved(wkey, &e.to_string());
-                    break;
+                    false
                 }
+            },
+            // Closed, or reset because it was killed with our message
+            // unread: either way it is exiting, not breaking the protocol.
+            Ok(Received::Closed) => {
+                self.channel_gone(wkey);
+                false
             }
-        }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                self.channel_gone(wkey);
+                false
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            Err(e) => {
+                self.worker_misbehaved(wkey, &e.to_string());
+                false
+            }
+        };
         self.channel_buf = buf;
+        more
     }
 
     /// The worker's end of the channel is gone: it is exiting, and SIGCHLD
@@ -477,7 +496,7 @@ impl Supervisor {
     pub(super) fn on_worker_exit(&mut self, wkey: WorkerKey, status: WaitStatus) {
         // Whatever it said before dying comes first (typically the Done of a
         // worker that retired on purpose): SIGCHLD may overtake the channel.
-        self.on_channel_readable(wkey);
+        self.drain_channel(wkey);
         let w = self.workers.remove(wkey);
         self.totals.requests += w.scoreboard.slot().requests.load(std::sync::atomic::Ordering::Relaxed);
         if let Some(ch) = &w.channel {
