@@ -353,7 +353,8 @@ def cmd_report(a):
         "errors = wrk non-2xx responses + socket errors (connect, read, write, timeout). "
         "peak RSS = the most the server's whole process tree (master + workers) held, "
         "sampled every 0.5 s. n/a = not applicable to that server; "
-        "failed = see the raw results file.",
+        "failed = see the raw results file. "
+        "No server recycles workers in a-d (monodon: --max-requests-per-child 0); e recycles every 100.",
     ]
     for sc in scenarios:
         title = SCENARIOS[sc].format(idle=f"{int(a.idle):,}")
