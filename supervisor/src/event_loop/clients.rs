@@ -58,16 +58,6 @@ impl Supervisor {
         let now = Instant::now();
         let entry = self.conns.vacant_entry();
         let key = entry.key();
-        // Edge-triggered for its whole life: no re-arming per request (see
-        // the module doc of event_loop for why that is safe).
-        // SAFETY: every connection is deleted from the poller in `close_now`
-        // before its fd is dropped.
-        if let Err(e) =
-            unsafe { self.poller.add_with_mode(fd.as_raw_fd(), Event::readable(key), PollMode::Edge) }
-        {
-            error!("cannot watch a new connection: {e}");
-            return;
-        }
         self.totals.accepted += 1;
         let id = self.next_conn_id;
         self.next_conn_id += 1;
@@ -80,9 +70,30 @@ impl Supervisor {
             deadline: now + self.config.head_timeout,
             served: 0,
             unread: true,
+            watched: false,
         });
         // With TCP_DEFER_ACCEPT the request is usually here already.
         self.on_conn_readable(key);
+    }
+
+    /// Registers a connection the supervisor is about to wait for, once:
+    /// edge-triggered for the rest of its life, so no re-arming per request
+    /// (the module doc of event_loop says why that is safe).
+    fn watch_if_waiting(&mut self, key: ConnKey) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        if conn.watched || !matches!(conn.state, ConnState::Reading | ConnState::Lingering) {
+            return;
+        }
+        // SAFETY: a watched connection is deleted from the poller in
+        // `close_now` before its fd is dropped.
+        match unsafe { self.poller.add_with_mode(conn.fd.as_raw_fd(), Event::readable(key), PollMode::Edge) }
+        {
+            Ok(()) => conn.watched = true,
+            Err(e) => {
+                error!("cannot watch a connection from {}: {e}", conn.peer);
+                self.close_now(key);
+            }
+        }
     }
 
     // ---- client connections --------------------------------------------
@@ -94,14 +105,23 @@ impl Supervisor {
         };
         match conn.state {
             ConnState::Reading => self.read_head(key),
-            ConnState::Lingering => self.drain_lingering(key),
+            ConnState::Lingering => {
+                self.drain_lingering(key);
+                self.watch_if_waiting(key);
+            }
             // Not ours to read now; remember to look when it comes back.
             ConnState::Queued | ConnState::InWorker { .. } => conn.unread = true,
         }
     }
 
-    /// Reads until a head is complete or the socket has nothing more.
+    /// Reads until a head is complete or the socket has nothing more; in
+    /// the latter case the connection is watched for more.
     fn read_head(&mut self, key: ConnKey) {
+        self.read_available(key);
+        self.watch_if_waiting(key);
+    }
+
+    fn read_available(&mut self, key: ConnKey) {
         loop {
             let Some(conn) = self.conns.get_mut(key) else { return };
             if conn.state != ConnState::Reading {
@@ -199,7 +219,9 @@ impl Supervisor {
         conn.state = ConnState::Reading;
         conn.buf.clear();
         conn.buf.extend_from_slice(leftover);
-        if self.after_input(key, Instant::now()) {
+        // Unwatched, it may have been sent more we were never told about.
+        let unwatched = !conn.watched;
+        if self.after_input(key, Instant::now()) || unwatched {
             self.read_head(key);
         }
     }
@@ -238,6 +260,7 @@ impl Supervisor {
         conn.buf = Vec::new();
         conn.deadline = Instant::now() + self.config.linger_timeout;
         self.drain_lingering(key);
+        self.watch_if_waiting(key);
     }
 
     pub(super) fn drain_lingering(&mut self, key: ConnKey) {
@@ -258,7 +281,9 @@ impl Supervisor {
         let Some(conn) = self.conns.try_remove(key) else {
             return;
         };
-        let _ = self.poller.delete(&conn.fd);
+        if conn.watched {
+            let _ = self.poller.delete(&conn.fd);
+        }
         if conn.state == ConnState::Queued {
             self.dispatcher.remove_conn(key);
         }

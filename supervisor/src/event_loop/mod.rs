@@ -2,8 +2,14 @@
 //! client connection, every worker channel and the signal pipe.
 //!
 //! Invariants (see ARCHITECTURE.md):
-//! - A client connection is registered in the poller from accept to close,
-//!   edge-triggered, so no system call re-arms it per request. The
+//! - A client connection is registered in the poller the first time the
+//!   supervisor has to wait for it (`watched`), and stays registered until
+//!   it is closed, edge-triggered, so no system call re-arms it per request.
+//!   With TCP_DEFER_ACCEPT a request usually arrives with the accept, so a
+//!   `Connection: close` client is often served and closed without ever
+//!   being registered. An unwatched connection is read before the
+//!   supervisor waits on it, so nothing sent before the registration is
+//!   missed (registering also reports data already there). The
 //!   supervisor reads it only in `Reading` and `Lingering`; an edge that
 //!   arrives while the queue or a worker has it only sets `unread`, and the
 //!   supervisor reads when the connection comes back. A read shorter than
@@ -94,6 +100,8 @@ struct Conn {
     /// The socket may hold bytes nobody has read: an edge arrived while a
     /// worker had the connection, or the last read filled the buffer.
     unread: bool,
+    /// Registered in the poller (from the first time we waited for it).
+    watched: bool,
 }
 
 impl Conn {
