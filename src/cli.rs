@@ -180,6 +180,12 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(0..=16 << 20))]
     pub buffer_body: u32,
 
+    /// Most requests a client may pipeline: send before reading the response
+    /// it waits for. The request past them is answered 429 and the
+    /// connection closed (0: no pipelining).
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_pipelined)]
+    pub max_pipelined: usize,
+
     /// Largest request body in bytes (larger: 413).
     #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_body)]
     pub max_body: u64,
@@ -290,6 +296,7 @@ impl ServeArgs {
             max_head: self.max_head as usize,
             max_body: self.max_body,
             buffered_body: self.buffer_body as usize,
+            max_pipelined: self.max_pipelined,
         };
         config.head_timeout = self.head_timeout;
         config.keepalive_timeout = self.keepalive_timeout;

@@ -51,6 +51,7 @@ struct Settings {
     max_head: Option<u64>,
     max_body: Option<u64>,
     buffer_body: Option<u64>,
+    max_pipelined: Option<u64>,
     queue: Option<u64>,
     backlog: Option<i64>,
     max_connections: Option<u64>,
@@ -89,6 +90,7 @@ impl Settings {
         one("--max-head", self.max_head.map(|v| v.to_string()));
         one("--max-body", self.max_body.map(|v| v.to_string()));
         one("--buffer-body", self.buffer_body.map(|v| v.to_string()));
+        one("--max-pipelined", self.max_pipelined.map(|v| v.to_string()));
         one("--queue", self.queue.map(|v| v.to_string()));
         one("--backlog", self.backlog.map(|v| v.to_string()));
         one("--max-connections", self.max_connections.map(|v| v.to_string()));

@@ -206,6 +206,8 @@ fn limits_answer_with_their_status() {
             "2048",
             "--max-body",
             "10",
+            "--max-pipelined",
+            "2",
         ],
         1,
     );
@@ -227,5 +229,22 @@ fn limits_answer_with_their_status() {
         let r = c.response().unwrap();
         assert_eq!(r.status, status, "{}", &raw[..raw.len().min(80)]);
         assert!(c.is_closed());
+    }
+
+    // Two requests may wait behind the one being answered; a third is too many.
+    let mut c = server.connect();
+    c.send(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n".repeat(5).as_slice());
+    for i in 1..=3 {
+        assert_eq!(c.response().unwrap().status, 200, "pipelined request {i}");
+    }
+    let r = c.response().unwrap();
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("Connection"), Some("close"));
+    assert!(c.is_closed());
+    // A client that waits for each response is never counted as pipelining.
+    let mut c = server.connect();
+    for i in 0..6 {
+        c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(c.response().unwrap().status, 200, "request {i}");
     }
 }

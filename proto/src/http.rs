@@ -29,6 +29,9 @@ pub struct Limits {
     /// gets the request (slow senders never hold a worker); larger ones are
     /// streamed by the worker.
     pub buffered_body: usize,
+    /// Most requests a client may send ahead of the response it is waiting
+    /// for (pipelining); the one past them is answered 429.
+    pub max_pipelined: usize,
 }
 
 impl Default for Limits {
@@ -42,6 +45,7 @@ impl Default for Limits {
             max_head: 64 * 1024,
             max_body: 1 << 30,
             buffered_body: 64 * 1024,
+            max_pipelined: 100,
         }
     }
 }
@@ -50,20 +54,24 @@ impl Limits {
     /// The form the supervisor hands to a worker in its environment.
     pub fn to_env(&self) -> String {
         format!(
-            "{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{}",
             self.max_request_line,
             self.max_header_line,
             self.max_headers,
             self.max_head,
             self.max_body,
-            self.buffered_body
+            self.buffered_body,
+            self.max_pipelined
         )
     }
 
     /// Reads what [`Limits::to_env`] wrote; `None` if it is malformed.
+    /// Fields added after the first six may be missing (a newly deployed
+    /// worker under an older supervisor): they take their defaults.
     pub fn from_env(s: &str) -> Option<Limits> {
         let mut it = s.split(',').map(|p| p.trim().parse::<u64>().ok());
         let mut next = || it.next().flatten();
+        let defaults = Limits::default();
         Some(Limits {
             max_request_line: usize::try_from(next()?).ok()?,
             max_header_line: usize::try_from(next()?).ok()?,
@@ -71,6 +79,10 @@ impl Limits {
             max_head: usize::try_from(next()?).ok()?,
             max_body: next()?,
             buffered_body: usize::try_from(next()?).ok()?,
+            max_pipelined: match it.next() {
+                None => defaults.max_pipelined,
+                Some(v) => usize::try_from(v?).ok()?,
+            },
         })
     }
 }
@@ -909,5 +921,10 @@ mod tests {
         let l = Limits { max_body: 7, ..Limits::default() };
         assert_eq!(Limits::from_env(&l.to_env()), Some(l));
         assert_eq!(Limits::from_env("1,2"), None);
+        // From a supervisor older than max_pipelined: the rest is kept.
+        let older = Limits::from_env("1,2,3,4,5,6").unwrap();
+        assert_eq!((older.max_head, older.buffered_body), (4, 6));
+        assert_eq!(older.max_pipelined, Limits::default().max_pipelined);
+        assert_eq!(Limits::from_env("1,2,3,4,5,6,x"), None);
     }
 }

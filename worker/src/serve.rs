@@ -68,6 +68,8 @@ pub fn serve_connection(
     budget: &mut Budget<'_>,
 ) -> Outcome {
     let closed = |served| Outcome { keep: false, served, leftover: Vec::new(), retiring: false };
+    // Requests in a row the client sent before reading the previous response.
+    let mut pipelined = 0usize;
     loop {
         let head = match http::parse_head(input.buffered(), ctx.limits) {
             Ok(Some(head)) => OwnedHead::from(&head),
@@ -80,6 +82,10 @@ pub fn serve_connection(
             }
         };
         input_consume(input, head.len);
+        if pipelined > ctx.limits.max_pipelined {
+            reject(&mut input.stream, Rejection { status: 429, reason: "too many pipelined requests" });
+            return closed(served);
+        }
         let last = budget.remaining.is_some_and(|r| r <= 1);
         if last {
             (budget.on_last)();
@@ -102,6 +108,7 @@ pub fn serve_connection(
         if last {
             return Outcome { keep: true, served, leftover: input.buffered().to_vec(), retiring: true };
         }
+        pipelined = if input.buffered().is_empty() { 0 } else { pipelined + 1 };
         // Read-ahead: a keep-alive client usually sends its next request
         // right after our response; waiting a moment for it saves two
         // hand-overs, but only while no other connection waits for a worker.
