@@ -1,4 +1,4 @@
-//! Descriptor and memory hygiene under abuse: thousands of connections of
+//! Descriptor and memory hygiene under abuse: 100,000 connections of
 //! every kind (keep-alive, close, aborted mid-head and mid-body, reset
 //! mid-response) with reloads and worker kills mixed in. Afterwards the
 //! supervisor is back to its baseline descriptors, its memory has not
@@ -8,6 +8,7 @@ mod common;
 
 use std::io::Write;
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use common::{eventually, Server};
@@ -36,6 +37,12 @@ fn fd_kinds(pid: u32) -> Vec<String> {
     kinds
 }
 
+/// As many as the hardening issue asks for: each kind of abuse below, over
+/// and over, while the server reloads ten times and loses eight workers.
+const CONNECTIONS: u32 = 100_000;
+/// Client threads making them, for a run of seconds rather than a minute.
+const CLIENT_THREADS: u32 = 4;
+
 #[test]
 fn no_leaks_after_mixed_abuse_reloads_and_kills() {
     let server = Server::start(&["--app", "echo", "--workers", "2", "--head-timeout", "2s"], 2);
@@ -44,46 +51,40 @@ fn no_leaks_after_mixed_abuse_reloads_and_kills() {
     }
     let fd_baseline = server.fd_count();
     let rss_baseline = rss_kib(server.pid);
-    for i in 0..6000u32 {
-        if i % 1500 == 750 {
-            server.signal(libc::SIGHUP);
+    let started = std::time::Instant::now();
+    let done = AtomicU32::new(0);
+    let refused = AtomicU32::new(0);
+    std::thread::scope(|scope| {
+        for t in 0..CLIENT_THREADS {
+            let (done, refused, addr) = (&done, &refused, server.addr);
+            scope.spawn(move || {
+                for i in (t..CONNECTIONS).step_by(CLIENT_THREADS as usize) {
+                    if !abuse(addr, i) {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            });
         }
-        if i % 2000 == 1000 {
-            if let Some(w) = server.children().first() {
-                // SAFETY: killing one of the supervisor's workers, on purpose.
-                unsafe { libc::kill(*w as i32, libc::SIGKILL) };
+        // Reloads and worker kills, spread over the run.
+        let (mut next_reload, mut next_kill) = (5_000, 6_000);
+        while done.load(Ordering::Relaxed) < CONNECTIONS {
+            let so_far = done.load(Ordering::Relaxed);
+            if so_far >= next_reload {
+                server.signal(libc::SIGHUP);
+                next_reload += 10_000;
             }
-        }
-        let Ok(mut s) = TcpStream::connect(server.addr) else { continue };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-        let _ = match i % 6 {
-            0 => s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
-            1 => s.write_all(b"GET /ka HTTP/1.1\r\nHost: x\r\n\r\n"),
-            2 => s.write_all(b"GET /half-a-head HTTP/1.1\r\nHo"),
-            3 => s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nonly the start"),
-            4 => s.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n"),
-            _ => {
-                // Reset mid-response: SO_LINGER 0 turns close() into an RST.
-                let r = s.write_all(b"GET /?sleep_ms=5 HTTP/1.1\r\nHost: x\r\n\r\n");
-                let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-                // SAFETY: a valid linger struct for this socket's own fd.
-                unsafe {
-                    libc::setsockopt(
-                        std::os::fd::AsRawFd::as_raw_fd(&s),
-                        libc::SOL_SOCKET,
-                        libc::SO_LINGER,
-                        (&linger as *const libc::linger).cast(),
-                        std::mem::size_of::<libc::linger>() as libc::socklen_t,
-                    )
-                };
-                r
+            if so_far >= next_kill {
+                if let Some(w) = server.children().first() {
+                    // SAFETY: killing one of the supervisor's workers, on purpose.
+                    unsafe { libc::kill(*w as i32, libc::SIGKILL) };
+                }
+                next_kill += 12_500;
             }
-        };
-        if i % 6 < 2 {
-            let mut buf = [0u8; 512];
-            let _ = std::io::Read::read(&mut s, &mut buf);
+            std::thread::sleep(Duration::from_millis(1));
         }
-    }
+    });
+    let refused = refused.into_inner();
     // Timeouts (head: 2 s, linger: 2 s) close what the clients left open.
     let settled = eventually(Duration::from_secs(20), || server.fd_count() <= fd_baseline);
     assert!(
@@ -94,7 +95,11 @@ fn no_leaks_after_mixed_abuse_reloads_and_kills() {
     );
     assert_eq!(server.get("/after").status, 200);
     let rss = rss_kib(server.pid);
-    eprintln!("supervisor RSS: {rss_baseline} KiB before, {rss} KiB after 6,000 abusive connections");
+    eprintln!(
+        "{CONNECTIONS} connections in {:.1?} ({refused} refused); supervisor RSS {rss_baseline} KiB before, {rss} KiB after",
+        started.elapsed()
+    );
+    assert!(refused < CONNECTIONS / 100, "{refused} of {CONNECTIONS} connections refused");
     assert!(rss < rss_baseline + 8 * 1024, "RSS grew from {rss_baseline} KiB to {rss} KiB");
     // An idle worker holds stdin/out/err, its channel and its scoreboard: nothing else.
     assert!(eventually(Duration::from_secs(10), || server.children().len() == 2));
@@ -111,4 +116,38 @@ fn no_leaks_after_mixed_abuse_reloads_and_kills() {
         );
         assert!(fd_kinds(w).len() <= 6, "worker {w}: {:?}", fd_kinds(w));
     }
+}
+
+/// One connection of kind `i % 6`; false if it could not even connect.
+fn abuse(addr: std::net::SocketAddr, i: u32) -> bool {
+    let Ok(mut s) = TcpStream::connect(addr) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = match i % 6 {
+        0 => s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        1 => s.write_all(b"GET /ka HTTP/1.1\r\nHost: x\r\n\r\n"),
+        2 => s.write_all(b"GET /half-a-head HTTP/1.1\r\nHo"),
+        3 => s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nonly the start"),
+        4 => s.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n"),
+        _ => {
+            // Reset mid-response: SO_LINGER 0 turns close() into an RST.
+            let r = s.write_all(b"GET /?sleep_ms=5 HTTP/1.1\r\nHost: x\r\n\r\n");
+            let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+            // SAFETY: a valid linger struct for this socket's own fd.
+            unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&s),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                )
+            };
+            r
+        }
+    };
+    if i % 6 < 2 {
+        let mut buf = [0u8; 512];
+        let _ = std::io::Read::read(&mut s, &mut buf);
+    }
+    true
 }
