@@ -54,11 +54,16 @@ fn no_leaks_after_mixed_abuse_reloads_and_kills() {
     let started = std::time::Instant::now();
     let done = AtomicU32::new(0);
     let refused = AtomicU32::new(0);
+    // Fail, with the logs, rather than hang if the server stops serving.
+    let deadline = started + Duration::from_secs(240);
     std::thread::scope(|scope| {
         for t in 0..CLIENT_THREADS {
             let (done, refused, addr) = (&done, &refused, server.addr);
             scope.spawn(move || {
                 for i in (t..CONNECTIONS).step_by(CLIENT_THREADS as usize) {
+                    if std::time::Instant::now() > deadline {
+                        return;
+                    }
                     if !abuse(addr, i) {
                         refused.fetch_add(1, Ordering::Relaxed);
                     }
@@ -68,7 +73,7 @@ fn no_leaks_after_mixed_abuse_reloads_and_kills() {
         }
         // Reloads and worker kills, spread over the run.
         let (mut next_reload, mut next_kill) = (5_000, 6_000);
-        while done.load(Ordering::Relaxed) < CONNECTIONS {
+        while done.load(Ordering::Relaxed) < CONNECTIONS && std::time::Instant::now() <= deadline {
             let so_far = done.load(Ordering::Relaxed);
             if so_far >= next_reload {
                 server.signal(libc::SIGHUP);
@@ -85,6 +90,14 @@ fn no_leaks_after_mixed_abuse_reloads_and_kills() {
         }
     });
     let refused = refused.into_inner();
+    let done = done.into_inner();
+    assert_eq!(
+        done,
+        CONNECTIONS,
+        "only {done} connections in {:?}; logs:\n{}",
+        started.elapsed(),
+        server.logs()
+    );
     // Timeouts (head: 2 s, linger: 2 s) close what the clients left open.
     let settled = eventually(Duration::from_secs(20), || server.fd_count() <= fd_baseline);
     assert!(

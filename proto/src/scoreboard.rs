@@ -39,6 +39,14 @@ pub struct Slot {
     pub request_len: AtomicU64,
     /// `METHOD target` of the request being served (cut at its capacity).
     pub request_line: [AtomicU8; REQUEST_LINE_MAX],
+    /// The ids of connections the supervisor has sent ahead to this busy
+    /// worker that nobody has claimed yet (0: free cell). The worker claims
+    /// one, or the supervisor takes it back, by swapping its id for 0:
+    /// exactly one of them succeeds. Two cells, because the next connection
+    /// may be sent ahead before the worker has claimed the one before,
+    /// which it is about to serve. (Last in the slot: fields keep their
+    /// offsets across versions.)
+    pub ahead: [AtomicU64; 2],
 }
 
 /// Room for the request line in a slot.
@@ -114,8 +122,37 @@ impl Slot {
         self.request_line()
     }
 
+    /// Connections wait for a free worker, or one was sent ahead to this
+    /// worker: it must not linger on its current client.
     pub fn others_waiting(&self) -> bool {
         self.others_waiting.load(Ordering::Relaxed) != 0
+            || self.ahead.iter().any(|c| c.load(Ordering::Relaxed) != 0)
+    }
+
+    /// Supervisor side: records connection `conn_id` as sent ahead; false
+    /// if both cells are taken (then it must not be sent).
+    pub fn offer_ahead(&self, conn_id: u64) -> bool {
+        self.ahead.iter().any(|c| c.compare_exchange(0, conn_id, Ordering::SeqCst, Ordering::SeqCst).is_ok())
+    }
+
+    /// Worker side: takes connection `conn_id`, sent ahead; false if the
+    /// supervisor took it back first.
+    pub fn claim_ahead(&self, conn_id: u64) -> bool {
+        self.swap_out(conn_id)
+    }
+
+    /// Supervisor side: takes back connection `conn_id`; false if the
+    /// worker has claimed it already.
+    pub fn revoke_ahead(&self, conn_id: u64) -> bool {
+        self.swap_out(conn_id)
+    }
+
+    fn swap_out(&self, conn_id: u64) -> bool {
+        conn_id != 0
+            && self
+                .ahead
+                .iter()
+                .any(|c| c.compare_exchange(conn_id, 0, Ordering::SeqCst, Ordering::SeqCst).is_ok())
     }
 
     pub fn set_others_waiting(&self, waiting: bool) {
@@ -200,6 +237,31 @@ mod tests {
         assert_eq!(a.slot().request_line().as_deref(), Some("GET /x"));
         b.slot().set_request_line(&[b'a'; 400]);
         assert_eq!(a.slot().request_line().map(|l| l.len()), Some(REQUEST_LINE_MAX));
+    }
+
+    #[test]
+    fn a_connection_sent_ahead_is_claimed_or_revoked_never_both() {
+        let supervisor = Scoreboard::create().unwrap();
+        let worker = Scoreboard::map(supervisor.fd().try_clone_to_owned().unwrap()).unwrap();
+        let (s, w) = (supervisor.slot(), worker.slot());
+        assert!(!w.others_waiting());
+        assert!(s.offer_ahead(7));
+        assert!(w.others_waiting(), "a connection waits for this worker");
+        assert!(w.claim_ahead(7));
+        assert!(!s.revoke_ahead(7), "already claimed");
+        assert!(s.offer_ahead(8));
+        assert!(s.revoke_ahead(8));
+        assert!(!w.claim_ahead(8), "already taken back");
+        // The next one may be offered before the worker claims the one it
+        // is about to serve; a third must wait for a free cell.
+        assert!(s.offer_ahead(9));
+        assert!(s.offer_ahead(10));
+        assert!(!s.offer_ahead(11));
+        assert!(w.claim_ahead(9));
+        assert!(s.revoke_ahead(10));
+        assert!(!w.claim_ahead(10));
+        assert!(!w.others_waiting());
+        assert!(!w.claim_ahead(0), "0 is no connection");
     }
 
     #[test]

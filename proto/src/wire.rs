@@ -20,6 +20,12 @@ const ASSIGN: u8 = 1;
 const READY: u8 = 2;
 const DONE: u8 = 3;
 const RETIRING: u8 = 4;
+const ASSIGN_AHEAD: u8 = 5;
+const SKIPPED: u8 = 6;
+
+/// `Ready` feature bit: the worker takes connections sent ahead (it claims
+/// each on its scoreboard and answers `Skipped` for one taken back).
+pub const FEATURE_AHEAD: u8 = 1;
 
 /// The largest message either side may send, for request limits `limits`:
 /// the supervisor passes at most a head plus one read's worth of bytes, and
@@ -34,14 +40,17 @@ pub fn max_message(limits: &crate::http::Limits) -> usize {
 pub enum ToWorker<'a> {
     /// Serve this connection (its fd rides along). `data` holds the bytes the
     /// supervisor already read from it: at least one complete request head.
-    Assign { conn_id: u64, served: u32, peer: &'a str, data: &'a [u8] },
+    /// `ahead`: sent while the worker was busy; serve it only if it can be
+    /// claimed on the scoreboard, else answer `Skipped`.
+    Assign { conn_id: u64, served: u32, peer: &'a str, data: &'a [u8], ahead: bool },
 }
 
 /// Worker → supervisor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FromWorker<'a> {
-    /// The app is initialised; send connections.
-    Ready { pid: u32 },
+    /// The app is initialised; send connections. `features`: `FEATURE_*`
+    /// bits (absent from older workers: 0).
+    Ready { pid: u32, features: u8 },
     /// The worker is done with the connection and has closed its copy.
     /// `keep`: the connection may carry another request, and `leftover` holds
     /// bytes the worker read past the last request it served.
@@ -49,6 +58,9 @@ pub enum FromWorker<'a> {
     /// The worker has started its last request (its max-requests limit) and
     /// will exit after the Done for it: start a replacement now.
     Retiring,
+    /// A connection sent ahead was taken back before the worker got to it;
+    /// the worker has closed its copy.
+    Skipped { conn_id: u64 },
 }
 
 /// A message that does not follow this protocol.
@@ -73,9 +85,9 @@ impl ToWorker<'_> {
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.clear();
         match self {
-            ToWorker::Assign { conn_id, served, peer, data } => {
+            ToWorker::Assign { conn_id, served, peer, data, ahead } => {
                 let peer = &peer.as_bytes()[..peer.len().min(u16::MAX as usize)];
-                out.extend_from_slice(&[VERSION, ASSIGN]);
+                out.extend_from_slice(&[VERSION, if *ahead { ASSIGN_AHEAD } else { ASSIGN }]);
                 out.extend_from_slice(&conn_id.to_le_bytes());
                 out.extend_from_slice(&served.to_le_bytes());
                 out.extend_from_slice(&(peer.len() as u16).to_le_bytes());
@@ -88,13 +100,13 @@ impl ToWorker<'_> {
     pub fn decode(msg: &[u8]) -> Result<ToWorker<'_>, WireError> {
         let mut r = Cursor::new(msg)?;
         match r.kind {
-            ASSIGN => {
+            kind @ (ASSIGN | ASSIGN_AHEAD) => {
                 let conn_id = r.u64()?;
                 let served = r.u32()?;
                 let peer_len = r.u16()? as usize;
                 let peer =
                     std::str::from_utf8(r.bytes(peer_len)?).map_err(|_| WireError("peer is not UTF-8"))?;
-                Ok(ToWorker::Assign { conn_id, served, peer, data: r.rest() })
+                Ok(ToWorker::Assign { conn_id, served, peer, data: r.rest(), ahead: kind == ASSIGN_AHEAD })
             }
             _ => Err(WireError("unknown message kind")),
         }
@@ -105,9 +117,10 @@ impl FromWorker<'_> {
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.clear();
         match self {
-            FromWorker::Ready { pid } => {
+            FromWorker::Ready { pid, features } => {
                 out.extend_from_slice(&[VERSION, READY]);
                 out.extend_from_slice(&pid.to_le_bytes());
+                out.push(*features);
             }
             FromWorker::Done { conn_id, served, keep, leftover } => {
                 out.extend_from_slice(&[VERSION, DONE]);
@@ -117,13 +130,22 @@ impl FromWorker<'_> {
                 out.extend_from_slice(leftover);
             }
             FromWorker::Retiring => out.extend_from_slice(&[VERSION, RETIRING]),
+            FromWorker::Skipped { conn_id } => {
+                out.extend_from_slice(&[VERSION, SKIPPED]);
+                out.extend_from_slice(&conn_id.to_le_bytes());
+            }
         }
     }
 
     pub fn decode(msg: &[u8]) -> Result<FromWorker<'_>, WireError> {
         let mut r = Cursor::new(msg)?;
         match r.kind {
-            READY => Ok(FromWorker::Ready { pid: r.u32()? }),
+            READY => {
+                let pid = r.u32()?;
+                // Older workers send no features byte.
+                let features = r.rest().first().copied().unwrap_or(0);
+                Ok(FromWorker::Ready { pid, features })
+            }
             DONE => {
                 let conn_id = r.u64()?;
                 let served = r.u32()?;
@@ -135,6 +157,7 @@ impl FromWorker<'_> {
                 Ok(FromWorker::Done { conn_id, served, keep, leftover: r.rest() })
             }
             RETIRING => Ok(FromWorker::Retiring),
+            SKIPPED => Ok(FromWorker::Skipped { conn_id: r.u64()? }),
             _ => Err(WireError("unknown message kind")),
         }
     }
@@ -271,16 +294,27 @@ mod tests {
     #[test]
     fn messages_round_trip() {
         let mut buf = Vec::new();
-        let assign = ToWorker::Assign { conn_id: 7, served: 3, peer: "127.0.0.1:9", data: b"GET /" };
-        assign.encode(&mut buf);
-        assert_eq!(ToWorker::decode(&buf), Ok(assign));
+        for ahead in [false, true] {
+            let assign =
+                ToWorker::Assign { conn_id: 7, served: 3, peer: "127.0.0.1:9", data: b"GET /", ahead };
+            assign.encode(&mut buf);
+            assert_eq!(ToWorker::decode(&buf), Ok(assign));
+        }
         let done = FromWorker::Done { conn_id: u64::MAX, served: 1, keep: true, leftover: b"GE" };
         done.encode(&mut buf);
         assert_eq!(FromWorker::decode(&buf), Ok(done));
-        FromWorker::Ready { pid: 42 }.encode(&mut buf);
-        assert_eq!(FromWorker::decode(&buf), Ok(FromWorker::Ready { pid: 42 }));
+        FromWorker::Ready { pid: 42, features: FEATURE_AHEAD }.encode(&mut buf);
+        assert_eq!(FromWorker::decode(&buf), Ok(FromWorker::Ready { pid: 42, features: FEATURE_AHEAD }));
         FromWorker::Retiring.encode(&mut buf);
         assert_eq!(FromWorker::decode(&buf), Ok(FromWorker::Retiring));
+        FromWorker::Skipped { conn_id: 9 }.encode(&mut buf);
+        assert_eq!(FromWorker::decode(&buf), Ok(FromWorker::Skipped { conn_id: 9 }));
+    }
+
+    #[test]
+    fn a_ready_from_an_older_worker_has_no_features() {
+        let older = [VERSION, READY, 42, 0, 0, 0];
+        assert_eq!(FromWorker::decode(&older), Ok(FromWorker::Ready { pid: 42, features: 0 }));
     }
 
     #[test]

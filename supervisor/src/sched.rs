@@ -39,6 +39,25 @@ impl<W: PartialEq + Copy, C: PartialEq + Copy> Dispatcher<W, C> {
         self.queue.push_front(conn);
     }
 
+    /// A connection that was waiting already is ready again (taken back
+    /// from a worker): the idle worker to hand it to, or it goes back to
+    /// the head of the queue.
+    pub fn conn_back(&mut self, conn: C) -> Option<W> {
+        match self.idle.pop() {
+            Some(w) => Some(w),
+            None => {
+                self.queue.push_front(conn);
+                None
+            }
+        }
+    }
+
+    /// The connection that has waited longest, to send ahead to a busy
+    /// worker (only ever called with no idle worker).
+    pub fn take_next(&mut self) -> Option<C> {
+        self.queue.pop_front()
+    }
+
     /// A worker is idle: the connection it should take now, if one waits.
     pub fn worker_idle(&mut self, worker: W) -> Option<C> {
         match self.queue.pop_front() {
@@ -168,6 +187,20 @@ mod tests {
         d.requeue_front(12);
         assert_eq!(d.worker_idle(2), Some(12));
         assert_eq!(d.worker_idle(2), Some(11));
+    }
+
+    #[test]
+    fn connections_taken_back_go_first() {
+        let mut d: Dispatcher<u32, u32> = Dispatcher::new(8);
+        d.conn_ready(10);
+        d.conn_ready(11);
+        assert_eq!(d.take_next(), Some(10));
+        assert_eq!(d.conn_back(10), None);
+        assert_eq!(d.worker_idle(1), Some(10));
+        assert_eq!(d.worker_idle(1), Some(11));
+        assert_eq!(d.worker_idle(1), None);
+        assert_eq!(d.conn_back(12), Some(1), "an idle worker takes it at once");
+        assert_eq!(d.take_next(), None);
     }
 
     #[test]

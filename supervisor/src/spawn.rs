@@ -60,8 +60,9 @@ pub fn spawn_worker(spec: &WorkerSpec<'_>) -> io::Result<Spawned> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty worker command"))?;
     let (ours, theirs) =
         socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
-    // Whole messages must fit in the socket buffers: see wire::max_message.
-    let room = wire::max_message(spec.limits) * 2;
+    // Whole messages must fit in the socket buffers (see wire::max_message):
+    // the supervisor has at most two in a worker's channel (one sent ahead).
+    let room = wire::max_message(spec.limits) * 3;
     for fd in [&ours, &theirs] {
         let _ = socket::setsockopt(fd, sockopt::SndBuf, &room);
         let _ = socket::setsockopt(fd, sockopt::RcvBuf, &room);

@@ -103,7 +103,7 @@ fn serve_forever(app: &mut dyn App) -> std::io::Result<()> {
     };
 
     let mut out = Vec::with_capacity(256);
-    FromWorker::Ready { pid }.encode(&mut out);
+    FromWorker::Ready { pid, features: wire::FEATURE_AHEAD }.encode(&mut out);
     wire::send(channel.as_fd(), &out, None)?;
     info!("worker {pid} (generation {generation}) ready");
 
@@ -116,10 +116,17 @@ fn serve_forever(app: &mut dyn App) -> std::io::Result<()> {
             }
             Received::Message(len, fd) => (len, fd),
         };
-        let ToWorker::Assign { conn_id, served, peer, data } = ToWorker::decode(&buf[..len])?;
+        let ToWorker::Assign { conn_id, served, peer, data, ahead } = ToWorker::decode(&buf[..len])?;
         let Some(fd) = fd else {
             return Err(wire::WireError("Assign without a connection").into());
         };
+        if ahead && !scoreboard.slot().claim_ahead(conn_id) {
+            // Sent while we were busy, then given to another worker.
+            drop(fd);
+            FromWorker::Skipped { conn_id }.encode(&mut out);
+            wire::send(channel.as_fd(), &out, None)?;
+            continue;
+        }
         let ctx = Context {
             read_ahead,
             min_body_rate,

@@ -195,7 +195,10 @@ impl Supervisor {
                 conn.state = ConnState::Queued;
                 match self.dispatcher.conn_ready(key) {
                     Some(wkey) => self.hand_over(wkey, key),
-                    None => self.update_accepting(),
+                    None => {
+                        self.send_ahead_to_a_busy_worker();
+                        self.update_accepting();
+                    }
                 }
                 false
             }

@@ -65,6 +65,9 @@ const WORKER_BASE: usize = 1 << 41;
 
 /// How often idle, slow and lingering connections are checked for timeouts.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(200);
+/// How long a connection sent ahead may wait behind its worker's current
+/// request before a worker that comes free takes it instead.
+const AHEAD_PATIENCE: Duration = Duration::from_millis(2);
 /// Bytes read from a client in one go.
 const READ_CHUNK: usize = 16 * 1024;
 /// Accepts per listener readiness event, so one busy listener cannot starve the rest.
@@ -138,6 +141,14 @@ struct Worker {
     busy_since: Instant,
     /// When it closed its channel (it should be exiting).
     channel_lost: Option<Instant>,
+    /// It said in `Ready` that it takes connections sent ahead.
+    accepts_ahead: bool,
+    /// A connection sent to it while busy, to serve next (see `send_ahead`).
+    ahead: Option<ConnKey>,
+    /// Connections sent ahead and taken back, whose `Skipped` has not come
+    /// yet: while any is unread in its channel nothing more is sent ahead,
+    /// so the channel never holds more than two messages from us.
+    skips_pending: u32,
 }
 
 /// A reload in progress: generation `generation` is starting.

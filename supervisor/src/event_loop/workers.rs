@@ -92,6 +92,9 @@ impl Supervisor {
             killed: None,
             busy_since: Instant::now(),
             channel_lost: None,
+            accepts_ahead: false,
+            ahead: None,
+            skips_pending: 0,
         });
         Ok(key)
     }
@@ -110,6 +113,7 @@ impl Supervisor {
 
     /// Takes a worker out of service; it exits after its current connection.
     pub(super) fn retire(&mut self, wkey: WorkerKey) {
+        self.take_back_ahead(wkey);
         let w = &mut self.workers[wkey];
         w.retiring = true;
         self.dispatcher.remove_worker(wkey);
@@ -326,16 +330,15 @@ impl Supervisor {
                     false
                 }
             },
-            // Closed, or reset because it was killed with our message
-            // unread: either way it is exiting, not breaking the protocol.
+            // The worker is exiting.
             Ok(Received::Closed) => {
                 self.channel_gone(wkey);
                 false
             }
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
-                self.channel_gone(wkey);
-                false
-            }
+            // The worker exited with a message from us unread (a connection
+            // sent ahead, or any, if it was killed). The kernel reports that
+            // once, before what the worker sent: read on to EOF.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => true,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
             Err(e) => {
                 self.worker_misbehaved(wkey, &e.to_string());
@@ -369,12 +372,13 @@ impl Supervisor {
 
     pub(super) fn on_worker_message(&mut self, wkey: WorkerKey, msg: FromWorker<'_>) {
         match msg {
-            FromWorker::Ready { pid } => {
+            FromWorker::Ready { pid, features } => {
                 let w = &mut self.workers[wkey];
                 if w.state != WorkerState::Starting || pid != w.pid.as_raw() as u32 {
                     self.worker_misbehaved(wkey, "unexpected Ready");
                     return;
                 }
+                w.accepts_ahead = features & wire::FEATURE_AHEAD != 0;
                 debug!("worker {pid} ready");
                 self.worker_idle(wkey);
             }
@@ -383,6 +387,16 @@ impl Supervisor {
                 info!("worker {} reached its {} requests; starting its replacement", w.pid, w.max_requests);
                 w.retiring = true;
                 self.dispatcher.remove_worker(wkey);
+                // It exits after this request: it will never read the next one.
+                self.take_back_ahead(wkey);
+            }
+            FromWorker::Skipped { .. } => {
+                let w = &mut self.workers[wkey];
+                if w.skips_pending == 0 {
+                    self.worker_misbehaved(wkey, "Skipped a connection it was not sent ahead");
+                    return;
+                }
+                w.skips_pending -= 1;
             }
             FromWorker::Done { conn_id, served, keep, leftover } => {
                 let WorkerState::Busy(ckey) = self.workers[wkey].state else {
@@ -393,6 +407,21 @@ impl Supervisor {
                     self.worker_misbehaved(wkey, "Done for a connection it does not hold");
                     return;
                 }
+                // The worker first: free now, or on to the connection sent
+                // ahead (it claims that one as soon as it has sent this Done,
+                // and nothing takes it back any more).
+                let w = &mut self.workers[wkey];
+                let next = w.ahead.take();
+                match next {
+                    Some(next) => {
+                        w.state = WorkerState::Busy(next);
+                        w.busy_since = Instant::now();
+                        if let Some(c) = self.conns.get_mut(next) {
+                            c.buf = Vec::new();
+                        }
+                    }
+                    None => w.state = WorkerState::Idle,
+                }
                 let conn = &mut self.conns[ckey];
                 conn.served = served;
                 conn.state = ConnState::Reading;
@@ -401,7 +430,10 @@ impl Supervisor {
                 } else {
                     self.close_after_response(ckey);
                 }
-                self.worker_idle(wkey);
+                match next {
+                    Some(_) => self.send_ahead(wkey),
+                    None => self.worker_idle(wkey),
+                }
             }
         }
     }
@@ -409,6 +441,10 @@ impl Supervisor {
     pub(super) fn worker_idle(&mut self, wkey: WorkerKey) {
         let w = &mut self.workers[wkey];
         w.state = WorkerState::Idle;
+        if w.channel_lost.is_some() {
+            // Exiting: nothing more for it.
+            return;
+        }
         if w.retiring {
             self.release(wkey);
             return;
@@ -434,12 +470,151 @@ impl Supervisor {
             let line = self.status_line();
             self.notifier.ready(line);
         }
-        if let Some(ckey) = self.dispatcher.worker_idle(wkey) {
+        // A connection sent ahead to a worker that is still on a long request
+        // has waited longer than any in the queue: it goes first.
+        let any = self.dispatcher.queued() == 0;
+        if let Some(ckey) = self.take_back_waiting_ahead(wkey, any) {
+            self.hand_over(wkey, ckey);
+        } else if let Some(ckey) = self.dispatcher.worker_idle(wkey) {
             self.hand_over(wkey, ckey);
         } else {
             self.update_accepting();
             self.release_idle_workers();
         }
+    }
+
+    /// Sends the connection that has waited longest to busy worker `wkey`,
+    /// to serve as soon as it has finished its current one: it then finds
+    /// its next connection already in its channel, instead of going to
+    /// sleep and waiting for the supervisor to answer its Done. It stays
+    /// ours to take back until the worker claims it on its scoreboard.
+    pub(super) fn send_ahead(&mut self, wkey: WorkerKey) {
+        let Some(w) = self.workers.get(wkey) else { return };
+        let eligible = w.accepts_ahead
+            && !w.retiring
+            && w.ahead.is_none()
+            && w.skips_pending == 0
+            && w.killed.is_none()
+            && w.channel.is_some()
+            && w.channel_lost.is_none()
+            && w.generation == self.serving_generation
+            && matches!(w.state, WorkerState::Busy(_));
+        if !eligible {
+            return;
+        }
+        let Some(ckey) = self.dispatcher.take_next() else { return };
+        let conn = &mut self.conns[ckey];
+        let w = &mut self.workers[wkey];
+        let Some(channel) = w.channel.as_ref() else {
+            self.dispatcher.requeue_front(ckey);
+            return;
+        };
+        // Both scoreboard cells may be taken: the one before, made current by
+        // a Done, not claimed yet, and one taken back whose Skipped is due.
+        if !w.scoreboard.slot().offer_ahead(conn.id) {
+            self.dispatcher.requeue_front(ckey);
+            return;
+        }
+        ToWorker::Assign {
+            conn_id: conn.id,
+            served: conn.served,
+            peer: &conn.peer,
+            data: &conn.buf,
+            ahead: true,
+        }
+        .encode(&mut self.msg);
+        match wire::send(channel.as_fd(), &self.msg, Some(conn.fd.as_fd())) {
+            Ok(()) => {
+                // The byte count from before the current request ends: if the
+                // worker dies on this connection, any byte written since
+                // means "close" rather than "answer 502" (the safe side).
+                // The buffer stays until the worker has it for sure.
+                conn.state =
+                    ConnState::InWorker { worker: wkey, written_before: w.scoreboard.slot().written() };
+                w.ahead = Some(ckey);
+                debug!("connection {} sent ahead to busy worker {}", conn.id, w.pid);
+            }
+            Err(e) => {
+                w.scoreboard.slot().revoke_ahead(conn.id);
+                self.dispatcher.requeue_front(ckey);
+                self.send_failed(wkey, &e);
+            }
+        }
+    }
+
+    /// A message to a worker could not be sent. A worker that has exited
+    /// (it retired, or died) is not misbehaving: its channel stays, so what
+    /// it said before going is still read, and SIGCHLD tells the rest.
+    fn send_failed(&mut self, wkey: WorkerKey, e: &io::Error) {
+        let w = &mut self.workers[wkey];
+        if matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET)) {
+            debug!("worker {} is gone ({e}); waiting for its exit", w.pid);
+            w.channel_lost.get_or_insert_with(Instant::now);
+            self.dispatcher.remove_worker(wkey);
+        } else {
+            // A worker has at most two messages from us in its channel (one
+            // sent ahead), so a full buffer means it is broken.
+            let what = format!("sending to worker {} failed: {e}", w.pid);
+            self.worker_misbehaved(wkey, &what);
+        }
+    }
+
+    /// A connection was queued with no worker free: sends it ahead to the
+    /// busy worker whose current request started last (the one most likely
+    /// to be quick; a long one may be stuck).
+    pub(super) fn send_ahead_to_a_busy_worker(&mut self) {
+        let best = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.ahead.is_none() && matches!(w.state, WorkerState::Busy(_)))
+            .max_by_key(|(_, w)| w.busy_since)
+            .map(|(k, _)| k);
+        if let Some(wkey) = best {
+            self.send_ahead(wkey);
+        }
+    }
+
+    /// Takes back the connection sent ahead to `wkey`, if the worker has not
+    /// claimed it yet, and dispatches it again.
+    fn take_back_ahead(&mut self, wkey: WorkerKey) {
+        if let Some(ckey) = self.revoke_ahead(wkey) {
+            if let Some(idle) = self.dispatcher.conn_back(ckey) {
+                self.hand_over(idle, ckey);
+            }
+        }
+    }
+
+    /// Takes back from another worker a connection sent ahead that waits
+    /// behind a long request (`any`: or behind any request), for free worker
+    /// `wkey`. A worker that has already claimed its connection keeps it.
+    fn take_back_waiting_ahead(&mut self, wkey: WorkerKey, any: bool) -> Option<ConnKey> {
+        let now = Instant::now();
+        let holder = self
+            .workers
+            .iter()
+            .filter(|&(k, w)| k != wkey && w.ahead.is_some())
+            .filter(|(_, w)| any || now.duration_since(w.busy_since) >= AHEAD_PATIENCE)
+            .min_by_key(|(_, w)| w.busy_since)
+            .map(|(k, _)| k)?;
+        self.revoke_ahead(holder)
+    }
+
+    /// Revokes the connection sent ahead to `wkey` on its scoreboard; the
+    /// connection, queued again, if that won the race with the worker.
+    fn revoke_ahead(&mut self, wkey: WorkerKey) -> Option<ConnKey> {
+        let w = self.workers.get_mut(wkey)?;
+        let ckey = w.ahead?;
+        let conn = self.conns.get_mut(ckey)?;
+        if !w.scoreboard.slot().revoke_ahead(conn.id) {
+            // Claimed: the worker's Done for the connection before it is on
+            // its way, and makes this one its current.
+            return None;
+        }
+        w.ahead = None;
+        w.skips_pending += 1;
+        conn.state = ConnState::Queued;
+        debug!("took back connection {} sent ahead to worker {}", conn.id, w.pid);
+        Some(ckey)
     }
 
     /// Passes a connection with a complete head to an idle worker.
@@ -450,8 +625,14 @@ impl Supervisor {
             self.dispatcher.requeue_front(ckey);
             return;
         };
-        ToWorker::Assign { conn_id: conn.id, served: conn.served, peer: &conn.peer, data: &conn.buf }
-            .encode(&mut self.msg);
+        ToWorker::Assign {
+            conn_id: conn.id,
+            served: conn.served,
+            peer: &conn.peer,
+            data: &conn.buf,
+            ahead: false,
+        }
+        .encode(&mut self.msg);
         match wire::send(channel.as_fd(), &self.msg, Some(conn.fd.as_fd())) {
             Ok(()) => {
                 conn.state =
@@ -462,14 +643,14 @@ impl Supervisor {
                 worker.busy_since = Instant::now();
             }
             Err(e) => {
-                // A worker only ever has one message from us in flight, so a
-                // full buffer means it is broken, not busy.
-                let pid = worker.pid;
-                self.dispatcher.requeue_front(ckey);
-                self.worker_misbehaved(wkey, &format!("hand-over to {pid} failed: {e}"));
+                self.send_failed(wkey, &e);
+                if let Some(idle) = self.dispatcher.conn_back(ckey) {
+                    self.hand_over(idle, ckey);
+                }
                 return;
             }
         }
+        self.send_ahead(wkey);
         self.update_accepting();
     }
 
@@ -497,6 +678,9 @@ impl Supervisor {
         // Whatever it said before dying comes first (typically the Done of a
         // worker that retired on purpose): SIGCHLD may overtake the channel.
         self.drain_channel(wkey);
+        // A connection sent ahead and never claimed was not started: it is
+        // served by another worker, not answered 502.
+        self.take_back_ahead(wkey);
         let w = self.workers.remove(wkey);
         self.totals.requests += w.scoreboard.slot().requests.load(std::sync::atomic::Ordering::Relaxed);
         if let Some(ch) = &w.channel {
@@ -561,7 +745,8 @@ impl Supervisor {
     /// (SIGTERM, then SIGKILL after the grace period).
     pub(super) fn check_stuck_workers(&mut self, now: Instant) {
         let timeout_ms = self.config.timeout.as_millis() as u64;
-        for (_, w) in self.workers.iter_mut() {
+        let mut killed = Vec::new();
+        for (wkey, w) in self.workers.iter_mut() {
             if let Some(at) = w.channel_lost {
                 if now.duration_since(at) >= self.config.kill_grace && w.killed.is_none() {
                     warn!("worker {} closed its channel but did not exit; killing it", w.pid);
@@ -599,8 +784,12 @@ impl Supervisor {
                     let _ = kill(w.pid, Signal::SIGTERM);
                     w.killed = Some((now, false));
                     self.totals.timeouts += 1;
+                    killed.push(wkey);
                 }
             }
+        }
+        for wkey in killed {
+            self.take_back_ahead(wkey);
         }
     }
 }

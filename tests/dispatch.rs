@@ -1,0 +1,125 @@
+//! How ready connections reach workers when every worker is busy: the next
+//! one is sent ahead to a busy worker, a worker that comes free takes it
+//! back rather than let it wait behind a long request, and a worker's death
+//! never loses it.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{eventually, monodon, Client, Server};
+
+/// Supervisor debug logs say when a connection is sent ahead or taken back.
+fn start() -> Server {
+    Server::start_cmd(
+        monodon().env("RUST_LOG", "info,monodon_supervisor=debug").arg("serve").args([
+            "--listen",
+            "127.0.0.1:0",
+            "--app",
+            "echo",
+            "--workers",
+            "2",
+        ]),
+        2,
+    )
+}
+
+/// Waits until `n` workers are inside the echo app's `sleep_ms`.
+fn wait_sleeping(server: &Server, n: usize) {
+    let sleeping = || {
+        server
+            .children()
+            .iter()
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/wchan")).is_ok_and(|w| w.contains("nanosleep"))
+            })
+            .count()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || sleeping() >= n),
+        "{n} workers never got their slow requests"
+    );
+}
+
+fn get(server: &Server, target: &str) -> Client {
+    let mut c = server.connect();
+    c.send(format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+    c
+}
+
+/// The pid in the supervisor's "sent ahead to busy worker PID" line.
+fn sent_ahead_to(server: &Server) -> u32 {
+    let line = server.wait_for_log("sent ahead to busy worker", Duration::from_secs(10));
+    line.rsplit(' ').next().and_then(|p| p.trim().parse().ok()).expect("a pid ends the line")
+}
+
+#[test]
+fn a_connection_sent_ahead_is_taken_back_by_the_worker_that_comes_free_first() {
+    let server = start();
+    let mut short = get(&server, "/?sleep_ms=400");
+    wait_sleeping(&server, 1);
+    let mut long = get(&server, "/?sleep_ms=4000");
+    wait_sleeping(&server, 2);
+    // Both busy: it goes ahead to the worker whose request started last.
+    let mut quick = get(&server, "/quick");
+    let long_worker = sent_ahead_to(&server);
+
+    let short = short.response().unwrap().json();
+    let quick = quick.response().unwrap();
+    assert_eq!(quick.status, 200);
+    let quick = quick.json();
+    assert_eq!(
+        quick["worker"]["pid"], short["worker"]["pid"],
+        "served by the worker that came free, not after the 4 s request"
+    );
+    assert_ne!(quick["worker"]["pid"].as_u64(), Some(long_worker as u64));
+    assert!(server.logs().contains("took back connection"), "{}", server.logs());
+
+    // The long worker finishes, skips the connection it no longer owns, and
+    // keeps serving with nothing left over.
+    let long = long.response().unwrap().json();
+    assert_eq!(long["worker"]["pid"].as_u64(), Some(long_worker as u64));
+    for i in 0..20 {
+        assert_eq!(server.get(&format!("/after/{i}")).status, 200);
+    }
+    let sockets = || {
+        std::fs::read_dir(format!("/proc/{long_worker}/fd"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| {
+                        std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().starts_with("socket:"))
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || sockets() == 1),
+        "worker {long_worker} holds {} sockets",
+        sockets()
+    );
+    assert!(!server.logs().contains("broke the protocol"), "{}", server.logs());
+}
+
+#[test]
+fn a_connection_sent_ahead_to_a_worker_that_dies_is_served_by_another() {
+    let server = start();
+    let mut first = get(&server, "/?sleep_ms=3000");
+    wait_sleeping(&server, 1);
+    let mut second = get(&server, "/?sleep_ms=3000");
+    wait_sleeping(&server, 2);
+    let mut quick = get(&server, "/quick");
+    let doomed = sent_ahead_to(&server);
+    // SAFETY: killing one of the supervisor's workers, on purpose.
+    unsafe { libc::kill(doomed as i32, libc::SIGKILL) };
+
+    let quick = quick.response().unwrap();
+    assert_eq!(quick.status, 200, "it never started, so it is not lost: {}", quick.text());
+    assert_ne!(quick.json()["worker"]["pid"].as_u64(), Some(doomed as u64));
+    // The request the dead worker was serving gets its 502; the other is fine.
+    let statuses = [first.response().unwrap().status, second.response().unwrap().status];
+    let mut sorted = statuses;
+    sorted.sort();
+    assert_eq!(sorted, [200, 502], "{statuses:?}");
+    assert!(!server.logs().contains("broke the protocol"), "{}", server.logs());
+}
