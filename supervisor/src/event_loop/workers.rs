@@ -425,14 +425,23 @@ impl Supervisor {
                 let conn = &mut self.conns[ckey];
                 conn.served = served;
                 conn.state = ConnState::Reading;
-                if keep && self.stopping == Stopping::No {
-                    self.resume_reading(ckey, leftover);
-                } else {
-                    self.close_after_response(ckey);
+                if next.is_none() {
+                    // Before the connection may queue again: the free worker
+                    // takes what waited before it (and nothing sent ahead
+                    // elsewhere meanwhile needs taking back).
+                    self.worker_idle(wkey);
                 }
-                match next {
-                    Some(_) => self.send_ahead(wkey),
-                    None => self.worker_idle(wkey),
+                // (Checked again: nothing in worker_idle closes connections
+                // today, but a panic here would take the supervisor down.)
+                if self.conns.contains(ckey) {
+                    if keep && self.stopping == Stopping::No {
+                        self.resume_reading(ckey, leftover);
+                    } else {
+                        self.close_after_response(ckey);
+                    }
+                }
+                if next.is_some() {
+                    self.send_ahead(wkey);
                 }
             }
         }
