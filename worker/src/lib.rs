@@ -109,7 +109,13 @@ fn serve_forever(app: &mut dyn App) -> std::io::Result<()> {
 
     let mut buf = vec![0u8; wire::max_message(&limits)];
     loop {
-        let (len, fd) = match wire::recv(channel.as_fd(), &mut buf)? {
+        // A reset is the supervisor letting us go with a message of ours
+        // unread (a Skipped): as good as a close.
+        let received = match wire::recv(channel.as_fd(), &mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Received::Closed,
+            other => other?,
+        };
+        let (len, fd) = match received {
             Received::Closed => {
                 debug!("worker {pid}: channel closed, exiting");
                 return Ok(());
@@ -124,8 +130,14 @@ fn serve_forever(app: &mut dyn App) -> std::io::Result<()> {
             // Sent while we were busy, then given to another worker.
             drop(fd);
             FromWorker::Skipped { conn_id }.encode(&mut out);
-            wire::send(channel.as_fd(), &out, None)?;
-            continue;
+            match wire::send(channel.as_fd(), &out, None) {
+                Ok(()) => continue,
+                // Released (retired) meanwhile: nothing more will come.
+                Err(e) if matches!(e.raw_os_error(), Some(nix::libc::EPIPE | nix::libc::ECONNRESET)) => {
+                    return Ok(())
+                }
+                Err(e) => return Err(e),
+            }
         }
         let ctx = Context {
             read_ahead,
