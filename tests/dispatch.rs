@@ -11,6 +11,11 @@ use common::{eventually, monodon, Client, Server};
 
 /// Supervisor debug logs say when a connection is sent ahead or taken back.
 fn start() -> Server {
+    start_with(2)
+}
+
+fn start_with(workers: usize) -> Server {
+    let n = workers.to_string();
     Server::start_cmd(
         monodon().env("RUST_LOG", "info,monodon_supervisor=debug").arg("serve").args([
             "--listen",
@@ -18,9 +23,9 @@ fn start() -> Server {
             "--app",
             "echo",
             "--workers",
-            "2",
+            &n,
         ]),
-        2,
+        workers,
     )
 }
 
@@ -122,4 +127,22 @@ fn a_connection_sent_ahead_to_a_worker_that_dies_is_served_by_another() {
     sorted.sort();
     assert_eq!(sorted, [200, 502], "{statuses:?}");
     assert!(!server.logs().contains("broke the protocol"), "{}", server.logs());
+}
+
+#[test]
+fn a_worker_that_dies_on_a_connection_sent_ahead_answers_502_if_it_wrote_nothing() {
+    let server = start_with(1);
+    let mut first = get(&server, "/?sleep_ms=300");
+    wait_sleeping(&server, 1);
+    let mut second = get(&server, "/?sleep_ms=5000");
+    let worker = sent_ahead_to(&server);
+    // The first response goes out, then the worker starts the second one.
+    assert_eq!(first.response().unwrap().status, 200);
+    wait_sleeping(&server, 1);
+    // SAFETY: killing the supervisor's worker, on purpose.
+    unsafe { libc::kill(worker as i32, libc::SIGKILL) };
+    // Bytes went out for the first connection, none for this one: a 502,
+    // not a silent close.
+    let r = second.response().expect("an answer, not a cut connection");
+    assert_eq!(r.status, 502, "{}", r.text());
 }

@@ -47,6 +47,11 @@ pub struct Slot {
     /// which it is about to serve. (Last in the slot: fields keep their
     /// offsets across versions.)
     pub ahead: [AtomicU64; 2],
+    /// The connection the worker is serving (its id; 0 before the first),
+    /// and `bytes_written` when it started it: whether any response byte
+    /// went out on it, exactly, even for one sent ahead.
+    pub conn_id: AtomicU64,
+    pub conn_written_base: AtomicU64,
 }
 
 /// Room for the request line in a slot.
@@ -59,6 +64,25 @@ impl Slot {
 
     pub fn written(&self) -> u64 {
         self.bytes_written.load(Ordering::Relaxed)
+    }
+
+    /// Worker side: starts serving connection `conn_id`.
+    pub fn begin_connection(&self, conn_id: u64) {
+        self.conn_written_base.store(self.written(), Ordering::Relaxed);
+        self.conn_id.store(conn_id, Ordering::Release);
+    }
+
+    /// Supervisor side: has the worker written any response byte on
+    /// connection `conn_id`? `written_at_handover`, the byte count when the
+    /// supervisor sent it, decides for a worker that does not publish its
+    /// connections (an older one): any byte since then counts.
+    pub fn wrote_on(&self, conn_id: u64, written_at_handover: u64) -> bool {
+        match self.conn_id.load(Ordering::Acquire) {
+            0 => self.written() != written_at_handover,
+            current if current == conn_id => self.written() != self.conn_written_base.load(Ordering::Relaxed),
+            // It never started this one.
+            _ => false,
+        }
     }
 
     pub fn begin_request(&self) {
@@ -262,6 +286,24 @@ mod tests {
         assert!(!w.claim_ahead(10));
         assert!(!w.others_waiting());
         assert!(!w.claim_ahead(0), "0 is no connection");
+    }
+
+    #[test]
+    fn bytes_written_count_per_connection() {
+        let supervisor = Scoreboard::create().unwrap();
+        let worker = Scoreboard::map(supervisor.fd().try_clone_to_owned().unwrap()).unwrap();
+        let (s, w) = (supervisor.slot(), worker.slot());
+        // An older worker publishes nothing: bytes since the hand-over count.
+        w.add_written(10);
+        assert!(s.wrote_on(1, 0));
+        assert!(!s.wrote_on(1, 10));
+        w.begin_connection(1);
+        assert!(!s.wrote_on(1, 0), "nothing written on 1 yet");
+        w.add_written(5);
+        assert!(s.wrote_on(1, 0));
+        assert!(!s.wrote_on(2, 0), "2 was sent ahead and never started");
+        w.begin_connection(2);
+        assert!(!s.wrote_on(2, 0));
     }
 
     #[test]

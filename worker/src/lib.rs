@@ -149,6 +149,7 @@ fn serve_forever(app: &mut dyn App) -> std::io::Result<()> {
             peer,
             access_log: access_log.as_ref(),
         };
+        scoreboard.slot().begin_connection(conn_id);
         let mut input = Input::new(Stream::new(fd, io_timeout, scoreboard.slot()), data);
         let mut announce = || {
             let mut msg = Vec::with_capacity(2);

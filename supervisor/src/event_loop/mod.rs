@@ -82,8 +82,10 @@ enum ConnState {
     Reading,
     /// Has a complete head, waits for a worker.
     Queued,
-    /// A worker serves it. `written_before` is the worker's byte counter at
-    /// hand-over, to tell later whether any response byte went out.
+    /// A worker serves it (or will: sent ahead). `written_before` is the
+    /// worker's byte counter at hand-over, to tell later whether any
+    /// response byte went out, for a worker whose scoreboard does not say
+    /// (`Slot::wrote_on`).
     InWorker { worker: WorkerKey, written_before: u64 },
     /// Our last response is out; draining input until EOF or the timeout.
     Lingering,

@@ -41,7 +41,7 @@ impl Supervisor {
                 WorkerState::Busy(ckey) => {
                     let started = match self.conns.get(ckey).map(|c| c.state) {
                         Some(ConnState::InWorker { written_before, .. }) => {
-                            Some(slot.written() != written_before)
+                            self.conns.get(ckey).map(|c| slot.wrote_on(c.id, written_before))
                         }
                         _ => None,
                     };

@@ -534,9 +534,9 @@ impl Supervisor {
         .encode(&mut self.msg);
         match wire::send(channel.as_fd(), &self.msg, Some(conn.fd.as_fd())) {
             Ok(()) => {
-                // The byte count from before the current request ends: if the
-                // worker dies on this connection, any byte written since
-                // means "close" rather than "answer 502" (the safe side).
+                // Whether the worker wrote on it is told by the scoreboard
+                // (`wrote_on`); this count is only for workers too old to
+                // say, and errs on the side of "close" rather than "502".
                 // The buffer stays until the worker has it for sure.
                 conn.state =
                     ConnState::InWorker { worker: wkey, written_before: w.scoreboard.slot().written() };
@@ -705,7 +705,7 @@ impl Supervisor {
         if let WorkerState::Busy(ckey) = w.state {
             if let Some(ConnState::InWorker { written_before, .. }) = self.conns.get(ckey).map(|c| c.state) {
                 let conn = &self.conns[ckey];
-                let wrote = w.scoreboard.slot().written() != written_before;
+                let wrote = w.scoreboard.slot().wrote_on(conn.id, written_before);
                 let (status, why) = if w.killed.is_some() {
                     (504, "the request took longer than the server's timeout")
                 } else {
