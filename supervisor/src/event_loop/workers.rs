@@ -498,17 +498,7 @@ impl Supervisor {
     /// sleep and waiting for the supervisor to answer its Done. It stays
     /// ours to take back until the worker claims it on its scoreboard.
     pub(super) fn send_ahead(&mut self, wkey: WorkerKey) {
-        let Some(w) = self.workers.get(wkey) else { return };
-        let eligible = w.accepts_ahead
-            && !w.retiring
-            && w.ahead.is_none()
-            && w.skips_pending == 0
-            && w.killed.is_none()
-            && w.channel.is_some()
-            && w.channel_lost.is_none()
-            && w.generation == self.serving_generation
-            && matches!(w.state, WorkerState::Busy(_));
-        if !eligible {
+        if !self.workers.get(wkey).is_some_and(|w| self.can_take_ahead(w)) {
             return;
         }
         let Some(ckey) = self.dispatcher.take_next() else { return };
@@ -518,8 +508,9 @@ impl Supervisor {
             self.dispatcher.requeue_front(ckey);
             return;
         };
-        // Both scoreboard cells may be taken: the one before, made current by
-        // a Done, not claimed yet, and one taken back whose Skipped is due.
+        // With nothing ahead, at most one cell is taken (by the connection
+        // a Done made current, until the worker claims it); but the cells
+        // are shared memory, so the offer is checked all the same.
         if !w.scoreboard.slot().offer_ahead(conn.id) {
             self.dispatcher.requeue_front(ckey);
             return;
@@ -568,6 +559,20 @@ impl Supervisor {
         }
     }
 
+    /// A busy worker of the serving generation, able and free to take a
+    /// connection ahead.
+    fn can_take_ahead(&self, w: &Worker) -> bool {
+        w.accepts_ahead
+            && !w.retiring
+            && w.ahead.is_none()
+            && w.skips_pending == 0
+            && w.killed.is_none()
+            && w.channel.is_some()
+            && w.channel_lost.is_none()
+            && w.generation == self.serving_generation
+            && matches!(w.state, WorkerState::Busy(_))
+    }
+
     /// A connection was queued with no worker free: sends it ahead to the
     /// busy worker whose current request started last (the one most likely
     /// to be quick; a long one may be stuck).
@@ -575,7 +580,7 @@ impl Supervisor {
         let best = self
             .workers
             .iter()
-            .filter(|(_, w)| w.ahead.is_none() && matches!(w.state, WorkerState::Busy(_)))
+            .filter(|(_, w)| self.can_take_ahead(w))
             .max_by_key(|(_, w)| w.busy_since)
             .map(|(k, _)| k);
         if let Some(wkey) = best {
