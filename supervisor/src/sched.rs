@@ -25,13 +25,7 @@ impl<W: PartialEq + Copy, C: PartialEq + Copy> Dispatcher<W, C> {
     /// A connection is ready: the worker to hand it to now, or `None` if it
     /// was queued.
     pub fn conn_ready(&mut self, conn: C) -> Option<W> {
-        match self.idle.pop() {
-            Some(w) => Some(w),
-            None => {
-                self.queue.push_back(conn);
-                None
-            }
-        }
+        self.idle_worker_or_queue(conn, false)
     }
 
     /// Puts a connection back at the head of the queue (a hand-over failed).
@@ -43,13 +37,19 @@ impl<W: PartialEq + Copy, C: PartialEq + Copy> Dispatcher<W, C> {
     /// from a worker): the idle worker to hand it to, or it goes back to
     /// the head of the queue.
     pub fn conn_back(&mut self, conn: C) -> Option<W> {
-        match self.idle.pop() {
-            Some(w) => Some(w),
-            None => {
+        self.idle_worker_or_queue(conn, true)
+    }
+
+    fn idle_worker_or_queue(&mut self, conn: C, at_front: bool) -> Option<W> {
+        let worker = self.idle.pop();
+        if worker.is_none() {
+            if at_front {
                 self.queue.push_front(conn);
-                None
+            } else {
+                self.queue.push_back(conn);
             }
         }
+        worker
     }
 
     /// The connection that has waited longest, to send ahead to a busy

@@ -105,10 +105,8 @@ impl Supervisor {
         };
         match conn.state {
             ConnState::Reading => self.read_head(key),
-            ConnState::Lingering => {
-                self.drain_lingering(key);
-                self.watch_if_waiting(key);
-            }
+            // Watched already (`linger` saw to it).
+            ConnState::Lingering => self.drain_lingering(key),
             // Not ours to read now; remember to look when it comes back.
             ConnState::Queued | ConnState::InWorker { .. } => conn.unread = true,
         }

@@ -502,44 +502,44 @@ impl Supervisor {
             return;
         }
         let Some(ckey) = self.dispatcher.take_next() else { return };
-        let conn = &mut self.conns[ckey];
-        let w = &mut self.workers[wkey];
-        let Some(channel) = w.channel.as_ref() else {
-            self.dispatcher.requeue_front(ckey);
-            return;
-        };
+        let conn_id = self.conns[ckey].id;
         // With nothing ahead, at most one cell is taken (by the connection
         // a Done made current, until the worker claims it); but the cells
         // are shared memory, so the offer is checked all the same.
-        if !w.scoreboard.slot().offer_ahead(conn.id) {
+        if !self.workers[wkey].scoreboard.slot().offer_ahead(conn_id) {
             self.dispatcher.requeue_front(ckey);
             return;
         }
-        ToWorker::Assign {
-            conn_id: conn.id,
-            served: conn.served,
-            peer: &conn.peer,
-            data: &conn.buf,
-            ahead: true,
-        }
-        .encode(&mut self.msg);
-        match wire::send(channel.as_fd(), &self.msg, Some(conn.fd.as_fd())) {
+        match self.send_assign(wkey, ckey, true) {
             Ok(()) => {
-                // Whether the worker wrote on it is told by the scoreboard
-                // (`wrote_on`); this count is only for workers too old to
-                // say, and errs on the side of "close" rather than "502".
                 // The buffer stays until the worker has it for sure.
-                conn.state =
-                    ConnState::InWorker { worker: wkey, written_before: w.scoreboard.slot().written() };
+                let w = &mut self.workers[wkey];
                 w.ahead = Some(ckey);
-                debug!("connection {} sent ahead to busy worker {}", conn.id, w.pid);
+                debug!("connection {conn_id} sent ahead to busy worker {}", w.pid);
             }
             Err(e) => {
-                w.scoreboard.slot().revoke_ahead(conn.id);
+                self.workers[wkey].scoreboard.slot().revoke_ahead(conn_id);
                 self.dispatcher.requeue_front(ckey);
                 self.send_failed(wkey, &e);
             }
         }
+    }
+
+    /// Sends connection `ckey` (its fd, and the bytes read from it) to
+    /// worker `wkey` in an Assign, or an Assign ahead; on success the
+    /// connection is the worker's.
+    fn send_assign(&mut self, wkey: WorkerKey, ckey: ConnKey, ahead: bool) -> io::Result<()> {
+        let conn = &mut self.conns[ckey];
+        let w = &self.workers[wkey];
+        let channel = w.channel.as_ref().ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
+        ToWorker::Assign { conn_id: conn.id, served: conn.served, peer: &conn.peer, data: &conn.buf, ahead }
+            .encode(&mut self.msg);
+        wire::send(channel.as_fd(), &self.msg, Some(conn.fd.as_fd()))?;
+        // Whether the worker wrote on it is told by the scoreboard
+        // (`wrote_on`); this count is only for workers too old to say, and
+        // for one sent ahead errs on the side of "close" rather than "502".
+        conn.state = ConnState::InWorker { worker: wkey, written_before: w.scoreboard.slot().written() };
+        Ok(())
     }
 
     /// A message to a worker could not be sent. A worker that has exited
@@ -547,7 +547,10 @@ impl Supervisor {
     /// it said before going is still read, and SIGCHLD tells the rest.
     fn send_failed(&mut self, wkey: WorkerKey, e: &io::Error) {
         let w = &mut self.workers[wkey];
-        if matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET)) {
+        if e.kind() == io::ErrorKind::NotConnected {
+            // We closed its channel already (released, or gone).
+            self.dispatcher.remove_worker(wkey);
+        } else if matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET)) {
             debug!("worker {} is gone ({e}); waiting for its exit", w.pid);
             w.channel_lost.get_or_insert_with(Instant::now);
             self.dispatcher.remove_worker(wkey);
@@ -633,26 +636,11 @@ impl Supervisor {
 
     /// Passes a connection with a complete head to an idle worker.
     pub(super) fn hand_over(&mut self, wkey: WorkerKey, ckey: ConnKey) {
-        let conn = &mut self.conns[ckey];
-        let worker = &mut self.workers[wkey];
-        let Some(channel) = worker.channel.as_ref() else {
-            self.dispatcher.requeue_front(ckey);
-            return;
-        };
-        ToWorker::Assign {
-            conn_id: conn.id,
-            served: conn.served,
-            peer: &conn.peer,
-            data: &conn.buf,
-            ahead: false,
-        }
-        .encode(&mut self.msg);
-        match wire::send(channel.as_fd(), &self.msg, Some(conn.fd.as_fd())) {
+        match self.send_assign(wkey, ckey, false) {
             Ok(()) => {
-                conn.state =
-                    ConnState::InWorker { worker: wkey, written_before: worker.scoreboard.slot().written() };
                 // Idle connections must stay cheap: drop the buffer, not just clear it.
-                conn.buf = Vec::new();
+                self.conns[ckey].buf = Vec::new();
+                let worker = &mut self.workers[wkey];
                 worker.state = WorkerState::Busy(ckey);
                 worker.busy_since = Instant::now();
             }
