@@ -16,7 +16,7 @@ fn start() -> Server {
 
 fn start_with(workers: usize) -> Server {
     let n = workers.to_string();
-    Server::start_cmd(
+    let server = Server::start_cmd(
         monodon().env("RUST_LOG", "info,monodon_supervisor=debug").arg("serve").args([
             "--listen",
             "127.0.0.1:0",
@@ -26,7 +26,11 @@ fn start_with(workers: usize) -> Server {
             &n,
         ]),
         workers,
-    )
+    );
+    // With debug logs each worker says " ready" twice, which start_cmd
+    // counts: wait for the supervisor's word that all of them are.
+    server.wait_for_log("generation 1 ready", Duration::from_secs(20));
+    server
 }
 
 /// Waits until `n` workers are inside the echo app's `sleep_ms`.
