@@ -1,5 +1,6 @@
-//! gunicorn's request-parsing corpus (`../shared/conformance`), replayed
-//! against the real server with the `echo` app.
+//! gunicorn's request-parsing corpus (`tests/data`, its origin and licence
+//! in `tests/data/README.md`), replayed against the real server with the
+//! `echo` app.
 //!
 //! Valid cases must come back exactly as parsed (method, target, version,
 //! headers, decoded body); invalid ones must get a 4xx and a closed
@@ -17,6 +18,8 @@
 //!   because WSGI folds `-` into `_`, so `Content_Length` could pose as
 //!   `Content-Length`; monodon's app interface keeps names exactly as
 //!   received (RFC 9110 §5.1: `_` is a tchar), so nothing collides.
+//! - A few valid cases are refused, and one invalid case gets a 5xx, each
+//!   listed in `REFUSED_ON_PURPOSE` and `OTHER_STATUS` with its RFC section.
 
 mod common;
 
@@ -29,21 +32,41 @@ use base64::Engine;
 use common::{read_response, Server};
 use serde_json::Value;
 
-/// Valid cases monodon refuses on purpose, with the reason.
-const REFUSED_ON_PURPOSE: &[(&str, &str)] = &[(
-    "valid/099",
-    "its body is 8,599 bytes under Content-Length: 17914 before EOF; RFC 9112 §8: the message is \
-     incomplete and must not be handed on as if whole",
-)];
+/// Valid cases monodon refuses on purpose: the status it answers, and why.
+const REFUSED_ON_PURPOSE: &[(&str, u16, &str)] = &[
+    (
+        "valid/099",
+        400,
+        "its body is 8,599 bytes under Content-Length: 17914 before EOF; RFC 9112 §8: the message is \
+         incomplete and must not be handed on as if whole",
+    ),
+    (
+        "valid/009",
+        400,
+        "Transfer-Encoding: identity with Content-Length; RFC 9112 §6.3 item 4: a Transfer-Encoding \
+         that does not end in chunked is answered 400 (identity is no transfer coding, RFC 9112 §7), \
+         and §6.1: with Content-Length the connection closes in any case",
+    ),
+    (
+        "valid/rfc9112_target_authority_connect_01",
+        501,
+        "CONNECT; RFC 9110 §9.3.6: a 2xx makes the connection a tunnel, which monodon does not offer \
+         for any resource (§15.6.2: 501)",
+    ),
+    ("valid/rfc9112_target_authority_ipv6_01", 501, "CONNECT; RFC 9110 §9.3.6, as above"),
+];
 
-const INSERTED_HOST: &str = "conformance.test";
+/// Invalid cases refused with a status other than 4xx, and why.
+const OTHER_STATUS: &[(&str, u16, &str)] =
+    &[("invalid/version_02", 505, "HTTP/2.0 on an HTTP/1 connection; RFC 9110 §15.6.6: 505")];
 
 fn corpus() -> Vec<Value> {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/conformance/gunicorn-requests.jsonl");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/gunicorn-requests.jsonl");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect()
 }
+
+const INSERTED_HOST: &str = "conformance.test";
 
 fn b64(s: &str) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD.decode(s).unwrap()
@@ -122,9 +145,13 @@ fn gunicorn_corpus_default_settings() {
             continue;
         }
         let raw = b64(case["raw_base64"].as_str().unwrap());
-        if let Some((_, why)) = REFUSED_ON_PURPOSE.iter().find(|(n, _)| *n == name) {
+        if let Some((_, status, why)) = REFUSED_ON_PURPOSE.iter().find(|(n, ..)| *n == name) {
             let (responses, closed) = exchange(&server, &raw);
-            assert_eq!(responses.first().map(|r| r.status), Some(400), "{name}: refused on purpose ({why})");
+            assert_eq!(
+                responses.first().map(|r| r.status),
+                Some(*status),
+                "{name}: refused on purpose ({why})"
+            );
             assert!(closed, "{name}");
             continue;
         }
@@ -178,7 +205,16 @@ fn gunicorn_corpus_default_settings() {
         } else {
             let (responses, closed) = exchange(&server, &raw);
             let first = responses.first().unwrap_or_else(|| panic!("{name}: no response at all"));
-            assert!((400..500).contains(&first.status), "{name}: got {} {}", first.status, first.text());
+            let want = OTHER_STATUS.iter().find(|(n, ..)| *n == name);
+            match want {
+                Some((_, status, why)) => assert_eq!(first.status, *status, "{name}: {why}"),
+                None => assert!(
+                    (400..500).contains(&first.status),
+                    "{name}: got {} {}",
+                    first.status,
+                    first.text()
+                ),
+            }
             assert!(
                 responses.iter().all(|r| r.header("Content-Type") != Some("application/json")),
                 "{name}: reached the app"

@@ -160,8 +160,54 @@ const VECTORS: &[(&str, &str, u16, &str)] = &[
         "RFC 9112 §3.2.2 and RFC 3986 §3.2",
     ),
     ("HTTP/0.9 request", "GET /\r\n\r\n", 400, "RFC 9112 §2.3 / §3: HTTP/0.9 is not supported"),
-    ("unknown version", "GET / HTTP/1.2\r\nHost: x\r\n\r\n", 400, "RFC 9112 §2.3"),
-    ("HTTP/2 version on HTTP/1 framing", "GET / HTTP/2.0\r\nHost: x\r\n\r\n", 400, "RFC 9112 §2.3"),
+    (
+        "HTTP/2 version on HTTP/1 framing",
+        "GET / HTTP/2.0\r\nHost: x\r\n\r\n",
+        505,
+        "RFC 9110 §15.6.6: a major version the server does not support is 505",
+    ),
+    (
+        "Transfer-Encoding: identity with Content-Length",
+        "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\nContent-Length: 1\r\n\r\nWorld",
+        400,
+        "RFC 9112 §6.3 item 4: Transfer-Encoding not ending in chunked is 400 and close (identity is no coding, §7)",
+    ),
+    (
+        "chunked, then a second Transfer-Encoding line with identity",
+        "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n",
+        400,
+        "RFC 9112 §6.3 item 4: the codings of all lines form one list (RFC 9110 §5.3); it ends in identity",
+    ),
+    (
+        "empty Transfer-Encoding lines with Content-Length",
+        "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:\r\nTransfer-Encoding:\r\nContent-Length: 10\r\n\r\n0123456789",
+        400,
+        "RFC 9112 §6.1 and §6.3 item 4: a Transfer-Encoding field frames the request, here with no coding at all",
+    ),
+    (
+        "Transfer-Encoding: gzip alone",
+        "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabc",
+        400,
+        "RFC 9112 §6.3 item 4: the final coding of a request must be chunked",
+    ),
+    (
+        "the same Content-Length on two field lines",
+        "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nabcde",
+        400,
+        "RFC 9110 §8.6 and §5.3: two lines are the list \"5, 5\", refused like it (never folded)",
+    ),
+    (
+        "the same Content-Length twice in one list",
+        "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000, 1000\r\n\r\n",
+        400,
+        "RFC 9110 §8.6: Content-Length = 1*DIGIT",
+    ),
+    (
+        "CONNECT",
+        "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+        501,
+        "RFC 9110 §9.3.6: a 2xx to CONNECT makes a tunnel, which monodon does not offer (§15.6.2: 501)",
+    ),
     ("unsupported expectation", "GET / HTTP/1.1\r\nHost: x\r\nExpect: 101-go\r\n\r\n", 417, "RFC 9110 §10.1.1"),
 ];
 
@@ -186,6 +232,32 @@ fn every_framing_attack_is_refused_before_the_app() {
     );
     // The server is still fine.
     assert_eq!(server.get("/").status, 200);
+}
+
+/// RFC 9110 §2.5: a request of a higher HTTP/1 minor version is served as
+/// HTTP/1.1, the highest this server implements.
+#[test]
+fn a_higher_minor_version_is_served_as_http_1_1() {
+    let server = Server::start(&["--app", "echo", "--workers", "1"], 1);
+    let mut c = server.connect();
+    c.send(b"GET /v?x=1 HTTP/1.2\r\nHost: x\r\n\r\nGET /after HTTP/1.1\r\nHost: x\r\n\r\n");
+    let r = c.response().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["version"], "HTTP/1.1");
+    assert_eq!(r.json()["target"], "/v?x=1");
+    assert_eq!(c.response().unwrap().json()["target"], "/after", "the connection is kept");
+}
+
+/// RFC 9112 §6.3 item 4: with `Transfer-Encoding: identity`, the bytes after
+/// a Content-Length are not framed as a next request.
+#[test]
+fn a_body_behind_identity_is_never_read_as_a_next_request() {
+    let server = Server::start(&["--app", "echo", "--workers", "1"], 1);
+    let mut c = server.connect();
+    c.send(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\nContent-Length: 1\r\n\r\nWGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n");
+    let r = c.response().unwrap();
+    assert_eq!(r.status, 400);
+    assert!(c.is_closed(), "nothing after the 400");
 }
 
 #[test]

@@ -4,7 +4,9 @@
 
 use std::io::{BufRead, BufReader, Read};
 
-use monodon_proto::http::{body_rejection, parse_head, BodyFraming, BodyReader, Limits};
+use monodon_proto::http::{
+    body_rejection, parse_head, BodyFraming, BodyReader, ChunkedScanner, Limits, PendingRequest, Rejection,
+};
 use proptest::prelude::*;
 
 /// What a parse decided, comparable across calls.
@@ -88,8 +90,73 @@ fn decode(input: impl BufRead, limits: &Limits) -> Result<Vec<u8>, Option<u16>> 
     }
 }
 
+/// `input` cut at the given points (sorted, deduplicated, in range).
+fn pieces(input: &[u8], cuts: &[prop::sample::Index]) -> Vec<usize> {
+    let mut at: Vec<usize> = cuts.iter().map(|c| c.index(input.len() + 1)).collect();
+    at.push(input.len());
+    at.sort_unstable();
+    at.dedup();
+    at
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    /// The supervisor's incremental check, fed the bytes in any pieces,
+    /// decides as one parse of the whole buffer does.
+    #[test]
+    fn incremental_checks_decide_as_a_whole_parse(input in any_input(), cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..12)) {
+        let limits = Limits { max_request_line: 64, max_header_line: 64, max_headers: 8, max_head: 256, max_body: 1000, buffered_body: 0, ..Limits::default() };
+        // The head alone: what follows it is the body's business.
+        let whole = parse_head(&input, &limits);
+        let head_only = match &whole {
+            Ok(Some(h)) => &input[..h.len],
+            _ => &input[..],
+        };
+        let mut pending = PendingRequest::default();
+        let mut from = 0;
+        let mut decided = Ok(false);
+        for to in pieces(head_only, &cuts) {
+            pending.extend(&head_only[from..to]);
+            from = to;
+            decided = pending.check(&limits);
+            if decided != Ok(false) {
+                break;
+            }
+        }
+        // Nothing may be buffered: a complete head is ready at once, but
+        // for a chunked body, which is scanned first (none is here yet).
+        let whole = whole.map(|h| h.is_some_and(|h| h.expect_continue || h.framing != BodyFraming::Chunked));
+        prop_assert_eq!(decided, whole, "{:?}", String::from_utf8_lossy(&input));
+    }
+
+    /// The chunked scanner, fed the bytes in any pieces, finds the end (or
+    /// the fault) the decoder finds.
+    #[test]
+    fn chunked_scanning_agrees_with_decoding(input in any_input(), cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..12)) {
+        let limits = Limits { max_body: 64, max_header_line: 32, ..Limits::default() };
+        let mut scanner = ChunkedScanner::default();
+        let mut scanned = Ok(None);
+        for to in pieces(&input, &cuts) {
+            scanned = scanner.scan(&input[..to], &limits);
+            if scanned != Ok(None) {
+                break;
+            }
+        }
+        let mut reader = BodyReader::new(&input[..], BodyFraming::Chunked, &limits);
+        let decoded: Result<(), Rejection> = std::io::copy(&mut reader, &mut std::io::sink())
+            .map(drop)
+            .map_err(|e| body_rejection(&e).expect("a body error"));
+        match scanned {
+            Ok(Some(len)) => {
+                prop_assert_eq!(decoded, Ok(()));
+                prop_assert_eq!(reader.into_inner().len(), input.len() - len, "the same end");
+            }
+            // More is needed: the decoder hits the end of its input.
+            Ok(None) => prop_assert_eq!(decoded.map_err(|r| r.status), Err(400)),
+            Err(r) => prop_assert_eq!(decoded, Err(r)),
+        }
+    }
 
     /// The supervisor re-parses a growing buffer: once a prefix gives a
     /// decision, every longer prefix (and the whole) gives the same one.

@@ -109,44 +109,127 @@ impl<R: BufRead> BodyReader<R> {
 
 /// Where a chunked body that starts at `buf[0]` ends, if all of it is in
 /// `buf`: `Ok(Some(len))` (trailers included), `Ok(None)` if more is
-/// needed, or the rejection for a malformed body. Lets the supervisor buffer
-/// small bodies so that slow senders never hold a worker.
+/// needed, or the rejection for a malformed body. A caller whose buffer
+/// grows keeps a [`ChunkedScanner`] instead.
 pub fn chunked_body_len(buf: &[u8], limits: &Limits) -> Result<Option<usize>, Rejection> {
-    let mut reader = BodyReader::new(Partial(buf), BodyFraming::Chunked, limits);
-    let mut sink = [0u8; 4096];
-    loop {
-        match reader.read(&mut sink) {
-            Ok(0) => return Ok(Some(buf.len() - reader.get_ref().0.len())),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-            Err(e) => return Err(body_rejection(&e).unwrap_or(Rejection::new(400, "malformed chunked body"))),
+    ChunkedScanner::default().scan(buf, limits)
+}
+
+/// Finds where a chunked body ends in a buffer that grows between calls,
+/// resuming where the previous call stopped: each byte is looked at once.
+/// Lets the supervisor buffer small bodies, so that slow senders never hold
+/// a worker, for linear work however the body trickles in. It decides as
+/// [`BodyReader`] does (the same line grammar, the same limits), which the
+/// property tests and the fuzz target check.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChunkedScanner {
+    state: ChunkScan,
+    /// Bytes of the body taken by complete lines and chunk data.
+    pos: usize,
+    /// Bytes after `pos` already searched for the current line's LF.
+    searched: usize,
+    decoded: u64,
+    /// Bytes looked at, plus one per chunk of data skipped over.
+    work: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum ChunkScan {
+    #[default]
+    Size,
+    /// This many bytes of chunk data remain.
+    Data(u64),
+    DataEnd,
+    /// This many trailer fields so far.
+    Trailers(usize),
+    Done,
+}
+
+impl ChunkedScanner {
+    /// `Ok(Some(len))`: the body, trailers included, is `buf[..len]`.
+    /// `Ok(None)`: call again once `buf` has grown (same first bytes).
+    pub fn scan(&mut self, buf: &[u8], limits: &Limits) -> Result<Option<usize>, Rejection> {
+        debug_assert!(buf.len() >= self.pos + self.searched, "the buffer of a body only grows");
+        loop {
+            match self.state {
+                ChunkScan::Done => return Ok(Some(self.pos)),
+                ChunkScan::Data(left) => {
+                    self.work += 1;
+                    let take = left.min((buf.len() - self.pos) as u64);
+                    self.pos += take as usize;
+                    self.decoded += take;
+                    if take < left {
+                        self.state = ChunkScan::Data(left - take);
+                        return Ok(None);
+                    }
+                    self.state = ChunkScan::DataEnd;
+                }
+                ChunkScan::Size => {
+                    let Some(line) = self.next_line(buf, limits.max_header_line)? else { return Ok(None) };
+                    let size = parse_chunk_size_line(line)?;
+                    if self.decoded.saturating_add(size) > limits.max_body {
+                        return Err(Rejection::new(413, "request body larger than the limit"));
+                    }
+                    self.state = if size == 0 { ChunkScan::Trailers(0) } else { ChunkScan::Data(size) };
+                }
+                ChunkScan::DataEnd => {
+                    let Some(line) = self.next_line(buf, limits.max_header_line)? else { return Ok(None) };
+                    if !line.is_empty() {
+                        return Err(Rejection::new(400, "chunk data longer than its size"));
+                    }
+                    self.state = ChunkScan::Size;
+                }
+                ChunkScan::Trailers(count) => {
+                    let Some(line) = self.next_line(buf, limits.max_header_line)? else { return Ok(None) };
+                    if line.is_empty() {
+                        self.state = ChunkScan::Done;
+                    } else if count >= MAX_TRAILERS {
+                        return Err(Rejection::new(431, "too many trailer fields"));
+                    } else {
+                        check_trailer_line(line)?;
+                        self.state = ChunkScan::Trailers(count + 1);
+                    }
+                }
+            }
         }
     }
-}
 
-/// The bytes received so far, ending in "would block" rather than EOF.
-struct Partial<'a>(&'a [u8]);
-
-impl Read for Partial<'_> {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        let n = self.fill_buf()?.read(out)?;
-        self.consume(n);
-        Ok(n)
-    }
-}
-
-impl BufRead for Partial<'_> {
-    fn fill_buf(&mut self) -> io::Result<&[u8]> {
-        if self.0.is_empty() {
-            return Err(io::ErrorKind::WouldBlock.into());
+    /// The next CRLF-terminated line (without it), once all of it is here.
+    fn next_line<'b>(&mut self, buf: &'b [u8], max_line: usize) -> Result<Option<&'b [u8]>, Rejection> {
+        let from = self.pos + self.searched;
+        let found = buf[from..].iter().position(|&c| c == b'\n');
+        self.work += found.map_or(buf.len() - from, |i| i + 1) as u64;
+        let Some(i) = found else {
+            self.searched = buf.len() - self.pos;
+            if self.searched > max_line {
+                return Err(Rejection::new(400, "chunk size or trailer line too long"));
+            }
+            return Ok(None);
+        };
+        let end = from + i;
+        let line = &buf[self.pos..end];
+        if line.len() + 1 > max_line {
+            return Err(Rejection::new(400, "chunk size or trailer line too long"));
         }
-        Ok(self.0)
+        let Some((b'\r', line)) = line.split_last() else {
+            return Err(Rejection::new(400, "bare CR or LF in a chunked body"));
+        };
+        if line.contains(&b'\r') {
+            return Err(Rejection::new(400, "bare CR or LF in a chunked body"));
+        }
+        self.pos = end + 1;
+        self.searched = 0;
+        Ok(Some(line))
     }
 
-    fn consume(&mut self, amt: usize) {
-        self.0 = &self.0[amt.min(self.0.len())..];
+    /// Bytes looked at so far (tests check it stays linear).
+    pub fn work(&self) -> u64 {
+        self.work
     }
 }
+
+/// Most trailer fields after a chunked body (more: 431).
+const MAX_TRAILERS: usize = 100;
 
 /// Parses a chunk-size line: `1*HEXDIG [ BWS ";" chunk-ext ]` (RFC 9112 §7.1).
 pub fn parse_chunk_size_line(line: &[u8]) -> Result<u64, Rejection> {
@@ -239,7 +322,7 @@ impl<R: BufRead> Read for BodyReader<R> {
                     let line = self.read_line()?;
                     if line.is_empty() {
                         self.state = BodyState::Done;
-                    } else if count >= 100 {
+                    } else if count >= MAX_TRAILERS {
                         return Err(body_error(431, "too many trailer fields"));
                     } else {
                         check_trailer_line(&line).map_err(|r| body_error(r.status, r.reason))?;

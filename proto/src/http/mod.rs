@@ -179,9 +179,13 @@ pub enum BodyFraming {
 
 mod body;
 mod head;
+mod pending;
 
-pub use body::{body_rejection, chunked_body_len, parse_chunk_size_line, BodyError, BodyReader};
-pub use head::{parse_head, Head};
+pub use body::{
+    body_rejection, chunked_body_len, parse_chunk_size_line, BodyError, BodyReader, ChunkedScanner,
+};
+pub use head::{parse_head, Head, HeadScanner};
+pub use pending::PendingRequest;
 
 #[cfg(test)]
 mod tests {

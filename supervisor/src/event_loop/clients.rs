@@ -65,7 +65,7 @@ impl Supervisor {
             id,
             fd,
             peer,
-            buf: Vec::new(),
+            pending: PendingRequest::default(),
             state: ConnState::Reading,
             deadline: now + self.config.head_timeout,
             served: 0,
@@ -125,10 +125,10 @@ impl Supervisor {
             if conn.state != ConnState::Reading {
                 return;
             }
-            let was_empty = conn.buf.is_empty();
+            let was_empty = conn.pending.is_empty();
             match nix::unistd::read(conn.fd.as_fd(), &mut self.scratch[..READ_CHUNK]) {
                 Ok(0) => {
-                    return if conn.buf.is_empty() {
+                    return if conn.pending.is_empty() {
                         self.close_now(key)
                     } else {
                         let closed = Rejection {
@@ -139,7 +139,7 @@ impl Supervisor {
                     };
                 }
                 Ok(n) => {
-                    conn.buf.extend_from_slice(&self.scratch[..n]);
+                    conn.pending.extend(&self.scratch[..n]);
                     // A short read took all there was; anything later raises a new edge.
                     conn.unread = n == READ_CHUNK;
                     let now = Instant::now();
@@ -167,29 +167,8 @@ impl Supervisor {
     /// True if it still waits for input that may already be in the socket.
     pub(super) fn after_input(&mut self, key: ConnKey, now: Instant) -> bool {
         let conn = &mut self.conns[key];
-        match http::parse_head(&conn.buf, &self.config.limits) {
-            Ok(Some(head)) => {
-                // Small bodies are received here, not by a worker: a slow
-                // sender costs the supervisor a buffer, never a process.
-                let limits = &self.config.limits;
-                let have = conn.buf.len() - head.len;
-                let body_complete = match head.framing {
-                    _ if head.expect_continue => true,
-                    http::BodyFraming::None => true,
-                    http::BodyFraming::Length(n) => n > limits.buffered_body as u64 || have as u64 >= n,
-                    http::BodyFraming::Chunked => match http::chunked_body_len(&conn.buf[head.len..], limits)
-                    {
-                        Ok(Some(_)) => true,
-                        Ok(None) => have > limits.buffered_body,
-                        Err(rejection) => {
-                            self.reject(key, rejection);
-                            return false;
-                        }
-                    },
-                };
-                if !body_complete {
-                    return conn.unread;
-                }
+        match conn.pending.check(&self.config.limits) {
+            Ok(true) => {
                 conn.state = ConnState::Queued;
                 match self.dispatcher.conn_ready(key) {
                     Some(wkey) => self.hand_over(wkey, key),
@@ -200,8 +179,8 @@ impl Supervisor {
                 }
                 false
             }
-            Ok(None) => {
-                if conn.buf.is_empty() {
+            Ok(false) => {
+                if conn.pending.is_empty() {
                     conn.deadline = now + self.config.keepalive_timeout;
                 }
                 conn.unread
@@ -218,8 +197,7 @@ impl Supervisor {
     pub(super) fn resume_reading(&mut self, key: ConnKey, leftover: &[u8]) {
         let conn = &mut self.conns[key];
         conn.state = ConnState::Reading;
-        conn.buf.clear();
-        conn.buf.extend_from_slice(leftover);
+        conn.pending.reset_to(leftover);
         // Unwatched, it may have been sent more we were never told about.
         let unwatched = !conn.watched;
         if self.after_input(key, Instant::now()) || unwatched {
@@ -258,7 +236,7 @@ impl Supervisor {
         let conn = &mut self.conns[key];
         let _ = socket::shutdown(conn.fd.as_raw_fd(), Shutdown::Write);
         conn.state = ConnState::Lingering;
-        conn.buf = Vec::new();
+        conn.pending.release();
         conn.deadline = Instant::now() + self.config.linger_timeout;
         self.drain_lingering(key);
         self.watch_if_waiting(key);

@@ -26,7 +26,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
-use monodon_proto::http::{self, error_response, Rejection};
+use monodon_proto::http::{error_response, PendingRequest, Rejection};
 use monodon_proto::scoreboard::Scoreboard;
 use monodon_proto::wire::{self, FromWorker, Received, ToWorker};
 use nix::errno::Errno;
@@ -95,8 +95,9 @@ struct Conn {
     id: u64,
     fd: OwnedFd,
     peer: String,
-    /// Bytes read and not yet handed to a worker.
-    buf: Vec<u8>,
+    /// Bytes read and not yet handed to a worker, with how far the framing
+    /// code has got with them.
+    pending: PendingRequest,
     state: ConnState,
     /// When the current state times out (not used while queued or in a worker).
     deadline: Instant,
@@ -112,7 +113,7 @@ struct Conn {
 impl Conn {
     /// Between requests of a keep-alive connection, with nothing pending.
     fn is_idle(&self) -> bool {
-        self.state == ConnState::Reading && self.buf.is_empty() && !self.unread && self.served > 0
+        self.state == ConnState::Reading && self.pending.is_empty() && !self.unread && self.served > 0
     }
 }
 
@@ -558,7 +559,7 @@ impl Supervisor {
             .filter(|(_, c)| {
                 matches!(c.state, ConnState::Reading | ConnState::Lingering) && c.deadline <= now
             })
-            .map(|(k, c)| (k, c.state == ConnState::Reading && !c.buf.is_empty()))
+            .map(|(k, c)| (k, c.state == ConnState::Reading && !c.pending.is_empty()))
             .collect();
         for (key, mid_head) in expired {
             if mid_head {

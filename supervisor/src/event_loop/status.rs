@@ -10,7 +10,7 @@ impl Supervisor {
         let mut connections = ConnectionCounts { total: self.conns.len(), ..Default::default() };
         for (_, c) in &self.conns {
             match c.state {
-                ConnState::Reading if c.buf.is_empty() => connections.idle += 1,
+                ConnState::Reading if c.pending.is_empty() => connections.idle += 1,
                 ConnState::Reading => connections.reading_head += 1,
                 ConnState::Queued => connections.queued += 1,
                 ConnState::InWorker { .. } => connections.in_workers += 1,

@@ -417,7 +417,7 @@ impl Supervisor {
                         w.state = WorkerState::Busy(next);
                         w.busy_since = Instant::now();
                         if let Some(c) = self.conns.get_mut(next) {
-                            c.buf = Vec::new();
+                            c.pending.release();
                         }
                     }
                     None => w.state = WorkerState::Idle,
@@ -532,8 +532,14 @@ impl Supervisor {
         let conn = &mut self.conns[ckey];
         let w = &self.workers[wkey];
         let channel = w.channel.as_ref().ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
-        ToWorker::Assign { conn_id: conn.id, served: conn.served, peer: &conn.peer, data: &conn.buf, ahead }
-            .encode(&mut self.msg);
+        ToWorker::Assign {
+            conn_id: conn.id,
+            served: conn.served,
+            peer: &conn.peer,
+            data: conn.pending.bytes(),
+            ahead,
+        }
+        .encode(&mut self.msg);
         wire::send(channel.as_fd(), &self.msg, Some(conn.fd.as_fd()))?;
         // Whether the worker wrote on it is told by the scoreboard
         // (`wrote_on`); this count is only for workers too old to say, and
@@ -639,7 +645,7 @@ impl Supervisor {
         match self.send_assign(wkey, ckey, false) {
             Ok(()) => {
                 // Idle connections must stay cheap: drop the buffer, not just clear it.
-                self.conns[ckey].buf = Vec::new();
+                self.conns[ckey].pending.release();
                 let worker = &mut self.workers[wkey];
                 worker.state = WorkerState::Busy(ckey);
                 worker.busy_since = Instant::now();
