@@ -9,6 +9,7 @@ use monodon_proto::http::Limits;
 use monodon_supervisor::{control, Config, ListenAddr};
 
 use crate::apps::AppName;
+use crate::byte_size::ByteSize;
 
 /// A prefork HTTP/1.1 application server and process supervisor.
 ///
@@ -117,7 +118,8 @@ pub struct WorkerArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Durations take a number of seconds or a unit: 30, 30s, 500ms, 2m.\n\n\
+#[command(after_help = "Durations take a number of seconds or a unit: 30, 30s, 500ms, 2m.\n\
+Sizes take bytes or a 1024-based unit: 65536, 64K, 64KiB, 1M, 1GiB.\n\n\
 Examples:\n  monodon serve --listen 127.0.0.1:8080 --app hello\n  \
 monodon serve --listen [::1]:8080 --listen unix:/run/app.sock --workers 8 -- /srv/app/bin/my-app")]
 pub struct ServeArgs {
@@ -156,29 +158,29 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub graceful_timeout: Duration,
 
-    /// Longest request line in bytes (longer: 414).
-    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_request_line)]
-    pub max_request_line: usize,
+    /// Longest request line (longer: 414).
+    #[arg(long, value_name = "SIZE", default_value_t = ByteSize(Limits::default().max_request_line as u64))]
+    pub max_request_line: ByteSize,
 
-    /// Longest header field line in bytes (longer: 431).
-    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_header_line)]
-    pub max_header_line: usize,
+    /// Longest header field line (longer: 431).
+    #[arg(long, value_name = "SIZE", default_value_t = ByteSize(Limits::default().max_header_line as u64))]
+    pub max_header_line: ByteSize,
 
     /// Most header fields in a request (more: 431).
     #[arg(long, value_name = "N", default_value_t = Limits::default().max_headers)]
     pub max_headers: usize,
 
-    /// Largest request head in bytes (larger: 431).
-    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_head as u32,
-          value_parser = clap::value_parser!(u32).range(1024..=1 << 20))]
-    pub max_head: u32,
+    /// Largest request head, 1KiB to 1MiB (larger: 431).
+    #[arg(long, value_name = "SIZE", default_value_t = ByteSize(Limits::default().max_head as u64),
+          value_parser = |s: &str| ByteSize::parse_within(s, 1 << 10, 1 << 20))]
+    pub max_head: ByteSize,
 
     /// Request bodies up to this size are received whole by the supervisor
     /// before a worker sees the request, so slow senders never hold a
-    /// worker; larger bodies are streamed to the app by the worker.
-    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().buffered_body as u32,
-          value_parser = clap::value_parser!(u32).range(0..=16 << 20))]
-    pub buffer_body: u32,
+    /// worker; larger bodies are streamed to the app by the worker. At most 16MiB.
+    #[arg(long, value_name = "SIZE", default_value_t = ByteSize(Limits::default().buffered_body as u64),
+          value_parser = |s: &str| ByteSize::parse_within(s, 0, 16 << 20))]
+    pub buffer_body: ByteSize,
 
     /// Most requests a client may pipeline: send before reading the response
     /// it waits for. The request past them is answered 429 and the
@@ -186,9 +188,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = Limits::default().max_pipelined)]
     pub max_pipelined: usize,
 
-    /// Largest request body in bytes (larger: 413).
-    #[arg(long, value_name = "BYTES", default_value_t = Limits::default().max_body)]
-    pub max_body: u64,
+    /// Largest request body (larger: 413).
+    #[arg(long, value_name = "SIZE", default_value_t = ByteSize(Limits::default().max_body))]
+    pub max_body: ByteSize,
 
     /// A worker retires after this many requests (0: never); its replacement
     /// starts as it begins its last one.
@@ -250,8 +252,8 @@ pub struct ServeArgs {
     /// A request body (read by a worker) must average at least this many
     /// bytes per second once it has taken 10 s, or it is cut off with 408.
     /// 0: no minimum.
-    #[arg(long, value_name = "BYTES", default_value_t = 1024)]
-    pub min_body_rate: u64,
+    #[arg(long, value_name = "SIZE", default_value_t = ByteSize(1024))]
+    pub min_body_rate: ByteSize,
 
     /// Client connections held at most; when reached, the longest-idle
     /// keep-alive connections are closed to make room, and with none idle
@@ -290,12 +292,12 @@ impl ServeArgs {
             .map(|n| n as usize)
             .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
         config.limits = Limits {
-            max_request_line: self.max_request_line,
-            max_header_line: self.max_header_line,
+            max_request_line: self.max_request_line.as_usize(),
+            max_header_line: self.max_header_line.as_usize(),
             max_headers: self.max_headers,
-            max_head: self.max_head as usize,
-            max_body: self.max_body,
-            buffered_body: self.buffer_body as usize,
+            max_head: self.max_head.as_usize(),
+            max_body: self.max_body.0,
+            buffered_body: self.buffer_body.as_usize(),
             max_pipelined: self.max_pipelined,
         };
         config.head_timeout = self.head_timeout;
@@ -305,7 +307,7 @@ impl ServeArgs {
         config.queue_capacity = self.queue.max(1);
         config.backlog = self.backlog;
         config.max_connections = self.max_connections;
-        config.min_body_rate = self.min_body_rate;
+        config.min_body_rate = self.min_body_rate.0;
         config.max_requests = self.max_requests_per_child;
         config.min_requests =
             self.min_requests_per_child.unwrap_or((self.max_requests_per_child * 4 / 5).max(1));

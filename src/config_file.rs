@@ -9,19 +9,20 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-/// A duration as seconds (`30`) or with a unit (`"500ms"`, `"2m"`).
+/// A number, or a string with a unit: durations (`30`, `"500ms"`, `"2m"`)
+/// and sizes (`65536`, `"64KiB"`, `"1M"`), read by the flag's own parser.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
-enum Duration {
-    Secs(u64),
+enum WithUnit {
+    Number(u64),
     Text(String),
 }
 
-impl Duration {
+impl WithUnit {
     fn arg(&self) -> String {
         match self {
-            Duration::Secs(s) => s.to_string(),
-            Duration::Text(t) => t.clone(),
+            WithUnit::Number(n) => n.to_string(),
+            WithUnit::Text(t) => t.clone(),
         }
     }
 }
@@ -36,26 +37,26 @@ struct Settings {
     root: Option<String>,
     /// The worker command (what follows `--` on the command line).
     command: Option<Vec<String>>,
-    keepalive_timeout: Option<Duration>,
-    head_timeout: Option<Duration>,
-    io_timeout: Option<Duration>,
-    graceful_timeout: Option<Duration>,
-    timeout: Option<Duration>,
-    reload_timeout: Option<Duration>,
-    read_ahead: Option<Duration>,
+    keepalive_timeout: Option<WithUnit>,
+    head_timeout: Option<WithUnit>,
+    io_timeout: Option<WithUnit>,
+    graceful_timeout: Option<WithUnit>,
+    timeout: Option<WithUnit>,
+    reload_timeout: Option<WithUnit>,
+    read_ahead: Option<WithUnit>,
     max_requests_per_child: Option<u64>,
     min_requests_per_child: Option<u64>,
-    max_request_line: Option<u64>,
-    max_header_line: Option<u64>,
+    max_request_line: Option<WithUnit>,
+    max_header_line: Option<WithUnit>,
     max_headers: Option<u64>,
-    max_head: Option<u64>,
-    max_body: Option<u64>,
-    buffer_body: Option<u64>,
+    max_head: Option<WithUnit>,
+    max_body: Option<WithUnit>,
+    buffer_body: Option<WithUnit>,
     max_pipelined: Option<u64>,
     queue: Option<u64>,
     backlog: Option<i64>,
     max_connections: Option<u64>,
-    min_body_rate: Option<u64>,
+    min_body_rate: Option<WithUnit>,
     control: Option<String>,
     access_log: Option<String>,
     access_log_format: Option<String>,
@@ -75,26 +76,26 @@ impl Settings {
         one("--workers", self.workers.map(|v| v.to_string()));
         one("--app", self.app.clone());
         one("--root", self.root.clone());
-        one("--keepalive-timeout", self.keepalive_timeout.as_ref().map(Duration::arg));
-        one("--head-timeout", self.head_timeout.as_ref().map(Duration::arg));
-        one("--io-timeout", self.io_timeout.as_ref().map(Duration::arg));
-        one("--graceful-timeout", self.graceful_timeout.as_ref().map(Duration::arg));
-        one("--timeout", self.timeout.as_ref().map(Duration::arg));
-        one("--reload-timeout", self.reload_timeout.as_ref().map(Duration::arg));
-        one("--read-ahead", self.read_ahead.as_ref().map(Duration::arg));
+        one("--keepalive-timeout", self.keepalive_timeout.as_ref().map(WithUnit::arg));
+        one("--head-timeout", self.head_timeout.as_ref().map(WithUnit::arg));
+        one("--io-timeout", self.io_timeout.as_ref().map(WithUnit::arg));
+        one("--graceful-timeout", self.graceful_timeout.as_ref().map(WithUnit::arg));
+        one("--timeout", self.timeout.as_ref().map(WithUnit::arg));
+        one("--reload-timeout", self.reload_timeout.as_ref().map(WithUnit::arg));
+        one("--read-ahead", self.read_ahead.as_ref().map(WithUnit::arg));
         one("--max-requests-per-child", self.max_requests_per_child.map(|v| v.to_string()));
         one("--min-requests-per-child", self.min_requests_per_child.map(|v| v.to_string()));
-        one("--max-request-line", self.max_request_line.map(|v| v.to_string()));
-        one("--max-header-line", self.max_header_line.map(|v| v.to_string()));
+        one("--max-request-line", self.max_request_line.as_ref().map(WithUnit::arg));
+        one("--max-header-line", self.max_header_line.as_ref().map(WithUnit::arg));
         one("--max-headers", self.max_headers.map(|v| v.to_string()));
-        one("--max-head", self.max_head.map(|v| v.to_string()));
-        one("--max-body", self.max_body.map(|v| v.to_string()));
-        one("--buffer-body", self.buffer_body.map(|v| v.to_string()));
+        one("--max-head", self.max_head.as_ref().map(WithUnit::arg));
+        one("--max-body", self.max_body.as_ref().map(WithUnit::arg));
+        one("--buffer-body", self.buffer_body.as_ref().map(WithUnit::arg));
         one("--max-pipelined", self.max_pipelined.map(|v| v.to_string()));
         one("--queue", self.queue.map(|v| v.to_string()));
         one("--backlog", self.backlog.map(|v| v.to_string()));
         one("--max-connections", self.max_connections.map(|v| v.to_string()));
-        one("--min-body-rate", self.min_body_rate.map(|v| v.to_string()));
+        one("--min-body-rate", self.min_body_rate.as_ref().map(WithUnit::arg));
         one("--control", self.control.clone());
         one("--access-log", self.access_log.clone());
         one("--access-log-format", self.access_log_format.clone());
@@ -210,6 +211,25 @@ mod tests {
         );
         let args = merge(&f.0, &os(&["--listen=[::1]:1", "--", "/other"])).unwrap();
         assert_eq!(args, os(&["--workers", "3", "--timeout", "5s", "--listen=[::1]:1", "--", "/other"]));
+    }
+
+    #[test]
+    fn sizes_and_durations_take_numbers_or_units() {
+        let f = file("buffer-body = \"1M\"\nmax-body = 2048\nmin-body-rate = \"1KiB\"\nhead-timeout = 5\n");
+        let args = merge(&f.0, &[]).unwrap();
+        assert_eq!(
+            args,
+            os(&[
+                "--head-timeout",
+                "5",
+                "--max-body",
+                "2048",
+                "--buffer-body",
+                "1M",
+                "--min-body-rate",
+                "1KiB"
+            ])
+        );
     }
 
     #[test]

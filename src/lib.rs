@@ -7,6 +7,7 @@
 //! workers are the binary itself.
 
 pub mod apps;
+pub mod byte_size;
 pub mod cli;
 mod config_file;
 pub mod ctl;

@@ -415,6 +415,33 @@ fn config_file_settings_flags_win_and_reload_rereads_it() {
     );
 }
 
+/// Byte sizes take the units `--help` prints, in flags and the file alike.
+#[test]
+fn sizes_take_units_in_flags_and_the_config_file() {
+    let scratch = common::Scratch::new("size-units");
+    let file = scratch.0.join("monodon.toml");
+    std::fs::write(&file, "app = \"echo\"\nmax-body = \"2KiB\"\n").unwrap();
+    let server =
+        Server::start(&["--config", file.to_str().unwrap(), "--workers", "1", "--buffer-body", "1M"], 1);
+    let post = |len: usize| {
+        let mut c = server.connect();
+        let head = format!("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n");
+        c.send(&[head.as_bytes(), &vec![b'a'; len]].concat());
+        c.response().unwrap().status
+    };
+    assert_eq!(post(2048), 200);
+    assert_eq!(post(2049), 413, "max-body = \"2KiB\" is 2048 bytes");
+    drop(server);
+
+    let out = monodon().args(["serve", "--buffer-body", "lots"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--buffer-body") && err.contains("\"lots\" is not a size"), "{err}");
+    let out = monodon().args(["serve", "--max-head", "2M"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2MiB is outside 1KiB..=1MiB"));
+}
+
 #[test]
 fn user_and_group_drop_privileges_after_binding() {
     if !nix_is_root() {
