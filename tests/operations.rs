@@ -326,7 +326,7 @@ fn access_log_lines_and_reopen_on_usr1() {
     assert_eq!(c.response().unwrap().status, 201);
     c.send(b"GET /three HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n");
     assert_eq!(c.response().unwrap().status, 400);
-    assert!(eventually(Duration::from_secs(5), || lines(&log).len() == 2), "{:?}", lines(&log));
+    assert!(eventually(Duration::from_secs(5), || lines(&log).len() == 3), "{:?}", lines(&log));
     let l = lines(&log);
     assert_eq!(
         (l[0]["method"].as_str(), l[0]["target"].as_str(), l[0]["status"].as_u64()),
@@ -337,7 +337,13 @@ fn access_log_lines_and_reopen_on_usr1() {
     assert!(l[0]["bytes"].as_u64().unwrap() > 100);
     assert_eq!((l[1]["method"].as_str(), l[1]["status"].as_u64()), (Some("POST"), Some(201)));
     assert_eq!(l[1]["generation"], 1);
-    // (The malformed third request never reached a worker: the supervisor answered it.)
+    // The malformed third request never reached the app; whoever refused it
+    // (the supervisor, or the worker reading ahead on the connection)
+    // logged it in the same format.
+    assert_eq!(
+        (l[2]["method"].as_str(), l[2]["target"].as_str(), l[2]["status"].as_u64()),
+        (Some("GET"), Some("/three"), Some(400))
+    );
 
     // logrotate: move the file away, USR1, and the next lines go to a new file.
     let rotated = dir.join("access.log.1");
@@ -348,8 +354,72 @@ fn access_log_lines_and_reopen_on_usr1() {
         server.get("/after-rotate");
         lines(&log).iter().any(|l| l["target"] == "/after-rotate")
     }));
-    assert_eq!(lines(&rotated).len(), 2, "the old file got nothing new");
+    assert_eq!(lines(&rotated).len(), 3, "the old file got nothing new");
+    // The supervisor reopened too: its own lines go to the new file.
+    let mut c = server.connect();
+    c.send(b"GET /bad-after-rotate HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n");
+    assert_eq!(c.response().unwrap().status, 400);
+    assert!(eventually(Duration::from_secs(5), || lines(&log)
+        .iter()
+        .any(|l| l["target"] == "/bad-after-rotate")));
+    assert_eq!(lines(&rotated).len(), 3);
     drop(server);
+}
+
+/// What the supervisor answers itself is logged like what workers serve:
+/// a head refused (431, 501), a head that never ended (408), a worker lost
+/// mid-request (502), and what a worker refuses before the app (429).
+#[test]
+fn answers_without_the_app_are_logged_too() {
+    let scratch = common::Scratch::new("access-refused");
+    let log = scratch.0.join("access.log");
+    let log_arg = log.to_str().unwrap();
+    let args = [
+        "--app",
+        "echo",
+        "--workers",
+        "1",
+        "--access-log",
+        log_arg,
+        "--head-timeout",
+        "1",
+        "--max-pipelined",
+        "0",
+    ];
+    let server = Server::start(&args, 1);
+    let lines = || std::fs::read_to_string(&log).unwrap_or_default();
+    let logged =
+        |needle: &str| eventually(Duration::from_secs(10), || lines().lines().any(|l| l.contains(needle)));
+
+    let mut c = server.connect();
+    c.send(format!("GET /big HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n", "a".repeat(9000)).as_bytes());
+    assert_eq!(c.response().unwrap().status, 431);
+    assert!(logged("\"GET /big HTTP/1.1\" 431 "), "{}", lines());
+
+    let mut c = server.connect();
+    c.send(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n");
+    assert_eq!(c.response().unwrap().status, 501);
+    assert!(logged("\"CONNECT example.com:443 HTTP/1.1\" 501 "), "{}", lines());
+
+    let mut c = server.connect();
+    c.send(b"GET /slow-head HTTP/1.1\r\nHost: x\r\n");
+    assert_eq!(c.response().unwrap().status, 408);
+    assert!(logged("\"GET /slow-head HTTP/1.1\" 408 "), "{}", lines());
+
+    let mut c = server.connect();
+    c.send(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(c.response().unwrap().status, 200);
+    assert_eq!(c.response().unwrap().status, 429);
+    assert!(logged("\"GET /b HTTP/1.1\" 429 "), "{}", lines());
+
+    let worker = server.children()[0];
+    let mut c = server.connect();
+    c.send(b"GET /dies?sleep_ms=10000 HTTP/1.1\r\nHost: x\r\n\r\n");
+    common::wait_until_a_worker_sleeps(&server);
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(worker as i32, libc::SIGKILL) };
+    assert_eq!(c.response().unwrap().status, 502);
+    assert!(logged("\"GET /dies?sleep_ms=10000 -\" 502 "), "{}", lines());
 }
 
 #[test]

@@ -1,5 +1,8 @@
 //! What the monodon supervisor and its workers share.
 //!
+//! - [`access_log`]: the access log's line formats and file, written by
+//!   workers for the requests they serve and by the supervisor for those it
+//!   answers itself.
 //! - [`http`]: HTTP/1.1 request framing over byte buffers (head limits and
 //!   validation, body framing, chunked decoding, the keep-alive decision).
 //!   The supervisor uses it to know when a head is complete and sound; the
@@ -10,6 +13,7 @@
 //!   publishes what it is doing, so the supervisor can read it without a
 //!   message round trip (and after the worker has died).
 
+pub mod access_log;
 pub mod http;
 pub mod scoreboard;
 pub mod wire;

@@ -9,7 +9,6 @@
 //! A Rust application links this crate, implements [`App`], and calls
 //! [`run`] when [`is_worker`] says it was started as a worker.
 
-mod access_log;
 mod app;
 mod date;
 mod serve;
@@ -20,10 +19,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use log::{debug, error, info};
-use monodon_proto::env;
 use monodon_proto::http::Limits;
 use monodon_proto::scoreboard::Scoreboard;
 use monodon_proto::wire::{self, FromWorker, Received, ToWorker};
+use monodon_proto::{access_log, env};
 
 pub use app::{App, Body, Request, Response, WorkerInfo};
 
@@ -97,7 +96,10 @@ fn serve_forever(app: &mut dyn App) -> std::io::Result<()> {
         Ok(path) if !path.is_empty() => {
             let format = std::env::var(env::ACCESS_LOG_FORMAT).unwrap_or_default();
             let format = access_log::Format::parse(&format).unwrap_or(access_log::Format::Combined);
-            Some(std::cell::RefCell::new(access_log::AccessLog::open(&path, format)?))
+            let log = access_log::AccessLog::open(&path, format)?;
+            // The supervisor forwards SIGUSR1 (logrotate) to its workers.
+            signal_hook::flag::register(signal_hook::consts::SIGUSR1, log.reopen_flag())?;
+            Some(std::cell::RefCell::new(log))
         }
         _ => None,
     };

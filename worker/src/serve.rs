@@ -13,9 +13,9 @@ use monodon_proto::scoreboard::Slot;
 use std::cell::RefCell;
 use std::time::Instant;
 
-use crate::access_log::{AccessLog, Entry};
 use crate::app::{App, Body, Request, Response, WorkerInfo};
 use crate::stream::{Input, Stream};
+use monodon_proto::access_log::{AccessLog, Entry, RawRequestLine};
 
 /// How the runtime left a connection.
 #[derive(Debug, PartialEq, Eq)]
@@ -77,13 +77,18 @@ pub fn serve_connection(
                 return Outcome { keep: true, served, leftover: input.buffered().to_vec(), retiring: false };
             }
             Err(rejection) => {
-                reject(&mut input.stream, rejection);
+                let line = RawRequestLine::from_bytes(input.buffered());
+                let (method, target, version) = line.parts();
+                let bytes = reject(&mut input.stream, rejection);
+                log_refused(ctx, (method, target, version), rejection.status, bytes);
                 return closed(served);
             }
         };
         input_consume(input, head.len);
         if pipelined > ctx.limits.max_pipelined {
-            reject(&mut input.stream, Rejection { status: 429, reason: "too many pipelined requests" });
+            let rejection = Rejection { status: 429, reason: "too many pipelined requests" };
+            let bytes = reject(&mut input.stream, rejection);
+            log_refused(ctx, (&head.method, &head.target, head.version()), rejection.status, bytes);
             return closed(served);
         }
         let last = budget.remaining.is_some_and(|r| r <= 1);
@@ -130,9 +135,14 @@ fn input_consume(input: &mut Input<'_>, n: usize) {
     io::BufRead::consume(input, n);
 }
 
-fn reject(stream: &mut Stream<'_>, rejection: Rejection) {
+/// Answers a refused request; returns the bytes written.
+fn reject(stream: &mut Stream<'_>, rejection: Rejection) -> u64 {
     debug!("rejecting request: {rejection}");
-    let _ = stream.write_all(&rejection.response());
+    let response = rejection.response();
+    match stream.write_all(&response) {
+        Ok(()) => response.len() as u64,
+        Err(_) => 0,
+    }
 }
 
 /// An owned copy of a parsed head, so the input buffer can move on.
@@ -145,6 +155,17 @@ struct OwnedHead {
     framing: BodyFraming,
     keep_alive: bool,
     expect_continue: bool,
+}
+
+impl OwnedHead {
+    /// The version as served (a higher HTTP/1.x is served as 1.1).
+    fn version(&self) -> &'static str {
+        if self.minor_version == 0 {
+            "HTTP/1.0"
+        } else {
+            "HTTP/1.1"
+        }
+    }
 }
 
 impl From<&http::Head<'_>> for OwnedHead {
@@ -292,7 +313,7 @@ fn log_request(ctx: &Context<'_>, head: &OwnedHead, status: u16, written_before:
         peer: ctx.peer,
         method: &head.method,
         target: &head.target,
-        version: if head.minor_version == 0 { "HTTP/1.0" } else { "HTTP/1.1" },
+        version: head.version(),
         status,
         bytes: ctx.slot.written() - written_before,
         referer: header("referer"),
@@ -300,6 +321,17 @@ fn log_request(ctx: &Context<'_>, head: &OwnedHead, status: u16, written_before:
         duration: started.elapsed(),
         pid: ctx.pid,
         generation: ctx.generation,
+    });
+}
+
+/// Logs a request refused before the app saw it (its head did not parse,
+/// or it was pipelined past the limit).
+fn log_refused(ctx: &Context<'_>, request_line: (&str, &str, &str), status: u16, bytes: u64) {
+    let Some(log) = ctx.access_log else { return };
+    log.borrow_mut().write(&Entry {
+        pid: ctx.pid,
+        generation: ctx.generation,
+        ..Entry::refused(ctx.peer, request_line, status, bytes)
     });
 }
 

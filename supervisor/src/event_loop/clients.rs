@@ -207,14 +207,28 @@ impl Supervisor {
 
     pub(super) fn reject(&mut self, key: ConnKey, rejection: Rejection) {
         debug!("{}: {rejection}", self.conns[key].peer);
-        self.send_error(key, rejection.response());
+        let sent = self.send_error(key, rejection.response());
+        if self.access_log.is_some() {
+            let conn = &self.conns[key];
+            let line = RawRequestLine::from_bytes(conn.pending.bytes());
+            let entry = Entry {
+                pid: std::process::id(),
+                generation: self.serving_generation,
+                ..Entry::refused(&conn.peer, line.parts(), rejection.status, sent)
+            };
+            if let Some(log) = &mut self.access_log {
+                log.write(&entry);
+            }
+        }
         self.linger(key);
     }
 
-    /// Best-effort write of a small response on a non-blocking socket.
-    pub(super) fn send_error(&mut self, key: ConnKey, response: Vec<u8>) {
+    /// Best-effort write of a small response on a non-blocking socket;
+    /// returns the bytes sent.
+    pub(super) fn send_error(&mut self, key: ConnKey, response: Vec<u8>) -> u64 {
         let conn = &self.conns[key];
-        let _ = socket::send(conn.fd.as_raw_fd(), &response, MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT);
+        let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
+        socket::send(conn.fd.as_raw_fd(), &response, flags).map_or(0, |n| n as u64)
     }
 
     /// Closes a connection whose last response is out. If the client has

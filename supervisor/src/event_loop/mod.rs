@@ -26,6 +26,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
+use monodon_proto::access_log::{self, AccessLog, Entry, RawRequestLine};
 use monodon_proto::http::{error_response, PendingRequest, Rejection};
 use monodon_proto::scoreboard::Scoreboard;
 use monodon_proto::wire::{self, FromWorker, Received, ToWorker};
@@ -226,6 +227,9 @@ pub struct Supervisor {
     /// (when, total requests then): the last sample for the request rate.
     rate_sample: (Instant, u64),
     requests_per_sec: f64,
+    /// Where the requests the supervisor answers itself are logged (the
+    /// workers' access log).
+    access_log: Option<AccessLog>,
 }
 
 impl Supervisor {
@@ -284,6 +288,7 @@ impl Supervisor {
             run_as.drop_to(&owned)?;
         }
         let control = Some(control_socket);
+        let access_log = open_access_log(&config)?;
         let (read, write) = UnixStream::pair()?;
         read.set_nonblocking(true)?;
         write.set_nonblocking(true)?;
@@ -338,6 +343,7 @@ impl Supervisor {
             max_connections,
             rate_sample: (now, 0),
             requests_per_sec: 0.0,
+            access_log,
         })
     }
 
@@ -453,9 +459,13 @@ impl Supervisor {
         self.release_idle_workers();
     }
 
-    /// SIGUSR1: workers reopen their access log (after logrotate moved it).
-    /// Starting workers open it afresh anyway, and may not handle USR1 yet.
+    /// SIGUSR1: the supervisor and its workers reopen the access log (after
+    /// logrotate moved it). Starting workers open it afresh anyway, and may
+    /// not handle USR1 yet.
     fn reopen_logs(&mut self) {
+        if let Some(log) = &self.access_log {
+            log.reopen();
+        }
         let mut told = 0;
         for (_, w) in &self.workers {
             if w.state != WorkerState::Starting && kill(w.pid, Signal::SIGUSR1).is_ok() {
@@ -590,6 +600,15 @@ impl Supervisor {
         }
         self.check_stuck_workers(now);
     }
+}
+
+/// The access log named by the configuration, if any, opened (created) now.
+fn open_access_log(config: &Config) -> io::Result<Option<AccessLog>> {
+    let Some(path) = config.access_log.as_deref() else { return Ok(None) };
+    let format = access_log::Format::parse(&config.access_log_format).unwrap_or(access_log::Format::Combined);
+    AccessLog::open(path, format)
+        .map(Some)
+        .map_err(|e| io::Error::new(e.kind(), format!("access log {path}: {e}")))
 }
 
 /// Every idle client costs the supervisor one descriptor: raise the soft

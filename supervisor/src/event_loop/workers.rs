@@ -184,6 +184,12 @@ impl Supervisor {
         fresh.backlog = old.backlog;
         fresh.control = old.control.clone();
         self.dispatcher.set_capacity(fresh.queue_capacity);
+        if (&fresh.access_log, &fresh.access_log_format) != (&old.access_log, &old.access_log_format) {
+            match open_access_log(&fresh) {
+                Ok(log) => self.access_log = log,
+                Err(e) => warn!("config: {e}; the supervisor keeps logging where it did"),
+            }
+        }
         self.config = fresh;
     }
 
@@ -719,7 +725,16 @@ impl Supervisor {
                     if wrote { "; closing it".to_owned() } else { format!("; answering {status}") }
                 );
                 if !wrote {
-                    self.send_error(ckey, error_response(status, why));
+                    let sent = self.send_error(ckey, error_response(status, why));
+                    if let Some(log) = &mut self.access_log {
+                        let line = RawRequestLine::from_bytes(request.as_bytes());
+                        log.write(&Entry {
+                            duration: w.busy_since.elapsed(),
+                            pid: w.pid.as_raw() as u32,
+                            generation: w.generation,
+                            ..Entry::refused(&self.conns[ckey].peer, line.parts(), status, sent)
+                        });
+                    }
                 }
                 self.conns[ckey].state = ConnState::Reading;
                 self.linger(ckey);

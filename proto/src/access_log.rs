@@ -1,8 +1,10 @@
-//! The access log, written by each worker: one line per request, in one
-//! `write` to a file opened with O_APPEND, so lines from several workers
-//! never interleave. SIGUSR1 (forwarded by the supervisor) reopens the file,
-//! for logrotate.
+//! The access log: one line per request, in one `write` to a file opened
+//! with O_APPEND, so lines from several processes never interleave. Workers
+//! log the requests they serve; the supervisor logs those it answers itself
+//! (a refused head, a head timeout, a worker that died or timed out), in
+//! the same format and file. SIGUSR1 reopens the file, for logrotate.
 
+use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,21 +48,58 @@ pub struct Entry<'a> {
     pub generation: u64,
 }
 
+impl<'a> Entry<'a> {
+    /// A request answered without the app (refused, or its worker lost):
+    /// no field of it known but its request line; `pid` and `generation`
+    /// are the caller's to set.
+    pub fn refused(
+        peer: &'a str,
+        (method, target, version): (&'a str, &'a str, &'a str),
+        status: u16,
+        bytes: u64,
+    ) -> Entry<'a> {
+        Entry {
+            peer,
+            method,
+            target,
+            version,
+            status,
+            bytes,
+            referer: None,
+            user_agent: None,
+            duration: Duration::ZERO,
+            pid: 0,
+            generation: 0,
+        }
+    }
+}
+
 pub struct AccessLog {
     path: String,
     format: Format,
     file: Option<File>,
+    /// Set (by a signal handler) when the file is to be reopened before the
+    /// next line.
     reopen: Arc<AtomicBool>,
 }
 
 impl AccessLog {
-    /// `path` is a file, or `-` for the worker's stdout.
+    /// `path` is a file, or `-` for stdout.
     pub fn open(path: &str, format: Format) -> std::io::Result<AccessLog> {
-        let reopen = Arc::new(AtomicBool::new(false));
-        signal_hook::flag::register(signal_hook::consts::SIGUSR1, Arc::clone(&reopen))?;
-        let mut log = AccessLog { path: path.to_owned(), format, file: None, reopen };
+        let mut log = AccessLog { path: path.to_owned(), format, file: None, reopen: Arc::default() };
         log.file = log.open_file()?;
         Ok(log)
+    }
+
+    /// The flag that makes the next [`AccessLog::write`] reopen the file,
+    /// for a signal handler to set (`signal_hook::flag::register`).
+    pub fn reopen_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.reopen)
+    }
+
+    /// Reopens the file before the next line (after logrotate moved it).
+    pub fn reopen(&self) {
+        self.reopen.store(true, Ordering::Relaxed);
     }
 
     fn open_file(&self) -> std::io::Result<Option<File>> {
@@ -91,10 +130,38 @@ impl AccessLog {
     }
 }
 
+/// What the access log names as the request of one that was refused before
+/// it could be parsed: its first line split into method, target and
+/// version, each `-` where missing. At most 1 KiB of it (a line may be
+/// refused for its length).
+pub struct RawRequestLine {
+    line: String,
+}
+
+impl RawRequestLine {
+    const MAX: usize = 1024;
+
+    pub fn from_bytes(received: &[u8]) -> RawRequestLine {
+        let start = received.iter().position(|&c| c != b'\r' && c != b'\n').unwrap_or(received.len());
+        let rest = &received[start..];
+        let end = rest.iter().position(|&c| c == b'\r' || c == b'\n').unwrap_or(rest.len()).min(Self::MAX);
+        RawRequestLine { line: String::from_utf8_lossy(&rest[..end]).into_owned() }
+    }
+
+    /// (method, target, version)
+    pub fn parts(&self) -> (&str, &str, &str) {
+        let mut it = self.line.splitn(3, ' ').filter(|p| !p.is_empty());
+        let mut next = || it.next().unwrap_or("-");
+        (next(), next(), next())
+    }
+}
+
 /// `127.0.0.1 - - [23/Nov/2026:13:55:36 +0000] "GET / HTTP/1.1" 200 123 "-" "curl/8" 1234`
 fn combined(e: &Entry<'_>) -> String {
     let host = e.peer.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or(e.peer);
-    let quote = |s: Option<&str>| s.map(escape).unwrap_or_else(|| "-".into());
+    fn quote(s: Option<&str>) -> Cow<'_, str> {
+        s.map(escape).unwrap_or(Cow::Borrowed("-"))
+    }
     format!(
         "{host} - - [{}] \"{} {} {}\" {} {} \"{}\" \"{}\" {}\n",
         clf_time(SystemTime::now()),
@@ -128,7 +195,10 @@ fn json(e: &Entry<'_>) -> String {
 }
 
 /// Quotes and control characters escaped, so a line stays one line.
-fn escape(s: &str) -> String {
+fn escape(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(|c| c == '"' || c == '\\' || c.is_control()) {
+        return Cow::Borrowed(s);
+    }
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
@@ -138,7 +208,7 @@ fn escape(s: &str) -> String {
             c => out.push(c),
         }
     }
-    out
+    Cow::Owned(out)
 }
 
 /// Common Log Format time, in UTC: `23/Nov/2026:13:55:36 +0000`, taken
@@ -185,6 +255,22 @@ mod tests {
         assert_eq!(v["target"], "/a\"b");
         assert_eq!(v["generation"], 2);
         assert_eq!(v["referer"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn raw_request_lines() {
+        let parts = |raw: &[u8]| {
+            let line = RawRequestLine::from_bytes(raw);
+            let (m, t, v) = line.parts();
+            (m.to_owned(), t.to_owned(), v.to_owned())
+        };
+        let own = |m: &str, t: &str, v: &str| (m.to_owned(), t.to_owned(), v.to_owned());
+        assert_eq!(parts(b"\r\nGET /x HTTP/1.1\r\nHost: a\r\n"), own("GET", "/x", "HTTP/1.1"));
+        assert_eq!(parts(b"GET /partial"), own("GET", "/partial", "-"));
+        assert_eq!(parts(b""), own("-", "-", "-"));
+        assert_eq!(parts(b"\x16\x03\x01\x00"), own("\u{16}\u{3}\u{1}\u{0}", "-", "-"));
+        let long = [b"GET /".as_slice(), &[b'a'; 5000]].concat();
+        assert_eq!(RawRequestLine::from_bytes(&long).parts().1.len(), 1020);
     }
 
     #[test]
