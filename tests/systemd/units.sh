@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs inside ../shared/systemd-sandbox (a real systemd user manager):
+# Runs inside tests/systemd/sandbox.sh (a real systemd user manager):
 # installs systemd/monodon.{service,socket} with a drop-in that points at the
 # freshly built binary, then checks start (READY), STATUS=, reload (a new
 # generation), socket activation, the control CLI and a clean stop.
@@ -23,7 +23,9 @@ ProtectKernelTunables=no
 ProtectKernelModules=no
 ProtectControlGroups=no
 ExecStart=
-ExecStart=$bin serve --app echo --workers 2 --graceful-timeout 5s
+# %L is the manager's log root: /var/log for the system, under
+# \$XDG_STATE_HOME for a user manager; LogsDirectory= creates monodon/ in it.
+ExecStart=$bin serve --app echo --workers 2 --graceful-timeout 5s --access-log %L/monodon/access.log
 TimeoutStopSec=20
 CONF
 cat > "$units/monodon.socket.d/test.conf" <<CONF
@@ -38,10 +40,34 @@ get() { curl -sS --max-time 10 "http://127.0.0.1:$port$1"; }
 generation() { get /gen | sed -n 's/.*"generation":\([0-9]*\).*/\1/p'; }
 
 # Start: Type=notify, so this returns once monodon said READY=1.
-systemctl --user start monodon.service || { systemctl --user status monodon.service --no-pager; tail -30 "$SYSTEMD_SANDBOX_ROOT/manager.log"; exit 1; }
+systemctl --user start monodon.service || { systemctl --user status monodon.service --no-pager; tail -30 "$SANDBOX_LOG"; exit 1; }
 [ "$(systemctl --user is-active monodon.service)" = active ] || fail "not active after start"
 [ "$(generation)" = 1 ] || fail "generation 1 does not answer"
 echo "ok: started, generation 1 serves"
+
+# LogsDirectory= made the access log's directory, and both the workers and
+# the supervisor write there.
+logs=$(systemctl --user show -p LogsDirectory --value monodon.service)
+[ "$logs" = monodon ] || fail "LogsDirectory=$logs"
+# A user manager's log root is $XDG_CONFIG_HOME/log up to systemd 254,
+# $XDG_STATE_HOME/log after.
+access_log() {
+  for f in "$XDG_STATE_HOME/log/monodon/access.log" "$XDG_CONFIG_HOME/log/monodon/access.log"; do
+    [ -f "$f" ] && { echo "$f"; return; }
+  done
+  echo /nonexistent
+}
+get /logged >/dev/null
+exec 3<>"/dev/tcp/127.0.0.1/$port"
+printf 'GET /refused HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n' >&3
+timeout 5 cat <&3 >/dev/null || true
+exec 3<&-
+for _ in $(seq 1 50); do grep -qs '"GET /refused HTTP/1.1" 400' "$(access_log)" && break; sleep 0.1; done
+log=$(access_log)
+[ -f "$log" ] || fail "no access log under LogsDirectory="
+grep -q '"GET /logged HTTP/1.1" 200' "$log" || fail "no line of a worker's in $log"
+grep -q '"GET /refused HTTP/1.1" 400' "$log" || fail "the supervisor's 400 is not in $log"
+echo "ok: access log in LogsDirectory= ($log)"
 
 # STATUS= is kept current.
 status_line=$(systemctl --user show -p StatusText --value monodon.service)
