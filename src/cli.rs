@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use monodon_proto::access_log::Format;
 use monodon_proto::http::Limits;
 use monodon_supervisor::{control, Config, ListenAddr};
 
@@ -320,7 +321,8 @@ impl ServeArgs {
             .as_ref()
             .and_then(|u| monodon_supervisor::privileges::RunAs::resolve(u, self.group.as_deref()).ok());
         config.access_log = self.access_log.clone();
-        config.access_log_format = self.access_log_format.clone();
+        // clap allows only the names Format::parse knows.
+        config.access_log_format = Format::parse(&self.access_log_format).unwrap_or(Format::Combined);
         config
     }
 

@@ -485,6 +485,38 @@ fn config_file_settings_flags_win_and_reload_rereads_it() {
     );
 }
 
+/// Limits whose largest message cannot cross a worker channel (Linux caps
+/// socket buffers at net.core.wmem_max) are refused at start and on reload,
+/// with the numbers and the way out, instead of a worker killed as broken
+/// at the first large request.
+#[test]
+fn limits_too_large_for_a_worker_channel_are_refused_up_front() {
+    let wmem_max: usize =
+        std::fs::read_to_string("/proc/sys/net/core/wmem_max").unwrap().trim().parse().unwrap();
+    // 16 MiB of body buffering needs 16.2 MiB messages; the kernel grants 2 x wmem_max.
+    if 2 * wmem_max > 17 << 20 {
+        eprintln!("skipped: net.core.wmem_max = {wmem_max} allows even 16 MiB messages");
+        return;
+    }
+    let out = monodon().args(["serve", "--listen", "127.0.0.1:0", "--buffer-body", "16M"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("a worker channel must carry messages of") && err.contains("net.core.wmem_max"),
+        "{err}"
+    );
+
+    let scratch = common::Scratch::new("channel-room");
+    let file = scratch.0.join("monodon.toml");
+    std::fs::write(&file, "app = \"echo\"\n").unwrap();
+    let server = Server::start(&["--config", file.to_str().unwrap(), "--workers", "1"], 1);
+    std::fs::write(&file, "app = \"echo\"\nbuffer-body = \"16MiB\"\n").unwrap();
+    let out = ctl(&control_path(&server), &["reload"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("net.core.wmem_max"));
+    assert_eq!(server.get("/").json()["worker"]["generation"], 1, "still serving");
+}
+
 /// Byte sizes take the units `--help` prints, in flags and the file alike.
 #[test]
 fn sizes_take_units_in_flags_and_the_config_file() {

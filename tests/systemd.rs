@@ -22,10 +22,7 @@ fn unit_files_under_a_real_systemd() {
     let root = unsafe { libc::geteuid() } == 0;
     let usable = root && PathBuf::from("/lib/systemd/systemd").exists();
     if !usable {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run the systemd tests (root, systemd)"
-        );
+        assert!(std::env::var_os("CI").is_none(), "CI must run the systemd tests (root, systemd)");
         eprintln!("skipped: needs root and systemd (/lib/systemd/systemd)");
         return;
     }

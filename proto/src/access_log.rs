@@ -30,6 +30,13 @@ impl Format {
             _ => None,
         }
     }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Combined => "combined",
+            Format::Json => "json",
+        }
+    }
 }
 
 /// What is logged about one request.

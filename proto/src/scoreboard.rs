@@ -57,6 +57,50 @@ pub struct Slot {
 /// Room for the request line in a slot.
 pub const REQUEST_LINE_MAX: usize = 256;
 
+/// Where each field of a [`Slot`] lies, as PROTOCOL.md gives it: workers in
+/// other languages map the page and use these offsets. Checked against the
+/// struct at compile time and against PROTOCOL.md by a test.
+pub const LAYOUT: [(usize, &str); 11] = [
+    (0, "bytes_written"),
+    (8, "requests"),
+    (16, "request_started_ms"),
+    (24, "draining"),
+    (32, "others_waiting"),
+    (40, "request_seq"),
+    (48, "request_len"),
+    (56, "request_line"),
+    (312, "ahead"),
+    (328, "conn_id"),
+    (336, "conn_written_base"),
+];
+
+const _: () = {
+    use std::mem::offset_of;
+    let offsets = [
+        offset_of!(Slot, bytes_written),
+        offset_of!(Slot, requests),
+        offset_of!(Slot, request_started_ms),
+        offset_of!(Slot, draining),
+        offset_of!(Slot, others_waiting),
+        offset_of!(Slot, request_seq),
+        offset_of!(Slot, request_len),
+        offset_of!(Slot, request_line),
+        offset_of!(Slot, ahead),
+        offset_of!(Slot, conn_id),
+        offset_of!(Slot, conn_written_base),
+    ];
+    let mut i = 0;
+    while i < LAYOUT.len() {
+        assert!(
+            offsets[i] == LAYOUT[i].0,
+            "a Slot field moved: PROTOCOL.md and other languages depend on it"
+        );
+        i += 1;
+    }
+    assert!(std::mem::size_of::<Slot>() == 344, "the Slot grew or shrank: say so in PROTOCOL.md");
+    assert!(std::mem::size_of::<Slot>() <= 4096, "a Slot must fit its page");
+};
+
 impl Slot {
     pub fn add_written(&self, n: usize) {
         self.bytes_written.fetch_add(n as u64, Ordering::Relaxed);
@@ -249,6 +293,22 @@ impl Drop for Scoreboard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// PROTOCOL.md's scoreboard table gives the offsets of [`LAYOUT`].
+    #[test]
+    fn protocol_md_gives_the_layout() {
+        let protocol = include_str!("../../PROTOCOL.md");
+        let table = protocol.split("The memfd on fd 4 holds").nth(1).expect("the scoreboard section");
+        let documented: Vec<usize> = table
+            .lines()
+            .skip_while(|l| !l.starts_with("| offset"))
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| l.split('|').nth(1).unwrap().trim().parse().expect("an offset"))
+            .collect();
+        let ours: Vec<usize> = LAYOUT.iter().map(|(offset, _)| *offset).collect();
+        assert_eq!(documented, ours);
+    }
 
     #[test]
     fn two_mappings_share_the_counters() {

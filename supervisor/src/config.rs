@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use monodon_proto::access_log::Format;
 use monodon_proto::http::Limits;
 
 /// An address to listen on.
@@ -88,8 +89,7 @@ pub struct Config {
     pub control: Option<PathBuf>,
     /// Where workers write the access log (`-`: stdout; `None`: nowhere).
     pub access_log: Option<String>,
-    /// `combined` or `json`.
-    pub access_log_format: String,
+    pub access_log_format: Format,
     /// How long a worker may wait for a keep-alive client's next request
     /// while no other connection waits for a worker (zero: never).
     pub read_ahead: Duration,
@@ -134,7 +134,7 @@ impl Config {
             kill_grace: Duration::from_secs(2),
             control: None,
             access_log: None,
-            access_log_format: "combined".into(),
+            access_log_format: Format::Combined,
             source: None,
             run_as: None,
             read_ahead: Duration::from_micros(200),

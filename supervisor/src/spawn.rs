@@ -7,9 +7,8 @@ use std::ffi::{CString, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::time::Duration;
 
-use monodon_proto::env;
+use monodon_proto::env::WorkerEnv;
 use monodon_proto::http::Limits;
 use monodon_proto::scoreboard::Scoreboard;
 use monodon_proto::wire;
@@ -39,18 +38,60 @@ pub struct Spawned {
     pub scoreboard: Scoreboard,
 }
 
-/// What every worker of one supervisor gets.
+/// A worker to start: its command, and what its environment tells it.
 pub struct WorkerSpec<'a> {
     pub command: &'a [OsString],
-    pub generation: u64,
-    pub limits: &'a Limits,
-    pub io_timeout: Duration,
-    /// Requests after which this worker retires (0: never).
-    pub max_requests: u64,
-    pub access_log: Option<&'a str>,
-    pub access_log_format: &'a str,
-    pub read_ahead: Duration,
-    pub min_body_rate: u64,
+    pub env: WorkerEnv,
+}
+
+/// Kernel bookkeeping per message beyond its payload (the sk_buff and the
+/// rounding of its data), generously.
+const MESSAGE_OVERHEAD: usize = 4096;
+
+/// A channel cannot carry the largest message these limits allow.
+#[derive(Debug)]
+pub enum ChannelError {
+    Io(io::Error),
+    TooSmall { needed: usize, granted: usize },
+}
+
+impl std::fmt::Display for ChannelError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChannelError::Io(e) => write!(f, "cannot make a worker channel: {e}"),
+            ChannelError::TooSmall { needed, granted } => write!(
+                f,
+                "a worker channel must carry messages of {needed} bytes (2 x --max-head + --buffer-body + 64 KiB), \
+                 but the kernel grants its sockets {granted} bytes of buffer (net.core.wmem_max = {}): \
+                 lower --buffer-body or --max-head, or raise net.core.wmem_max and net.core.rmem_max",
+                std::fs::read_to_string("/proc/sys/net/core/wmem_max").unwrap_or_default().trim()
+            ),
+        }
+    }
+}
+
+/// A new channel (a SEQPACKET socketpair, close-on-exec) whose both ends
+/// can send the largest message `limits` allow, checked by reading the
+/// buffer sizes back: Linux caps what an unprivileged process asks for at
+/// net.core.wmem_max, and a message larger than the sender's SO_SNDBUF
+/// fails with EMSGSIZE. One message that fits is enough for two in flight
+/// (the supervisor never has more in a worker's channel: one sent ahead),
+/// since a send waits for room only once the buffer is already full.
+pub fn channel(limits: &Limits) -> Result<(OwnedFd, OwnedFd), ChannelError> {
+    let (ours, theirs) =
+        socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+            .map_err(|e| ChannelError::Io(e.into()))?;
+    let needed = wire::max_message(limits) + MESSAGE_OVERHEAD;
+    let room = wire::max_message(limits) * 3;
+    for fd in [&ours, &theirs] {
+        let _ = socket::setsockopt(fd, sockopt::SndBuf, &room);
+        let _ = socket::setsockopt(fd, sockopt::RcvBuf, &room);
+        let granted = socket::getsockopt(fd, sockopt::SndBuf).map_err(|e| ChannelError::Io(e.into()))?;
+        if granted < needed {
+            return Err(ChannelError::TooSmall { needed, granted });
+        }
+    }
+    Ok((ours, theirs))
 }
 
 pub fn spawn_worker(spec: &WorkerSpec<'_>) -> io::Result<Spawned> {
@@ -58,15 +99,7 @@ pub fn spawn_worker(spec: &WorkerSpec<'_>) -> io::Result<Spawned> {
         .command
         .split_first()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty worker command"))?;
-    let (ours, theirs) =
-        socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
-    // Whole messages must fit in the socket buffers (see wire::max_message):
-    // the supervisor has at most two in a worker's channel (one sent ahead).
-    let room = wire::max_message(spec.limits) * 3;
-    for fd in [&ours, &theirs] {
-        let _ = socket::setsockopt(fd, sockopt::SndBuf, &room);
-        let _ = socket::setsockopt(fd, sockopt::RcvBuf, &room);
-    }
+    let (ours, theirs) = channel(&spec.env.limits).map_err(|e| io::Error::other(e.to_string()))?;
     nix::fcntl::fcntl(&ours, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))?;
     let scoreboard = Scoreboard::create()?;
 
@@ -94,19 +127,7 @@ pub fn spawn_worker(spec: &WorkerSpec<'_>) -> io::Result<Spawned> {
     let c = |s: &std::ffi::OsStr| CString::new(s.as_bytes());
     let bad_arg = |_| io::Error::new(io::ErrorKind::InvalidInput, "a worker argument contains a NUL byte");
     let argv: Vec<CString> = spec.command.iter().map(|a| c(a)).collect::<Result<_, _>>().map_err(bad_arg)?;
-    let settings = [
-        (env::CHANNEL_FD, "3".to_owned()),
-        (env::SCOREBOARD_FD, "4".to_owned()),
-        (env::SUPERVISOR_PID, std::process::id().to_string()),
-        (env::GENERATION, spec.generation.to_string()),
-        (env::LIMITS, spec.limits.to_env()),
-        (env::IO_TIMEOUT, spec.io_timeout.as_secs().max(1).to_string()),
-        (env::MAX_REQUESTS, spec.max_requests.to_string()),
-        (env::ACCESS_LOG, spec.access_log.unwrap_or("").to_owned()),
-        (env::ACCESS_LOG_FORMAT, spec.access_log_format.to_owned()),
-        (env::READ_AHEAD_US, spec.read_ahead.as_micros().to_string()),
-        (env::MIN_BODY_RATE, spec.min_body_rate.to_string()),
-    ];
+    let settings = spec.env.to_vars();
     let mut envp: Vec<CString> = std::env::vars_os()
         .filter(|(k, _)| !NOT_FOR_WORKERS.iter().any(|n| k == n) && !settings.iter().any(|(n, _)| k == n))
         .filter_map(|(k, v)| {

@@ -16,13 +16,12 @@ mod stream;
 
 use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use log::{debug, error, info};
-use monodon_proto::http::Limits;
+use monodon_proto::access_log;
+use monodon_proto::env::{self, WorkerEnv};
 use monodon_proto::scoreboard::Scoreboard;
 use monodon_proto::wire::{self, FromWorker, Received, ToWorker};
-use monodon_proto::{access_log, env};
 
 pub use app::{App, Body, Request, Response, WorkerInfo};
 
@@ -67,41 +66,35 @@ fn inherited_fd(var: &str) -> std::io::Result<OwnedFd> {
 
 /// No worker outlives its supervisor: SIGTERM when the parent dies, and an
 /// exit now if it already has (the pid check closes the race).
-fn die_with_supervisor() -> std::io::Result<()> {
-    let Some(supervisor) = std::env::var(env::SUPERVISOR_PID).ok().and_then(|p| p.parse::<i32>().ok()) else {
+/// (`supervisor` 0: not told, nothing to check.)
+fn die_with_supervisor(supervisor: u32) -> std::io::Result<()> {
+    if supervisor == 0 {
         return Ok(());
-    };
+    }
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
-    if nix::unistd::getppid().as_raw() != supervisor {
+    if nix::unistd::getppid().as_raw() as u32 != supervisor {
         return Err(std::io::Error::other("the supervisor is gone"));
     }
     Ok(())
 }
 
 fn serve_forever(app: &mut dyn App) -> std::io::Result<()> {
-    die_with_supervisor()?;
+    let settings =
+        WorkerEnv::from_process().map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    die_with_supervisor(settings.supervisor_pid)?;
     let channel = inherited_fd(env::CHANNEL_FD)?;
     let scoreboard = Scoreboard::map(inherited_fd(env::SCOREBOARD_FD)?)?;
-    let limits = std::env::var(env::LIMITS).ok().and_then(|s| Limits::from_env(&s)).unwrap_or_default();
-    let generation = std::env::var(env::GENERATION).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
-    let io_timeout = std::env::var(env::IO_TIMEOUT).ok().and_then(|s| s.parse().ok()).unwrap_or(30);
-    let io_timeout = Duration::from_secs(io_timeout);
-    let max_requests: u64 = std::env::var(env::MAX_REQUESTS).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let WorkerEnv { generation, limits, io_timeout, max_requests, read_ahead, min_body_rate, .. } = settings;
     let mut remaining = (max_requests > 0).then_some(max_requests);
-    let read_ahead = std::env::var(env::READ_AHEAD_US).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
-    let read_ahead = Duration::from_micros(read_ahead);
-    let min_body_rate = std::env::var(env::MIN_BODY_RATE).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
     let pid = std::process::id();
-    let access_log = match std::env::var(env::ACCESS_LOG) {
-        Ok(path) if !path.is_empty() => {
-            let format = std::env::var(env::ACCESS_LOG_FORMAT).unwrap_or_default();
-            let format = access_log::Format::parse(&format).unwrap_or(access_log::Format::Combined);
-            let log = access_log::AccessLog::open(&path, format)?;
+    let access_log = match &settings.access_log {
+        Some(path) => {
+            let log = access_log::AccessLog::open(path, settings.access_log_format)?;
             // The supervisor forwards SIGUSR1 (logrotate) to its workers.
             signal_hook::flag::register(signal_hook::consts::SIGUSR1, log.reopen_flag())?;
             Some(std::cell::RefCell::new(log))
         }
-        _ => None,
+        None => None,
     };
 
     let mut out = Vec::with_capacity(256);

@@ -26,7 +26,8 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
-use monodon_proto::access_log::{self, AccessLog, Entry, RawRequestLine};
+use monodon_proto::access_log::{AccessLog, Entry, RawRequestLine};
+use monodon_proto::env::WorkerEnv;
 use monodon_proto::http::{error_response, PendingRequest, Rejection};
 use monodon_proto::scoreboard::Scoreboard;
 use monodon_proto::wire::{self, FromWorker, Received, ToWorker};
@@ -235,6 +236,10 @@ pub struct Supervisor {
 impl Supervisor {
     /// Binds the listeners and installs the signal handlers; no worker yet.
     pub fn new(config: Config) -> io::Result<Supervisor> {
+        // A configuration whose messages cannot cross a worker channel is
+        // refused now, not found out at the first large request.
+        crate::spawn::channel(&config.limits)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         raise_fd_limit();
         let poller = Poller::new()?;
         mark_inherited_fds_cloexec();
@@ -605,8 +610,7 @@ impl Supervisor {
 /// The access log named by the configuration, if any, opened (created) now.
 fn open_access_log(config: &Config) -> io::Result<Option<AccessLog>> {
     let Some(path) = config.access_log.as_deref() else { return Ok(None) };
-    let format = access_log::Format::parse(&config.access_log_format).unwrap_or(access_log::Format::Combined);
-    AccessLog::open(path, format)
+    AccessLog::open(path, config.access_log_format)
         .map(Some)
         .map_err(|e| io::Error::new(e.kind(), format!("access log {path}: {e}")))
 }

@@ -53,14 +53,17 @@ impl Supervisor {
         };
         let spec = WorkerSpec {
             command: &command,
-            generation,
-            limits: &self.config.limits,
-            io_timeout: self.config.io_timeout,
-            max_requests,
-            access_log: self.config.access_log.as_deref(),
-            access_log_format: &self.config.access_log_format,
-            read_ahead: self.config.read_ahead,
-            min_body_rate: self.config.min_body_rate,
+            env: WorkerEnv {
+                supervisor_pid: std::process::id(),
+                generation,
+                limits: self.config.limits,
+                io_timeout: self.config.io_timeout,
+                max_requests,
+                access_log: self.config.access_log.clone(),
+                access_log_format: self.config.access_log_format,
+                read_ahead: self.config.read_ahead,
+                min_body_rate: self.config.min_body_rate,
+            },
         };
         let s = spawn_worker(&spec).inspect_err(|e| error!("{e}"))?;
         let entry = self.workers.vacant_entry();
@@ -131,7 +134,11 @@ impl Supervisor {
             return Err("the supervisor is stopping".into());
         }
         if let Some(source) = self.config.source.clone() {
-            match (source.0)() {
+            let checked = (source.0)().and_then(|fresh| {
+                crate::spawn::channel(&fresh.limits).map_err(|e| e.to_string())?;
+                Ok(fresh)
+            });
+            match checked {
                 Ok(fresh) => self.apply_config(fresh),
                 Err(e) => {
                     let message = format!("reload refused: {e}");
