@@ -186,8 +186,9 @@ fn idle_keep_alive_connections_live_in_the_supervisor() {
             c
         })
         .collect();
-    // Hold them idle for a while: that is the point of the test.
-    std::thread::sleep(Duration::from_secs(3));
+    // Every one of them is held by the supervisor, idle.
+    server
+        .wait_status(Duration::from_secs(10), "1000 idle connections", |s| s["connections"]["idle"] == 1000);
     assert_eq!(server.children(), workers, "still 1 + 2 processes, the same workers");
     assert!(server.fd_count() >= 1000, "the supervisor holds the idle connections");
     // A new client is served while all of them stay open.

@@ -18,7 +18,7 @@ fn bin() -> &'static str {
 }
 
 fn wait_generation_serving(server: &Server, generation: u64) {
-    server.wait_for_log(&format!("generation {generation} serving"), Duration::from_secs(30));
+    server.wait_serving(generation, Duration::from_secs(30));
 }
 
 #[test]
@@ -30,15 +30,14 @@ fn hup_under_load_drops_nothing_and_replaces_every_worker() {
     assert_eq!(before.response().unwrap().json()["worker"]["generation"], 1);
 
     let load = Load::start(server.addr, 3, 2, "/?sleep_ms=2");
-    assert!(eventually(Duration::from_secs(10), || server.count_logs("spawned worker") >= 2));
-    std::thread::sleep(Duration::from_millis(300));
+    load.wait_answered(50, Duration::from_secs(10));
     server.signal(libc::SIGHUP);
     wait_generation_serving(&server, 2);
     let replaced = eventually(Duration::from_secs(20), || {
         let now = server.children();
         now.len() == 2 && now.iter().all(|p| !old.contains(p))
     });
-    std::thread::sleep(Duration::from_millis(300));
+    load.wait_answered(50, Duration::from_secs(10));
     let stats = load.stop();
     assert!(replaced, "old workers {old:?}, now {:?}", server.children());
     assert_no_failures(&stats);
@@ -61,7 +60,9 @@ fn a_second_hup_during_a_reload_starts_over_without_orphans() {
     let server = Server::start_cmd(&mut cmd, 2);
     let load = Load::start(server.addr, 2, 1, "/");
     server.signal(libc::SIGHUP);
-    server.wait_for_log("starting generation 2", Duration::from_secs(10));
+    server.wait_status(Duration::from_secs(10), "reloading to generation 2", |s| {
+        s["reload"]["state"] == "reloading" && s["reload"]["generation"] == 2
+    });
     server.signal(libc::SIGHUP);
     wait_generation_serving(&server, 3);
     let settled = eventually(Duration::from_secs(20), || server.children().len() == 2);
@@ -107,7 +108,7 @@ fn bad_deploy(name: &str, broken: &str, extra: &[&str]) {
     let load = Load::start(server.addr, 2, 2, "/");
     scratch.point("current", &bad);
     server.signal(libc::SIGHUP);
-    let failure = server.wait_for_log("reload to generation 2 failed", Duration::from_secs(30));
+    let failure = server.wait_reload_failed(Duration::from_secs(30));
     let stats = load.stop();
     assert_no_failures(&stats);
     // The new generation's workers are gone; old ones may have recycled
@@ -158,7 +159,7 @@ fn bad_deploy_that_cannot_exec_keeps_the_old_generation() {
     let load = Load::start(server.addr, 2, 1, "/");
     scratch.point("current", &scratch.0.join("does-not-exist"));
     server.signal(libc::SIGHUP);
-    server.wait_for_log("reload to generation 2 failed", Duration::from_secs(30));
+    server.wait_reload_failed(Duration::from_secs(30));
     let stats = load.stop();
     assert_no_failures(&stats);
     assert_eq!(server.get("/").json()["worker"]["generation"], 1);
@@ -168,10 +169,8 @@ fn bad_deploy_that_cannot_exec_keeps_the_old_generation() {
 fn max_requests_per_child_1_under_load_drops_nothing() {
     let server = Server::start(&["--app", "echo", "--workers", "2", "--max-requests-per-child", "1"], 2);
     let load = Load::start(server.addr, 2, 2, "/");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while server.count_logs("reached its 1 requests") < 200 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // 200 workers come and go, one request each.
+    load.wait_answered(200, Duration::from_secs(30));
     let stats = load.stop();
     assert_no_failures(&stats);
     assert!(stats.ok >= 100, "{} requests", stats.ok);
@@ -216,7 +215,7 @@ fn max_requests_are_drawn_per_worker_within_bounds() {
 fn kill_9_of_a_busy_worker_costs_at_most_its_own_request() {
     let server = Server::start(&["--app", "echo", "--workers", "2", "--max-requests-per-child", "0"], 2);
     let load = Load::start(server.addr, 3, 1, "/?sleep_ms=20");
-    std::thread::sleep(Duration::from_millis(300));
+    load.wait_answered(10, Duration::from_secs(10));
     let victim = server.children()[0];
     // SAFETY: killing one of the supervisor's workers, on purpose.
     unsafe { libc::kill(victim as i32, libc::SIGKILL) };
@@ -224,7 +223,7 @@ fn kill_9_of_a_busy_worker_costs_at_most_its_own_request() {
         let now = server.children();
         now.len() == 2 && !now.contains(&victim)
     });
-    std::thread::sleep(Duration::from_millis(300));
+    load.wait_answered(10, Duration::from_secs(10));
     let stats = load.stop();
     assert!(replaced, "a replacement appeared");
     assert!(stats.failed <= 1, "only the in-flight request may fail: {:?}", stats.errors);

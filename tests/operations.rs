@@ -11,8 +11,7 @@ use std::time::Duration;
 use common::{eventually, monodon, Server};
 
 fn control_path(server: &Server) -> PathBuf {
-    let line = server.wait_for_log("control socket at ", Duration::from_secs(5));
-    PathBuf::from(line.split("control socket at ").nth(1).unwrap().trim())
+    server.control.clone()
 }
 
 fn ctl(path: &PathBuf, args: &[&str]) -> std::process::Output {
@@ -47,8 +46,12 @@ fn status_shows_what_the_server_is_doing() {
     let mut busy = server.connect();
     busy.send(b"GET /busy?sleep_ms=3000 HTTP/1.1\r\nHost: x\r\n\r\n");
     let path2 = path.clone();
-    assert!(eventually(Duration::from_secs(5), || status_json(&path2)["workers"]["busy"] == 1));
-    std::thread::sleep(Duration::from_millis(300));
+    // Busy for long enough that its row shows how long.
+    assert!(eventually(Duration::from_secs(5), || {
+        let s = status_json(&path2);
+        s["workers"]["busy"] == 1
+            && s["worker_list"].as_array().unwrap().iter().any(|w| w["request_secs"].as_f64() >= Some(0.3))
+    }));
 
     let s = status_json(&path);
     assert_eq!(s["pid"], server.pid);
@@ -271,14 +274,14 @@ fn server_starter_hands_over_without_failed_requests() {
     assert_eq!(first.len(), 1, "one supervisor under start_server");
 
     let load = common::Load::start(addr, 0, 3, "/");
-    std::thread::sleep(Duration::from_millis(300));
+    load.wait_answered(30, Duration::from_secs(10));
     // SAFETY: signalling the start_server process this test started.
     unsafe { libc::kill(starter as i32, libc::SIGHUP) };
     let handed_over = eventually(Duration::from_secs(30), || {
         let now = common::children_of(starter);
         now.len() == 1 && now[0] != first[0]
     });
-    std::thread::sleep(Duration::from_millis(300));
+    load.wait_answered(30, Duration::from_secs(10));
     let stats = load.stop();
     // SAFETY: as above.
     unsafe { libc::kill(starter as i32, libc::SIGTERM) };
@@ -349,6 +352,8 @@ fn access_log_lines_and_reopen_on_usr1() {
     let rotated = dir.join("access.log.1");
     std::fs::rename(&log, &rotated).unwrap();
     server.signal(libc::SIGUSR1);
+    // No state says the logs were reopened; the supervisor's line is the
+    // moment it told every worker.
     server.wait_for_log("reopen their access log", Duration::from_secs(5));
     assert!(eventually(Duration::from_secs(5), || {
         server.get("/after-rotate");

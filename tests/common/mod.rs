@@ -4,6 +4,8 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,6 +15,8 @@ pub struct Server {
     child: Option<Child>,
     pub addr: SocketAddr,
     pub pid: u32,
+    /// Its control socket, where `status` is asked.
+    pub control: PathBuf,
     logs: Arc<Mutex<Vec<String>>>,
 }
 
@@ -63,16 +67,76 @@ impl Server {
                 sink.lock().unwrap().push(line);
             }
         });
-        let mut server = Server { child: Some(child), addr: "127.0.0.1:1".parse().unwrap(), pid, logs };
+        let mut server = Server {
+            child: Some(child),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            pid,
+            control: PathBuf::new(),
+            logs,
+        };
+        // Where it listens and where its control socket is: told once, at start.
         let line = server.wait_for_log("listening on ", Duration::from_secs(20));
         let addr = line.split("listening on ").nth(1).unwrap().trim();
         server.addr = addr.parse().unwrap_or(server.addr);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while server.count_logs(" ready") < workers {
-            assert!(Instant::now() < deadline, "workers not ready; logs:\n{}", server.logs());
+        let line = server.wait_for_log("control socket at ", Duration::from_secs(20));
+        server.control = PathBuf::from(line.split("control socket at ").nth(1).unwrap().trim());
+        // From here on, state comes from the status document.
+        server.wait_status(Duration::from_secs(20), &format!("{workers} workers ready"), |s| {
+            ready_workers(s, s["generation"].as_u64().unwrap_or(0)) >= workers
+        });
+        server
+    }
+
+    /// `monodon status --json`, asked over the control socket.
+    pub fn status(&self) -> io::Result<serde_json::Value> {
+        let mut stream = UnixStream::connect(&self.control)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(b"{\"protocol\":1,\"command\":\"status\"}\n")?;
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line)?;
+        let mut answer: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        Ok(answer["status"].take())
+    }
+
+    /// Polls the status until `cond` holds (`what` says what for, should it
+    /// not within `within`); the status that satisfied it.
+    pub fn wait_status(
+        &self,
+        within: Duration,
+        what: &str,
+        cond: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let status = self.status();
+            if let Ok(s) = &status {
+                if cond(s) {
+                    return s.clone();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not {what} within {within:?}: {status:?}\nlogs:\n{}",
+                self.logs()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
-        server
+    }
+
+    /// Waits until generation `generation` serves, with no reload under way.
+    pub fn wait_serving(&self, generation: u64, within: Duration) -> serde_json::Value {
+        self.wait_status(within, &format!("generation {generation} serving"), |s| {
+            s["generation"] == generation && s["reload"]["state"] == "idle"
+        })
+    }
+
+    /// Waits until a reload has failed (`last_failure` set), and returns why.
+    pub fn wait_reload_failed(&self, within: Duration) -> String {
+        let s = self.wait_status(within, "a failed reload", |s| {
+            s["reload"]["state"] == "idle" && s["reload"]["last_failure"].is_string()
+        });
+        s["reload"]["last_failure"].as_str().unwrap_or_default().to_owned()
     }
 
     pub fn logs(&self) -> String {
@@ -160,6 +224,15 @@ impl Drop for Server {
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
     }
+}
+
+/// Workers of `generation` that have said Ready and are not retiring.
+pub fn ready_workers(status: &serde_json::Value, generation: u64) -> usize {
+    let workers = status["worker_list"].as_array().map(Vec::as_slice).unwrap_or_default();
+    workers
+        .iter()
+        .filter(|w| w["generation"] == generation && matches!(w["state"].as_str(), Some("idle" | "busy")))
+        .count()
 }
 
 pub fn children_of(pid: u32) -> Vec<u32> {
@@ -367,15 +440,19 @@ impl Stats {
 /// clients in threads, until stopped (or 120 s at most).
 pub struct Load {
     stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Responses received so far, all threads together.
+    answered: Arc<std::sync::atomic::AtomicU64>,
     threads: Vec<std::thread::JoinHandle<Stats>>,
 }
 
 impl Load {
     pub fn start(addr: SocketAddr, keep_alive: usize, one_shot: usize, target: &str) -> Load {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let answered = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut threads = Vec::new();
         for i in 0..keep_alive + one_shot {
             let stop = Arc::clone(&stop);
+            let answered = Arc::clone(&answered);
             let target = target.to_owned();
             let persistent = i < keep_alive;
             threads.push(std::thread::spawn(move || {
@@ -390,6 +467,9 @@ impl Load {
                     let broken = result
                         .as_ref()
                         .map_or(true, |r| r.header("Connection").is_some_and(|v| v == "close"));
+                    if result.is_ok() {
+                        answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     stats.record(result);
                     if broken || !persistent {
                         conn = None;
@@ -398,7 +478,19 @@ impl Load {
                 stats
             }));
         }
-        Load { stop, threads }
+        Load { stop, answered, threads }
+    }
+
+    /// Waits until the load has had `n` more responses than now: it runs,
+    /// and what comes next happens under it.
+    pub fn wait_answered(&self, n: u64, within: Duration) {
+        let counter = || self.answered.load(std::sync::atomic::Ordering::Relaxed);
+        let target = counter() + n;
+        assert!(
+            eventually(within, || counter() >= target),
+            "the load got {} of {target} responses",
+            counter()
+        );
     }
 
     pub fn stop(self) -> Stats {
