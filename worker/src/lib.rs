@@ -12,6 +12,8 @@
 mod app;
 mod date;
 mod serve;
+#[cfg(test)]
+mod serve_tests;
 mod stream;
 
 use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};

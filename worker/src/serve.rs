@@ -14,7 +14,7 @@ use std::cell::RefCell;
 use std::time::Instant;
 
 use crate::app::{App, Body, Request, Response, WorkerInfo};
-use crate::stream::{Input, Stream};
+use crate::stream::{Connection, Input};
 use monodon_proto::access_log::{AccessLog, Entry, RawRequestLine};
 
 /// How the runtime left a connection.
@@ -60,9 +60,9 @@ pub struct Budget<'a> {
 
 /// Serves every complete request buffered on `input`, or until the budget
 /// runs out (`Outcome::retiring`).
-pub fn serve_connection(
+pub fn serve_connection<C: Connection>(
     app: &mut dyn App,
-    input: &mut Input<'_>,
+    input: &mut Input<C>,
     mut served: u32,
     ctx: &Context<'_>,
     budget: &mut Budget<'_>,
@@ -131,12 +131,12 @@ pub fn serve_connection(
     }
 }
 
-fn input_consume(input: &mut Input<'_>, n: usize) {
+fn input_consume<C: Connection>(input: &mut Input<C>, n: usize) {
     io::BufRead::consume(input, n);
 }
 
 /// Answers a refused request; returns the bytes written.
-fn reject(stream: &mut Stream<'_>, rejection: Rejection) -> u64 {
+fn reject(stream: &mut impl Write, rejection: Rejection) -> u64 {
     debug!("rejecting request: {rejection}");
     let response = rejection.response();
     match stream.write_all(&response) {
@@ -185,8 +185,8 @@ impl From<&http::Head<'_>> for OwnedHead {
 
 /// The body as the app sees it: decoded, with `100 Continue` sent on the
 /// first read, and any framing error remembered for the runtime.
-struct AppBody<'a, 's> {
-    reader: BodyReader<&'a mut Input<'s>>,
+struct AppBody<'a, C> {
+    reader: BodyReader<&'a mut Input<C>>,
     continue_pending: bool,
     rejection: Option<Rejection>,
     failed: bool,
@@ -199,7 +199,7 @@ struct AppBody<'a, 's> {
 /// before it is cut off.
 const BODY_RATE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
-impl AppBody<'_, '_> {
+impl<C: Connection> AppBody<'_, C> {
     /// A client trickling its body holds a worker: past the grace period it
     /// must average at least `min_rate` bytes per second.
     fn too_slow(&mut self) -> bool {
@@ -211,7 +211,7 @@ impl AppBody<'_, '_> {
     }
 }
 
-impl Read for AppBody<'_, '_> {
+impl<C: Connection> Read for AppBody<'_, C> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.continue_pending && !self.reader.is_done() {
             self.continue_pending = false;
@@ -239,7 +239,12 @@ impl Read for AppBody<'_, '_> {
 
 /// Serves one request whose head has been consumed; returns whether the
 /// connection can be kept.
-fn serve_one(app: &mut dyn App, input: &mut Input<'_>, head: &OwnedHead, ctx: &Context<'_>) -> bool {
+fn serve_one<C: Connection>(
+    app: &mut dyn App,
+    input: &mut Input<C>,
+    head: &OwnedHead,
+    ctx: &Context<'_>,
+) -> bool {
     let started = Instant::now();
     let written_before = ctx.slot.written();
     let mut body = AppBody {
@@ -346,7 +351,7 @@ enum Framing {
 
 /// Writes `response`; returns whether the connection stays open.
 pub(crate) fn write_response(
-    stream: &mut Stream<'_>,
+    stream: &mut impl Connection,
     mut response: Response,
     head_only: bool,
     minor_version: u8,

@@ -4,6 +4,9 @@
 //! open file description, and with it the `O_NONBLOCK` flag. The supervisor
 //! needs it set, so the worker keeps it and waits with poll(2) instead: that
 //! also gives every read and write a timeout.
+//!
+//! HTTP on a connection ([`crate::serve`]) needs only [`Connection`], so the
+//! unit tests run it over bytes in memory.
 
 use std::io::{self, BufRead, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -14,7 +17,37 @@ use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{send, MsgFlags};
 
-/// A connection with blocking semantics and a per-operation timeout.
+/// What HTTP on one connection needs of it: blocking reads and writes
+/// (each with its own timeout), a short wait for more input, a read that
+/// does not wait, and a way to send a file.
+pub trait Connection: Read + Write {
+    /// Waits up to `window` for the client to send something; false if it
+    /// did not (or the wait failed).
+    fn readable_within(&self, window: Duration) -> bool;
+
+    /// Reads what the client has sent without waiting: `Ok(0)` at EOF or
+    /// when nothing is there.
+    fn read_now(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+
+    /// Copies `len` bytes of `file` from `offset`.
+    fn send_file(&mut self, file: &std::fs::File, offset: u64, len: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; 64 * 1024];
+        let (mut at, end) = (offset, offset + len);
+        while at < end {
+            let want = usize::try_from(end - at).unwrap_or(usize::MAX).min(buf.len());
+            let n = file.read_at(&mut buf[..want], at)?;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank while sending"));
+            }
+            self.write_all(&buf[..n])?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// A client socket with blocking semantics and a per-operation timeout.
 /// Every byte written is counted on the worker's scoreboard.
 pub struct Stream<'s> {
     fd: OwnedFd,
@@ -39,17 +72,25 @@ impl<'s> Stream<'s> {
             }
         }
     }
+}
 
-    /// Waits up to `window` for the client to send something; false if it
-    /// did not (or the wait failed).
-    pub fn readable_within(&self, window: Duration) -> bool {
+impl Connection for Stream<'_> {
+    fn readable_within(&self, window: Duration) -> bool {
         let ts = nix::sys::time::TimeSpec::from_duration(window);
         let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
         matches!(nix::poll::ppoll(&mut fds, Some(ts), None), Ok(n) if n > 0)
     }
 
-    /// Copies `len` bytes of `file` from `offset` with sendfile(2).
-    pub fn send_file(&mut self, file: &std::fs::File, mut offset: u64, len: u64) -> io::Result<()> {
+    fn read_now(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match nix::unistd::read(self.fd.as_fd(), buf) {
+            Ok(n) => Ok(n),
+            Err(Errno::EAGAIN) | Err(Errno::EINTR) => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// With sendfile(2): the bytes never pass through the worker.
+    fn send_file(&mut self, file: &std::fs::File, mut offset: u64, len: u64) -> io::Result<()> {
         let end = offset + len;
         while offset < end {
             let mut off = offset as i64;
@@ -105,17 +146,17 @@ impl Write for Stream<'_> {
 }
 
 /// A connection's input side: the bytes the supervisor passed along, then
-/// whatever is read from the socket.
-pub struct Input<'s> {
-    pub stream: Stream<'s>,
+/// whatever is read from the connection.
+pub struct Input<C> {
+    pub stream: C,
     buf: Vec<u8>,
     pos: usize,
 }
 
 const READ_CHUNK: usize = 16 * 1024;
 
-impl<'s> Input<'s> {
-    pub fn new(stream: Stream<'s>, initial: &[u8]) -> Self {
+impl<C: Connection> Input<C> {
+    pub fn new(stream: C, initial: &[u8]) -> Self {
         let mut buf = Vec::with_capacity(initial.len().max(READ_CHUNK));
         buf.extend_from_slice(initial);
         Input { stream, buf, pos: 0 }
@@ -127,7 +168,7 @@ impl<'s> Input<'s> {
     }
 }
 
-impl Read for Input<'_> {
+impl<C: Connection> Read for Input<C> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         if self.pos == self.buf.len() && out.len() >= READ_CHUNK {
             return self.stream.read(out);
@@ -138,7 +179,7 @@ impl Read for Input<'_> {
     }
 }
 
-impl Input<'_> {
+impl<C: Connection> Input<C> {
     /// Appends what the client has sent, without waiting: `Ok(0)` at EOF or
     /// when nothing is there.
     pub fn read_available(&mut self) -> io::Result<usize> {
@@ -148,13 +189,11 @@ impl Input<'_> {
         }
         let start = self.buf.len();
         self.buf.resize(start + READ_CHUNK, 0);
-        let result = nix::unistd::read(self.stream.fd.as_fd(), &mut self.buf[start..]);
-        let n = match result {
+        let n = match self.stream.read_now(&mut self.buf[start..]) {
             Ok(n) => n,
-            Err(Errno::EAGAIN) | Err(Errno::EINTR) => 0,
             Err(e) => {
                 self.buf.truncate(start);
-                return Err(e.into());
+                return Err(e);
             }
         };
         self.buf.truncate(start + n);
@@ -162,7 +201,7 @@ impl Input<'_> {
     }
 }
 
-impl BufRead for Input<'_> {
+impl<C: Connection> BufRead for Input<C> {
     fn fill_buf(&mut self) -> io::Result<&[u8]> {
         if self.pos == self.buf.len() {
             self.buf.clear();
