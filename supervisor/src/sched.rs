@@ -98,6 +98,16 @@ impl<W: PartialEq + Copy, C: PartialEq + Copy> Dispatcher<W, C> {
     pub fn idle_workers(&self) -> usize {
         self.idle.len()
     }
+
+    /// The idle workers, for invariant checks.
+    pub fn idle(&self) -> &[W] {
+        &self.idle
+    }
+
+    /// The waiting connections in order, for invariant checks.
+    pub fn waiting(&self) -> impl Iterator<Item = &C> {
+        self.queue.iter()
+    }
 }
 
 /// Exponential back-off for respawning workers that keep dying young.

@@ -48,6 +48,7 @@ use crate::sched::{Backoff, Dispatcher};
 
 mod clients;
 mod control;
+mod invariants;
 mod status;
 mod workers;
 
@@ -380,12 +381,14 @@ impl Supervisor {
             let keys: Vec<usize> = self.events.iter().map(|e| e.key).collect();
             for key in keys {
                 self.on_event(key);
+                self.debug_check_invariants();
             }
             self.publish_queue_state();
             let now = Instant::now();
             if now >= self.next_sweep {
                 self.sweep(now);
                 self.next_sweep = now + SWEEP_INTERVAL;
+                self.debug_check_invariants();
             }
         }
         for l in &self.listeners {

@@ -104,6 +104,8 @@ impl Supervisor {
 
     /// Closes a worker's channel: it exits when it next waits for work.
     pub(super) fn release(&mut self, wkey: WorkerKey) {
+        // Nothing may be handed to it any more.
+        self.dispatcher.remove_worker(wkey);
         let w = &mut self.workers[wkey];
         if let Some(ch) = w.channel.take() {
             let _ = self.poller.delete(&ch);
