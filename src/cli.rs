@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use monodon_proto::access_log::Format;
 use monodon_proto::http::Limits;
+use monodon_supervisor::config::{Defaults, DEFAULTS};
 use monodon_supervisor::{control, Config, ListenAddr};
 
 use crate::apps::AppName;
@@ -143,21 +144,21 @@ pub struct ServeArgs {
     pub app: AppArgs,
 
     /// How long an idle keep-alive connection is held between requests.
-    #[arg(long, value_name = "DURATION", default_value = "75s", value_parser = parse_duration)]
-    pub keepalive_timeout: Duration,
+    #[arg(long, value_name = "DURATION", default_value_t = Seconds(DEFAULTS.keepalive_timeout))]
+    pub keepalive_timeout: Seconds,
 
     /// How long a client may take to send a request head, from its first byte.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
-    pub head_timeout: Duration,
+    #[arg(long, value_name = "DURATION", default_value_t = Seconds(DEFAULTS.head_timeout))]
+    pub head_timeout: Seconds,
 
     /// How long a worker waits on one read or write to a client (request
     /// bodies, slow readers) before dropping the connection.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
-    pub io_timeout: Duration,
+    #[arg(long, value_name = "DURATION", default_value_t = Seconds(DEFAULTS.io_timeout))]
+    pub io_timeout: Seconds,
 
     /// How long a graceful stop (SIGTERM) waits for requests in flight.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
-    pub graceful_timeout: Duration,
+    #[arg(long, value_name = "DURATION", default_value_t = Seconds(DEFAULTS.graceful_timeout))]
+    pub graceful_timeout: Seconds,
 
     /// Longest request line (longer: 414).
     #[arg(long, value_name = "SIZE", default_value_t = ByteSize(Limits::default().max_request_line as u64))]
@@ -195,7 +196,7 @@ pub struct ServeArgs {
 
     /// A worker retires after this many requests (0: never); its replacement
     /// starts as it begins its last one.
-    #[arg(long, value_name = "N", default_value_t = 1000)]
+    #[arg(long, value_name = "N", default_value_t = DEFAULTS.max_requests)]
     pub max_requests_per_child: u64,
 
     /// Each worker draws its limit uniformly from [this, --max-requests-per-child],
@@ -205,24 +206,24 @@ pub struct ServeArgs {
 
     /// A worker busy on one request longer than this is killed (SIGTERM, then
     /// SIGKILL); its client gets 504 if nothing was sent yet.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
-    pub timeout: Duration,
+    #[arg(long, value_name = "DURATION", default_value_t = Seconds(DEFAULTS.timeout))]
+    pub timeout: Seconds,
 
     /// How long a new generation of workers (SIGHUP) has to become ready
     /// before the reload is abandoned and the old generation keeps serving.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
-    pub reload_timeout: Duration,
+    #[arg(long, value_name = "DURATION", default_value_t = Seconds(DEFAULTS.reload_timeout))]
+    pub reload_timeout: Seconds,
 
     /// After a response, how long a worker may wait for the same keep-alive
     /// client's next request before handing the connection back to the
     /// supervisor; only while no other connection waits for a worker.
     /// A waiting connection is noticed within this time. 0 turns it off.
-    #[arg(long, value_name = "DURATION", default_value = "200us", value_parser = parse_duration)]
-    pub read_ahead: Duration,
+    #[arg(long, value_name = "DURATION", default_value_t = Seconds(DEFAULTS.read_ahead))]
+    pub read_ahead: Seconds,
 
     /// Connections with a complete request that may wait for a free worker;
     /// when that many wait, monodon stops accepting until one is served.
-    #[arg(long, value_name = "N", default_value_t = 1024)]
+    #[arg(long, value_name = "N", default_value_t = DEFAULTS.queue_capacity)]
     pub queue: usize,
 
     /// The control socket for `monodon status|reload|stop|scale` (owner-only)
@@ -231,8 +232,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 
-    /// Access log, written by the workers: a file (reopened on SIGUSR1, for
-    /// logrotate) or `-` for stdout [default: none].
+    /// Access log, one line per request, written by the workers (and by the
+    /// supervisor for what it answers itself): a file (reopened on SIGUSR1,
+    /// for logrotate) or `-` for stdout [default: none].
     #[arg(long, value_name = "PATH")]
     pub access_log: Option<String>,
 
@@ -253,7 +255,7 @@ pub struct ServeArgs {
     /// A request body (read by a worker) must average at least this many
     /// bytes per second once it has taken 10 s, or it is cut off with 408.
     /// 0: no minimum.
-    #[arg(long, value_name = "SIZE", default_value_t = ByteSize(1024))]
+    #[arg(long, value_name = "SIZE", default_value_t = ByteSize(DEFAULTS.min_body_rate))]
     pub min_body_rate: ByteSize,
 
     /// Client connections held at most; when reached, the longest-idle
@@ -264,7 +266,7 @@ pub struct ServeArgs {
     pub max_connections: usize,
 
     /// Listen backlog for new connections.
-    #[arg(long, value_name = "N", default_value_t = 1024)]
+    #[arg(long, value_name = "N", default_value_t = DEFAULTS.backlog)]
     pub backlog: i32,
 
     /// The worker command, run from disk at every worker start (so a new
@@ -273,7 +275,33 @@ pub struct ServeArgs {
     pub command: Vec<OsString>,
 }
 
-/// `30` (seconds), or anything humantime reads: `30s`, `500ms`, `2m`.
+/// A duration on the command line: `30` (seconds), or anything humantime
+/// reads (`30s`, `500ms`, `2m`); shown in its largest whole unit (`75s`,
+/// `200us`), which reads back as itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seconds(pub Duration);
+
+impl std::str::FromStr for Seconds {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_duration(s).map(Seconds)
+    }
+}
+
+impl std::fmt::Display for Seconds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let d = self.0;
+        if d.subsec_nanos() == 0 {
+            write!(f, "{}s", d.as_secs())
+        } else if d.subsec_nanos().is_multiple_of(1_000_000) {
+            write!(f, "{}ms", d.as_millis())
+        } else {
+            write!(f, "{}us", d.as_micros())
+        }
+    }
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     if let Ok(secs) = s.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
@@ -301,21 +329,21 @@ impl ServeArgs {
             buffered_body: self.buffer_body.as_usize(),
             max_pipelined: self.max_pipelined,
         };
-        config.head_timeout = self.head_timeout;
-        config.keepalive_timeout = self.keepalive_timeout;
-        config.io_timeout = self.io_timeout;
-        config.graceful_timeout = self.graceful_timeout;
+        config.head_timeout = self.head_timeout.0;
+        config.keepalive_timeout = self.keepalive_timeout.0;
+        config.io_timeout = self.io_timeout.0;
+        config.graceful_timeout = self.graceful_timeout.0;
         config.queue_capacity = self.queue.max(1);
         config.backlog = self.backlog;
         config.max_connections = self.max_connections;
         config.min_body_rate = self.min_body_rate.0;
         config.max_requests = self.max_requests_per_child;
         config.min_requests =
-            self.min_requests_per_child.unwrap_or((self.max_requests_per_child * 4 / 5).max(1));
-        config.timeout = self.timeout;
-        config.reload_timeout = self.reload_timeout;
+            self.min_requests_per_child.unwrap_or(Defaults::min_requests(self.max_requests_per_child));
+        config.timeout = self.timeout.0;
+        config.reload_timeout = self.reload_timeout.0;
         config.control = self.control.clone();
-        config.read_ahead = self.read_ahead;
+        config.read_ahead = self.read_ahead.0;
         config.run_as = self
             .user
             .as_ref()
@@ -346,7 +374,7 @@ impl ServeArgs {
         if let Some(user) = &self.user {
             monodon_supervisor::privileges::RunAs::resolve(user, self.group.as_deref())?;
         }
-        if self.timeout.is_zero() {
+        if self.timeout.0.is_zero() {
             return Err("--timeout must be longer than 0".into());
         }
         Ok(())
@@ -361,6 +389,41 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    /// One source of truth: the flags' defaults are the supervisor's.
+    #[test]
+    fn flag_defaults_are_the_supervisors() {
+        let Command::Serve(args) = Cli::try_parse_from(["monodon", "serve"]).unwrap().command else {
+            panic!("not serve")
+        };
+        let ours = args.to_config(vec!["w".into()]);
+        let theirs = Config::new(vec!["w".into()]);
+        let fields = |c: &Config| {
+            format!(
+                "{:?}",
+                (
+                    c.limits,
+                    (c.head_timeout, c.keepalive_timeout, c.io_timeout, c.graceful_timeout),
+                    (c.timeout, c.reload_timeout, c.read_ahead),
+                    (c.queue_capacity, c.backlog, c.min_body_rate, c.max_requests, c.min_requests),
+                    c.access_log_format,
+                )
+            )
+        };
+        assert_eq!(fields(&ours), fields(&theirs));
+    }
+
+    #[test]
+    fn durations_show_in_a_unit_that_reads_back() {
+        for (d, shown) in [
+            (Duration::from_secs(75), "75s"),
+            (Duration::from_micros(200), "200us"),
+            (Duration::from_millis(1500), "1500ms"),
+        ] {
+            assert_eq!(Seconds(d).to_string(), shown);
+            assert_eq!(shown.parse::<Seconds>(), Ok(Seconds(d)));
+        }
     }
 
     #[test]

@@ -46,6 +46,49 @@ impl fmt::Display for ListenAddr {
     }
 }
 
+/// The default of every setting that has a fixed one: [`Config::new`] and
+/// the command line (its `--help` too) both take them from here.
+#[derive(Debug, Clone, Copy)]
+pub struct Defaults {
+    pub head_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub io_timeout: Duration,
+    pub queue_capacity: usize,
+    pub backlog: i32,
+    pub min_body_rate: u64,
+    pub linger_timeout: Duration,
+    pub graceful_timeout: Duration,
+    pub max_requests: u64,
+    pub timeout: Duration,
+    pub reload_timeout: Duration,
+    pub kill_grace: Duration,
+    pub read_ahead: Duration,
+}
+
+pub const DEFAULTS: Defaults = Defaults {
+    head_timeout: Duration::from_secs(10),
+    keepalive_timeout: Duration::from_secs(75),
+    io_timeout: Duration::from_secs(30),
+    queue_capacity: 1024,
+    backlog: 1024,
+    min_body_rate: 1024,
+    linger_timeout: Duration::from_secs(2),
+    graceful_timeout: Duration::from_secs(30),
+    max_requests: 1000,
+    timeout: Duration::from_secs(30),
+    reload_timeout: Duration::from_secs(30),
+    kill_grace: Duration::from_secs(2),
+    read_ahead: Duration::from_micros(200),
+};
+
+impl Defaults {
+    /// The lower bound of each worker's max-requests draw, for a maximum
+    /// of `max`: 80% of it.
+    pub fn min_requests(max: u64) -> u64 {
+        (max * 4 / 5).max(1)
+    }
+}
+
 /// Everything `Supervisor::new` needs.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -113,31 +156,32 @@ impl fmt::Debug for ConfigSource {
 impl Config {
     /// A config with defaults for everything but the worker command.
     pub fn new(worker_command: Vec<OsString>) -> Config {
+        let d = DEFAULTS;
         Config {
             listen: vec![ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 8080)))],
             workers: 2,
             worker_command,
             limits: Limits::default(),
-            head_timeout: Duration::from_secs(10),
-            keepalive_timeout: Duration::from_secs(75),
-            io_timeout: Duration::from_secs(30),
-            queue_capacity: 1024,
-            backlog: 1024,
+            head_timeout: d.head_timeout,
+            keepalive_timeout: d.keepalive_timeout,
+            io_timeout: d.io_timeout,
+            queue_capacity: d.queue_capacity,
+            backlog: d.backlog,
             max_connections: 0,
-            min_body_rate: 1024,
-            linger_timeout: Duration::from_secs(2),
-            graceful_timeout: Duration::from_secs(30),
-            max_requests: 1000,
-            min_requests: 800,
-            timeout: Duration::from_secs(30),
-            reload_timeout: Duration::from_secs(30),
-            kill_grace: Duration::from_secs(2),
+            min_body_rate: d.min_body_rate,
+            linger_timeout: d.linger_timeout,
+            graceful_timeout: d.graceful_timeout,
+            max_requests: d.max_requests,
+            min_requests: Defaults::min_requests(d.max_requests),
+            timeout: d.timeout,
+            reload_timeout: d.reload_timeout,
+            kill_grace: d.kill_grace,
             control: None,
             access_log: None,
             access_log_format: Format::Combined,
             source: None,
             run_as: None,
-            read_ahead: Duration::from_micros(200),
+            read_ahead: d.read_ahead,
         }
     }
 }
