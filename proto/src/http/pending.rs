@@ -13,8 +13,17 @@ use super::{BodyFraming, Limits, Rejection};
 /// calls [`PendingRequest::check`], which resumes where the last call
 /// stopped. Re-scanning the whole buffer instead would let a few trickling
 /// clients make the supervisor's one thread do quadratic work.
+///
+/// With nothing pending (an idle keep-alive connection) it is one null
+/// pointer: the bytes and the scan live in a box made when the first byte
+/// of a request arrives.
 #[derive(Debug, Default)]
 pub struct PendingRequest {
+    arriving: Option<Box<Arriving>>,
+}
+
+#[derive(Debug, Default)]
+struct Arriving {
     bytes: Vec<u8>,
     stage: Stage,
     /// Work of the stages already passed (see [`PendingRequest::work`]).
@@ -43,35 +52,35 @@ enum PendingBody {
     /// A body of this many bytes, small enough to be buffered.
     Length(u64),
     /// A chunked body, buffered until it ends or passes the buffering limit.
-    Chunked(Box<ChunkedScanner>),
+    Chunked(ChunkedScanner),
 }
 
 impl PendingRequest {
     pub fn bytes(&self) -> &[u8] {
-        &self.bytes
+        self.arriving.as_ref().map_or(&[], |a| &a.bytes)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.bytes().is_empty()
     }
 
     /// Appends what was just read.
     pub fn extend(&mut self, data: &[u8]) {
-        self.bytes.extend_from_slice(data);
+        self.arriving.get_or_insert_with(Box::default).bytes.extend_from_slice(data);
     }
 
     /// Starts over with `leftover` (what a worker read past the requests it
     /// served: the start of the next one).
     pub fn reset_to(&mut self, leftover: &[u8]) {
-        self.bytes.clear();
-        self.bytes.extend_from_slice(leftover);
-        self.stage = Stage::default();
-        self.work_done = 0;
+        self.release();
+        if !leftover.is_empty() {
+            self.extend(leftover);
+        }
     }
 
     /// Drops the bytes and their allocation: an idle connection must stay cheap.
     pub fn release(&mut self) {
-        *self = PendingRequest::default();
+        self.arriving = None;
     }
 
     /// Whether the request may be handed to a worker now: its head is
@@ -79,25 +88,26 @@ impl PendingRequest {
     /// be buffered (`limits.buffered_body`), or waits for `100 Continue`.
     /// `Err`: answer the rejection and close.
     pub fn check(&mut self, limits: &Limits) -> Result<bool, Rejection> {
-        if let Stage::Head(scanner) = &mut self.stage {
-            let Some(head_len) = scanner.scan(&self.bytes, limits)? else {
+        let Some(a) = self.arriving.as_deref_mut() else { return Ok(false) };
+        if let Stage::Head(scanner) = &mut a.stage {
+            let Some(head_len) = scanner.scan(&a.bytes, limits)? else {
                 return Ok(false);
             };
-            self.work_done = scanner.work() + head_len as u64;
-            let head = parse_complete_head(&self.bytes[..head_len], limits)?;
+            a.work_done = scanner.work() + head_len as u64;
+            let head = parse_complete_head(&a.bytes[..head_len], limits)?;
             let body = match head.framing {
                 _ if head.expect_continue => PendingBody::Ready,
                 BodyFraming::None => PendingBody::Ready,
                 BodyFraming::Length(n) if n > limits.buffered_body as u64 => PendingBody::Ready,
                 BodyFraming::Length(n) => PendingBody::Length(n),
-                BodyFraming::Chunked => PendingBody::Chunked(Box::default()),
+                BodyFraming::Chunked => PendingBody::Chunked(ChunkedScanner::default()),
             };
-            self.stage = Stage::Framed { head_len, body };
+            a.stage = Stage::Framed { head_len, body };
         }
-        let Stage::Framed { head_len, body } = &mut self.stage else {
+        let Stage::Framed { head_len, body } = &mut a.stage else {
             return Ok(false);
         };
-        let body_bytes = &self.bytes[*head_len..];
+        let body_bytes = &a.bytes[*head_len..];
         Ok(match body {
             PendingBody::Ready => true,
             PendingBody::Length(n) => body_bytes.len() as u64 >= *n,
@@ -111,10 +121,11 @@ impl PendingRequest {
     /// time it looked (the head's scan, its one parse, the body's scan):
     /// linear in the request's size however it arrived, as tests check.
     pub fn work(&self) -> u64 {
-        match &self.stage {
+        let Some(a) = self.arriving.as_deref() else { return 0 };
+        match &a.stage {
             Stage::Head(scanner) => scanner.work(),
-            Stage::Framed { body: PendingBody::Chunked(scanner), .. } => self.work_done + scanner.work(),
-            Stage::Framed { .. } => self.work_done,
+            Stage::Framed { body: PendingBody::Chunked(scanner), .. } => a.work_done + scanner.work(),
+            Stage::Framed { .. } => a.work_done,
         }
     }
 }
@@ -213,6 +224,11 @@ mod tests {
         p.extend(b"Host: x\r\n\r\n");
         assert_eq!(p.check(&Limits::default()), Ok(true));
         p.release();
-        assert!(p.is_empty() && p.bytes.capacity() == 0);
+        assert!(p.is_empty() && p.arriving.is_none());
+        assert_eq!(
+            std::mem::size_of::<PendingRequest>(),
+            std::mem::size_of::<usize>(),
+            "idle costs a pointer"
+        );
     }
 }
