@@ -1,6 +1,19 @@
 //! The client side of the loop: accepting, reading heads, lingering close.
 
-use super::*;
+use std::os::fd::{AsFd, AsRawFd};
+use std::time::{Duration, Instant};
+
+use log::{debug, error, warn};
+use monodon_proto::access_log::{Entry, RawRequestLine};
+use monodon_proto::http::Rejection;
+use nix::errno::Errno;
+use polling::{Event, PollMode};
+
+use super::{Conn, ConnKey, ConnState, Stopping, Supervisor, ACCEPT_BATCH, LISTENER_BASE, READ_CHUNK};
+use std::os::fd::OwnedFd;
+
+use monodon_proto::http::PendingRequest;
+use nix::sys::socket::{self, MsgFlags, Shutdown};
 
 impl Supervisor {
     // ---- accepting ------------------------------------------------------

@@ -7,7 +7,15 @@ use std::path::{Path, PathBuf};
 
 use nix::sys::socket::{getsockopt, sockopt};
 
-use super::*;
+use std::io;
+use std::os::fd::AsRawFd;
+
+use log::{debug, warn};
+use polling::{Event, PollMode};
+
+use super::{Stopping, Supervisor, CONTROL_BASE};
+use std::io::{Read, Write};
+
 use crate::control::{Command, Request, Response, PROTOCOL};
 
 /// The largest request line accepted on the control socket.

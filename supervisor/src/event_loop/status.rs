@@ -1,7 +1,9 @@
 //! A snapshot of the supervisor's state for `monodon status`, read from its
 //! own tables and the workers' scoreboards (no worker is asked anything).
 
-use super::*;
+use std::time::Instant;
+
+use super::{ConnState, Stopping, Supervisor, WorkerState};
 use crate::control::{ConnectionCounts, ReloadStatus, Status, WorkerCounts, WorkerStatus};
 
 impl Supervisor {

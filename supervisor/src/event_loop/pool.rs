@@ -1,0 +1,137 @@
+//! The workers: how many are wanted, starting them, and taking them out
+//! of service (release, retire).
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+use log::{error, info, warn};
+use monodon_proto::env::WorkerEnv;
+use nix::sys::signal::{kill, Signal};
+use polling::{Event, PollMode};
+
+use super::{Stopping, Supervisor, Worker, WorkerKey, WorkerState, WORKER_BASE};
+use crate::spawn::{spawn_worker, WorkerSpec};
+
+impl Supervisor {
+    pub(super) fn wanted_workers(&self) -> usize {
+        if self.stopping == Stopping::No {
+            self.target_workers
+        } else {
+            0
+        }
+    }
+
+    /// Workers of `generation` that take new connections (or will, once ready).
+    pub(super) fn active_workers(&self, generation: u64) -> usize {
+        self.workers.iter().filter(|(_, w)| w.generation == generation && !w.retiring).count()
+    }
+
+    pub(super) fn spawn_missing_workers(&mut self) {
+        let serving = self.serving_generation;
+        while self.active_workers(serving) < self.wanted_workers() && Instant::now() >= self.next_spawn_at {
+            if self.spawn(serving).is_err() {
+                let delay = self.backoff.on_spawn_failure();
+                warn!("next worker start in {delay:?}");
+                self.next_spawn_at = Instant::now() + delay;
+            }
+        }
+        while let Some(generation) = self.reload.as_ref().map(|r| r.generation) {
+            if self.active_workers(generation) >= self.wanted_workers() {
+                break;
+            }
+            if let Err(e) = self.spawn(generation) {
+                if let Some(reload) = self.reload.take() {
+                    self.abandon_reload(reload, &e.to_string());
+                }
+            }
+        }
+    }
+
+    /// Starts a worker of `generation` (the serving one or the one a reload
+    /// is starting), with that generation's command.
+    pub(super) fn spawn(&mut self, generation: u64) -> io::Result<WorkerKey> {
+        let command = match &self.reload {
+            Some(r) if r.generation == generation => r.command.clone(),
+            _ => self.serving_command.clone(),
+        };
+        let max_requests = match (self.config.min_requests, self.config.max_requests) {
+            (_, 0) => 0,
+            (min, max) => self.rng.u64(min.clamp(1, max)..=max),
+        };
+        let spec = WorkerSpec {
+            command: &command,
+            env: WorkerEnv {
+                supervisor_pid: std::process::id(),
+                generation,
+                limits: self.config.limits,
+                io_timeout: self.config.io_timeout,
+                max_requests,
+                access_log: self.config.access_log.clone(),
+                access_log_format: self.config.access_log_format,
+                read_ahead: self.config.read_ahead,
+                min_body_rate: self.config.min_body_rate,
+            },
+        };
+        let s = spawn_worker(&spec).inspect_err(|e| error!("{e}"))?;
+        let entry = self.workers.vacant_entry();
+        let key = entry.key();
+        // SAFETY: the channel is deleted from the poller before it is
+        // dropped (`release`, `on_worker_exit`).
+        let added = unsafe {
+            self.poller.add_with_mode(
+                s.channel.as_raw_fd(),
+                Event::readable(WORKER_BASE + key),
+                PollMode::Level,
+            )
+        };
+        if let Err(e) = added {
+            error!("cannot watch worker {} channel: {e}", s.pid);
+            let _ = kill(s.pid, Signal::SIGKILL);
+        }
+        info!("spawned worker {} (generation {generation}, max requests {max_requests})", s.pid);
+        s.scoreboard.slot().set_others_waiting(self.others_waiting);
+        entry.insert(Worker {
+            pid: s.pid,
+            channel: Some(s.channel),
+            scoreboard: s.scoreboard,
+            state: WorkerState::Starting,
+            generation,
+            started: Instant::now(),
+            retiring: false,
+            max_requests,
+            killed: None,
+            busy_since: Instant::now(),
+            channel_lost: None,
+            accepts_ahead: false,
+            ahead: None,
+            skips_pending: 0,
+        });
+        Ok(key)
+    }
+
+    /// Closes a worker's channel: it exits when it next waits for work.
+    pub(super) fn release(&mut self, wkey: WorkerKey) {
+        // Nothing may be handed to it any more.
+        self.dispatcher.remove_worker(wkey);
+        let w = &mut self.workers[wkey];
+        if let Some(ch) = w.channel.take() {
+            let _ = self.poller.delete(&ch);
+        }
+        if w.state == WorkerState::Starting {
+            // Its app may be stuck initialising: it has nothing to finish.
+            let _ = kill(w.pid, Signal::SIGTERM);
+        }
+    }
+
+    /// Takes a worker out of service; it exits after its current connection.
+    pub(super) fn retire(&mut self, wkey: WorkerKey) {
+        self.take_back_ahead(wkey);
+        let w = &mut self.workers[wkey];
+        w.retiring = true;
+        self.dispatcher.remove_worker(wkey);
+        if !matches!(w.state, WorkerState::Busy(_)) {
+            self.release(wkey);
+        }
+    }
+}
