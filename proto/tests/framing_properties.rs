@@ -50,6 +50,7 @@ const TEMPLATES: &[&str] = &[
     "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
     "GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /2 HTTP/1.1\r\nHost: y\r\n\r\n",
     "5;ext=1\r\nhello\r\n0\r\nTrailer: x\r\n\r\n",
+    "GET /v HTTP/1.5\r\nHost: x\r\nX-Empty:\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
 ];
 
 /// A template with random edits: inputs that look almost right.

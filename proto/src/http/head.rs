@@ -194,18 +194,22 @@ fn parse_other_version<'b>(head: &'b [u8], limits: &Limits) -> Result<Head<'b>, 
     copy[line_start + at + 7] = b'1';
     let parsed = parse_complete_head(&copy, limits)?;
     let base = copy.as_ptr() as usize;
-    let bytes = |s: &[u8]| {
-        let from = s.as_ptr() as usize - base;
-        &head[from..from + s.len()]
+    // Checked, not assumed: an empty slice need not point into the copy.
+    let bytes = |s: &[u8]| -> Result<&'b [u8], Rejection> {
+        if s.is_empty() {
+            return Ok(&[]);
+        }
+        let from = (s.as_ptr() as usize).checked_sub(base).ok_or(MALFORMED)?;
+        head.get(from..from + s.len()).ok_or(MALFORMED)
     };
-    let text = |s: &str| std::str::from_utf8(bytes(s.as_bytes())).map_err(|_| MALFORMED);
+    let text = |s: &str| std::str::from_utf8(bytes(s.as_bytes())?).map_err(|_| MALFORMED);
     Ok(Head {
         method: text(parsed.method)?,
         target: text(parsed.target)?,
         headers: parsed
             .headers
             .iter()
-            .map(|&(name, value)| Ok((text(name)?, bytes(value))))
+            .map(|&(name, value)| Ok((text(name)?, bytes(value)?)))
             .collect::<Result<_, Rejection>>()?,
         len: parsed.len,
         minor_version: parsed.minor_version,
@@ -542,6 +546,8 @@ mod tests {
         assert_eq!((h.method, h.target, h.minor_version), ("GET", "/v", 1));
         assert_eq!(h.headers, vec![("Host", &b"a"[..]), ("X-Y", &b"z"[..])]);
         assert_eq!(h.len, raw.len());
+        let h = parse(b"GET / HTTP/1.3\r\nHost: a\r\nX-Empty:\r\n\r\n").unwrap().unwrap();
+        assert_eq!(h.headers, vec![("Host", &b"a"[..]), ("X-Empty", &b""[..])]);
         let h = parse(b"\r\nPOST / HTTP/1.9\r\nHost: a\r\nContent-Length: 2\r\n\r\nab").unwrap().unwrap();
         assert_eq!((h.minor_version, h.framing), (1, BodyFraming::Length(2)));
         assert_eq!(status(b"GET / HTTP/1.2\r\n\r\n"), 400, "still needs Host");
