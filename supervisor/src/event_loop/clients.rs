@@ -1,19 +1,16 @@
 //! The client side of the loop: accepting, reading heads, lingering close.
 
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use log::{debug, error, warn};
 use monodon_proto::access_log::{Entry, RawRequestLine};
-use monodon_proto::http::Rejection;
+use monodon_proto::http::{PendingRequest, Rejection};
 use nix::errno::Errno;
+use nix::sys::socket::{self, MsgFlags, Shutdown};
 use polling::{Event, PollMode};
 
 use super::{Conn, ConnKey, ConnState, Stopping, Supervisor, ACCEPT_BATCH, LISTENER_BASE, READ_CHUNK};
-use std::os::fd::OwnedFd;
-
-use monodon_proto::http::PendingRequest;
-use nix::sys::socket::{self, MsgFlags, Shutdown};
 
 impl Supervisor {
     // ---- accepting ------------------------------------------------------
@@ -180,6 +177,8 @@ impl Supervisor {
     /// True if it still waits for input that may already be in the socket.
     pub(super) fn after_input(&mut self, key: ConnKey, now: Instant) -> bool {
         let conn = &mut self.conns[key];
+        // Small bodies are received here too, not by a worker: a slow
+        // sender costs the supervisor a buffer, never a process.
         match conn.pending.check(&self.config.limits) {
             Ok(true) => {
                 conn.state = ConnState::Queued;

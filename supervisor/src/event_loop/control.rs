@@ -2,20 +2,17 @@
 //! JSON request line, act, answer, close. A reload request is answered when
 //! the new generation serves or the reload fails.
 
+use std::io;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
-use nix::sys::socket::{getsockopt, sockopt};
-
-use std::io;
-use std::os::fd::AsRawFd;
-
 use log::{debug, warn};
+use nix::sys::socket::{getsockopt, sockopt};
 use polling::{Event, PollMode};
 
 use super::{Stopping, Supervisor, CONTROL_BASE};
-use std::io::{Read, Write};
-
 use crate::control::{Command, Request, Response, PROTOCOL};
 
 /// The largest request line accepted on the control socket.

@@ -4,22 +4,19 @@
 use std::ffi::OsString;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
 use log::{debug, info, warn};
-use polling::{Event, PollMode};
-use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1};
-
-use super::{control, Stopping, Supervisor, CONTROL_KEY, LISTENER_BASE, READ_CHUNK, SIGNAL_KEY};
-use crate::config::Config;
-use std::os::unix::net::UnixStream;
-
 use monodon_proto::access_log::AccessLog;
-use polling::{Events, Poller};
+use polling::{Event, Events, PollMode, Poller};
+use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1};
 use signal_hook::iterator::backend::SignalDelivery;
 use signal_hook::iterator::exfiltrator::SignalOnly;
 use slab::Slab;
 
+use super::{control, Stopping, Supervisor, CONTROL_KEY, LISTENER_BASE, READ_CHUNK, SIGNAL_KEY};
+use crate::config::Config;
 use crate::control::Totals;
 use crate::listener::Listener;
 use crate::notify::Notifier;
