@@ -11,10 +11,14 @@
 
 mod app;
 mod date;
+#[cfg(test)]
+mod handover_sim;
 mod serve;
 #[cfg(test)]
 mod serve_tests;
 mod stream;
+#[cfg(test)]
+mod test_support;
 
 use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
 use std::process::ExitCode;
