@@ -522,6 +522,42 @@ fn limits_too_large_for_a_worker_channel_are_refused_up_front() {
     assert_eq!(server.get("/").json()["worker"]["generation"], 1, "still serving");
 }
 
+/// A generation keeps the configuration it started with: a reload that
+/// fails changes nothing (here: a larger --buffer-body, which would have
+/// sent the old workers messages past their buffers), and one that
+/// succeeds brings its settings in with its workers.
+#[test]
+fn a_failed_reload_leaves_the_serving_generation_its_configuration() {
+    let scratch = common::Scratch::new("generation-config");
+    let file = scratch.0.join("monodon.toml");
+    std::fs::write(&file, "app = \"echo\"\nworkers = 1\nbuffer-body = \"64KiB\"\n").unwrap();
+    let server = Server::start(&["--config", file.to_str().unwrap()], 1);
+    let path = control_path(&server);
+    let post = |len: usize| {
+        let mut c = server.connect();
+        let head = format!("POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n");
+        c.send(&[head.as_bytes(), &vec![b'a'; len]].concat());
+        let r = c.response().unwrap();
+        (r.status, r.json()["worker"]["generation"].as_u64())
+    };
+    assert_eq!(post(1 << 20), (200, Some(1)));
+
+    std::fs::write(
+        &file,
+        "app = \"echo\"\nworkers = 1\nbuffer-body = \"2MiB\"\ncommand = [\"/nonexistent/worker\"]\n",
+    )
+    .unwrap();
+    let out = ctl(&path, &["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(post(1 << 20), (200, Some(1)), "generation 1 still streams large bodies itself");
+    assert_eq!(server.status().unwrap()["workers"]["total"], 1);
+
+    std::fs::write(&file, "app = \"echo\"\nworkers = 1\nbuffer-body = \"2MiB\"\n").unwrap();
+    let out = ctl(&path, &["reload"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(post(1 << 20), (200, Some(3)), "generation 3, with the larger buffering");
+}
+
 /// Byte sizes take the units `--help` prints, in flags and the file alike.
 #[test]
 fn sizes_take_units_in_flags_and_the_config_file() {

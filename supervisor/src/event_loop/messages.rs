@@ -31,8 +31,9 @@ impl Supervisor {
         // Taken out so handlers may use `self`; a nested call (a death
         // handled while messages are) finds it empty and makes its own.
         let mut buf = std::mem::take(&mut self.channel_buf);
-        if buf.len() < wire::max_message(&self.config.limits) {
-            buf.resize(wire::max_message(&self.config.limits), 0);
+        let room = self.workers.get(wkey).map_or(0, |w| w.max_message);
+        if buf.len() < room {
+            buf.resize(room, 0);
         }
         let Some(channel) = self.workers.get(wkey).and_then(|w| w.channel.as_ref()) else {
             self.channel_buf = buf;

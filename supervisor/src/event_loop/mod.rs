@@ -139,6 +139,9 @@ struct Worker {
     retiring: bool,
     /// Its max-requests draw (0: none).
     max_requests: u64,
+    /// The largest message its generation's limits allow (it may send a
+    /// Done that large, whatever the serving generation's limits are now).
+    max_message: usize,
     /// When it was sent SIGTERM for running past `--timeout`, and whether
     /// SIGKILL followed.
     killed: Option<(Instant, bool)>,
@@ -162,6 +165,12 @@ struct Reload {
     generation: u64,
     /// The worker command as resolved when the reload began.
     command: Vec<OsString>,
+    /// The configuration the new generation starts with: it becomes the
+    /// supervisor's when that generation serves, and is dropped if the
+    /// reload fails, so a bad or abandoned reload changes nothing.
+    config: Config,
+    /// How many workers the new generation needs before it serves.
+    workers: usize,
     started: Instant,
     deadline: Instant,
 }
@@ -253,7 +262,7 @@ impl Supervisor {
             if let Some(t) = self.notifier.next_wake() {
                 wake = wake.min(t);
             }
-            if self.active_workers(self.serving_generation) < self.wanted_workers() {
+            if self.active_workers(self.serving_generation) < self.wanted_workers(self.serving_generation) {
                 wake = wake.min(self.next_spawn_at);
             }
             let timeout = wake.saturating_duration_since(now).min(SWEEP_INTERVAL);

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use log::{error, info, warn};
 use monodon_proto::env::WorkerEnv;
+use monodon_proto::wire;
 use nix::sys::signal::{kill, Signal};
 use polling::{Event, PollMode};
 
@@ -14,11 +15,13 @@ use super::{Stopping, Supervisor, Worker, WorkerKey, WorkerState, WORKER_BASE};
 use crate::spawn::{spawn_worker, WorkerSpec};
 
 impl Supervisor {
-    pub(super) fn wanted_workers(&self) -> usize {
-        if self.stopping == Stopping::No {
-            self.target_workers
-        } else {
-            0
+    /// Workers wanted in `generation`: the serving one's target, or the
+    /// size a reload's generation needs.
+    pub(super) fn wanted_workers(&self, generation: u64) -> usize {
+        match &self.reload {
+            _ if self.stopping != Stopping::No => 0,
+            Some(r) if r.generation == generation => r.workers,
+            _ => self.target_workers,
         }
     }
 
@@ -29,7 +32,9 @@ impl Supervisor {
 
     pub(super) fn spawn_missing_workers(&mut self) {
         let serving = self.serving_generation;
-        while self.active_workers(serving) < self.wanted_workers() && Instant::now() >= self.next_spawn_at {
+        while self.active_workers(serving) < self.wanted_workers(serving)
+            && Instant::now() >= self.next_spawn_at
+        {
             if self.spawn(serving).is_err() {
                 let delay = self.backoff.on_spawn_failure();
                 warn!("next worker start in {delay:?}");
@@ -37,7 +42,7 @@ impl Supervisor {
             }
         }
         while let Some(generation) = self.reload.as_ref().map(|r| r.generation) {
-            if self.active_workers(generation) >= self.wanted_workers() {
+            if self.active_workers(generation) >= self.wanted_workers(generation) {
                 break;
             }
             if let Err(e) = self.spawn(generation) {
@@ -49,13 +54,15 @@ impl Supervisor {
     }
 
     /// Starts a worker of `generation` (the serving one or the one a reload
-    /// is starting), with that generation's command.
+    /// is starting), with that generation's command and configuration.
     pub(super) fn spawn(&mut self, generation: u64) -> io::Result<WorkerKey> {
-        let command = match &self.reload {
-            Some(r) if r.generation == generation => r.command.clone(),
-            _ => self.serving_command.clone(),
+        let (command, config) = match &self.reload {
+            Some(r) if r.generation == generation => (&r.command, &r.config),
+            _ => (&self.serving_command, &self.config),
         };
-        let max_requests = match (self.config.min_requests, self.config.max_requests) {
+        let command = command.clone();
+        let max_message = wire::max_message(&config.limits);
+        let max_requests = match (config.min_requests, config.max_requests) {
             (_, 0) => 0,
             (min, max) => self.rng.u64(min.clamp(1, max)..=max),
         };
@@ -64,13 +71,13 @@ impl Supervisor {
             env: WorkerEnv {
                 supervisor_pid: std::process::id(),
                 generation,
-                limits: self.config.limits,
-                io_timeout: self.config.io_timeout,
+                limits: config.limits,
+                io_timeout: config.io_timeout,
                 max_requests,
-                access_log: self.config.access_log.clone(),
-                access_log_format: self.config.access_log_format,
-                read_ahead: self.config.read_ahead,
-                min_body_rate: self.config.min_body_rate,
+                access_log: config.access_log.clone(),
+                access_log_format: config.access_log_format,
+                read_ahead: config.read_ahead,
+                min_body_rate: config.min_body_rate,
             },
         };
         let s = spawn_worker(&spec).inspect_err(|e| error!("{e}"))?;
@@ -100,6 +107,7 @@ impl Supervisor {
             started: Instant::now(),
             retiring: false,
             max_requests,
+            max_message,
             killed: None,
             busy_since: Instant::now(),
             channel_lost: None,

@@ -17,46 +17,52 @@ impl Supervisor {
         if self.stopping != Stopping::No {
             return Err("the supervisor is stopping".into());
         }
-        if let Some(source) = self.config.source.clone() {
-            let checked = (source.0)().and_then(|fresh| {
-                crate::spawn::channel(&fresh.limits).map_err(|e| e.to_string())?;
-                Ok(fresh)
-            });
-            match checked {
-                Ok(fresh) => self.apply_config(fresh),
-                Err(e) => {
-                    let message = format!("reload refused: {e}");
-                    error!("{message}; generation {} keeps serving", self.serving_generation);
-                    self.totals.failed_reloads += 1;
-                    self.last_reload_failure = Some((message.clone(), Instant::now()));
-                    return Err(message);
+        let fresh = match self.config.source.clone() {
+            None => self.config.clone(),
+            Some(source) => {
+                let checked = (source.0)().and_then(|fresh| {
+                    crate::spawn::channel(&fresh.limits).map_err(|e| e.to_string())?;
+                    Ok(fresh)
+                });
+                match checked {
+                    Ok(fresh) => self.settle_config(fresh),
+                    Err(e) => {
+                        let message = format!("reload refused: {e}");
+                        error!("{message}; generation {} keeps serving", self.serving_generation);
+                        self.totals.failed_reloads += 1;
+                        self.last_reload_failure = Some((message.clone(), Instant::now()));
+                        return Err(message);
+                    }
                 }
             }
-        }
+        };
         if let Some(r) = self.reload.take() {
             self.abandon_reload(r, "superseded by a newer reload");
         }
+        // A changed `workers` is the new size; otherwise the current target
+        // (TTIN/TTOU and `monodon scale` may have moved it) carries over.
+        let workers = if fresh.workers != self.config.workers { fresh.workers } else { self.target_workers };
         self.generation += 1;
         self.totals.reloads += 1;
         self.notifier.reloading();
         let now = Instant::now();
-        let command = resolve_command(&self.config.worker_command);
-        info!(
-            "reload: starting generation {} ({} workers) from {:?}",
-            self.generation, self.target_workers, command
-        );
+        let command = resolve_command(&fresh.worker_command);
+        info!("reload: starting generation {} ({workers} workers) from {:?}", self.generation, command);
         self.reload = Some(Reload {
             generation: self.generation,
             command,
             started: now,
-            deadline: now + self.config.reload_timeout,
+            deadline: now + fresh.reload_timeout,
+            config: fresh,
+            workers,
         });
         Ok(self.generation)
     }
 
-    /// Takes fresh settings for the next generation. What only a new
-    /// supervisor can change (listeners, control socket) is kept, and said so.
-    pub(super) fn apply_config(&mut self, mut fresh: Config) {
+    /// Fresh settings for the next generation, less what only a new
+    /// supervisor can change (listeners, control socket): those are kept,
+    /// and the log says so.
+    fn settle_config(&self, mut fresh: Config) -> Config {
         let old = &self.config;
         for (what, changed) in [
             ("listen", fresh.listen != old.listen),
@@ -67,13 +73,19 @@ impl Supervisor {
                 warn!("config: a change of `{what}` takes effect only when the supervisor restarts; keeping the old value");
             }
         }
-        if fresh.workers != old.workers {
-            info!("config: workers {} -> {}", old.workers, fresh.workers);
-            self.target_workers = fresh.workers;
-        }
         fresh.listen = old.listen.clone();
         fresh.backlog = old.backlog;
         fresh.control = old.control.clone();
+        fresh
+    }
+
+    /// The new generation serves: its configuration becomes the supervisor's.
+    fn adopt_config(&mut self, fresh: Config, workers: usize) {
+        let old = &self.config;
+        if workers != self.target_workers {
+            info!("config: workers {} -> {workers}", self.target_workers);
+        }
+        self.target_workers = workers;
         self.dispatcher.set_capacity(fresh.queue_capacity);
         if (&fresh.access_log, &fresh.access_log_format) != (&old.access_log, &old.access_log_format) {
             match open_access_log(&fresh) {
@@ -116,13 +128,14 @@ impl Supervisor {
             .filter(|(_, w)| w.generation == reload.generation && !w.retiring && w.state == WorkerState::Idle)
             .map(|(k, _)| k)
             .collect();
-        if ready.len() < self.target_workers {
+        if ready.len() < reload.workers {
             return;
         }
         let Some(reload) = self.reload.take() else { return };
         let old = self.serving_generation;
         self.serving_generation = reload.generation;
         self.serving_command = reload.command.clone();
+        self.adopt_config(reload.config.clone(), reload.workers);
         let outgoing: Vec<WorkerKey> = self
             .workers
             .iter()
@@ -165,6 +178,10 @@ impl Supervisor {
     pub(super) fn set_target_workers(&mut self, target: usize) {
         let serving = self.serving_generation;
         self.target_workers = target;
+        // The operator's word holds for a generation on its way in too.
+        if let Some(r) = &mut self.reload {
+            r.workers = target;
+        }
         let mut candidates: Vec<(u8, WorkerKey)> = self
             .workers
             .iter()

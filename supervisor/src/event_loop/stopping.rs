@@ -194,7 +194,7 @@ impl Supervisor {
                 .count();
             let reason = format!(
                 "only {ready} of {} workers ready after --reload-timeout {:?}",
-                self.target_workers, self.config.reload_timeout
+                reload.workers, reload.config.reload_timeout
             );
             self.abandon_reload(reload, &reason);
         }
