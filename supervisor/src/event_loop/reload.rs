@@ -135,7 +135,7 @@ impl Supervisor {
         let old = self.serving_generation;
         self.serving_generation = reload.generation;
         self.serving_command = reload.command.clone();
-        self.adopt_config(reload.config.clone(), reload.workers);
+        self.adopt_config(reload.config, reload.workers);
         let outgoing: Vec<WorkerKey> = self
             .workers
             .iter()
