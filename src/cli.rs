@@ -226,6 +226,14 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = DEFAULTS.queue_capacity)]
     pub queue: usize,
 
+    /// The directory workers start in: the app's release. Resolved through
+    /// symlinks when each generation starts (`/srv/app/current` ->
+    /// `releases/42`), so a generation keeps its release until a reload,
+    /// whatever a deploy moves meanwhile; a relative worker command is
+    /// taken from it [default: the supervisor's directory].
+    #[arg(long, value_name = "DIR")]
+    pub chdir: Option<PathBuf>,
+
     /// The control socket for `monodon status|reload|stop|scale` (owner-only)
     /// [default: $RUNTIME_DIRECTORY/control.sock under systemd, else derived
     /// from the first --listen, e.g. /tmp/monodon-127.0.0.1-8080.sock].
@@ -343,6 +351,7 @@ impl ServeArgs {
         config.timeout = self.timeout.0;
         config.reload_timeout = self.reload_timeout.0;
         config.control = self.control.clone();
+        config.chdir = self.chdir.clone();
         config.read_ahead = self.read_ahead.0;
         config.run_as = self
             .user
@@ -373,6 +382,9 @@ impl ServeArgs {
         }
         if let Some(user) = &self.user {
             monodon_supervisor::privileges::RunAs::resolve(user, self.group.as_deref())?;
+        }
+        if let Some(dir) = self.chdir.as_deref().filter(|d| !d.is_dir()) {
+            return Err(format!("--chdir {}: not a directory", dir.display()));
         }
         if self.timeout.0.is_zero() {
             return Err("--timeout must be longer than 0".into());

@@ -58,6 +58,7 @@ struct Settings {
     max_connections: Option<u64>,
     min_body_rate: Option<WithUnit>,
     control: Option<String>,
+    chdir: Option<String>,
     access_log: Option<String>,
     access_log_format: Option<String>,
     user: Option<String>,
@@ -97,6 +98,7 @@ impl Settings {
         one("--max-connections", self.max_connections.map(|v| v.to_string()));
         one("--min-body-rate", self.min_body_rate.as_ref().map(WithUnit::arg));
         one("--control", self.control.clone());
+        one("--chdir", self.chdir.clone());
         one("--access-log", self.access_log.clone());
         one("--access-log-format", self.access_log_format.clone());
         one("--user", self.user.clone());

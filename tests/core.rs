@@ -387,6 +387,7 @@ fn bad_command_lines_are_clear_errors() {
         (&["serve", "--app", "nope"], "--app"),
         (&["serve", "--keepalive-timeout", "soon"], "--keepalive-timeout"),
         (&["serve", "--no-such-flag"], "--no-such-flag"),
+        (&["serve", "--chdir", "/nonexistent/release"], "--chdir /nonexistent/release: not a directory"),
     ] {
         let out = monodon().args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");

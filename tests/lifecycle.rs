@@ -73,6 +73,34 @@ fn a_second_hup_during_a_reload_starts_over_without_orphans() {
     assert_eq!(server.get("/").json()["worker"]["generation"], 3);
 }
 
+/// `--chdir current`, where a deploy moves `current` from one release to the
+/// next: a generation keeps the release it started in, even for workers
+/// that replace recycled ones after the move; a reload brings in the new one.
+#[test]
+fn a_generation_keeps_the_release_its_directory_named_at_start() {
+    let scratch = Scratch::new("chdir");
+    for (release, marker) in [("1", "one"), ("2", "two")] {
+        let dir = scratch.0.join("releases").join(release);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("marker.txt"), marker).unwrap();
+    }
+    let current = scratch.point("current", &scratch.0.join("releases/1"));
+    let args = ["--app", "static", "--root", ".", "--workers", "1", "--max-requests-per-child", "1"];
+    let mut cmd = monodon();
+    cmd.args(["serve", "--listen", "127.0.0.1:0"]).args(args).arg("--chdir").arg(&current);
+    let server = Server::start_cmd(&mut cmd, 1);
+    assert_eq!(server.get("/marker.txt").body, b"one");
+
+    scratch.point("current", &scratch.0.join("releases/2"));
+    for _ in 0..5 {
+        // Each served by a new worker (one request each), started after the move.
+        assert_eq!(server.get("/marker.txt").body, b"one", "generation 1 stays in releases/1");
+    }
+    server.signal(libc::SIGHUP);
+    wait_generation_serving(&server, 2);
+    assert_eq!(server.get("/marker.txt").body, b"two");
+}
+
 #[test]
 fn hot_deploy_runs_the_new_code_from_disk() {
     let scratch = Scratch::new("deploy");

@@ -130,6 +130,9 @@ pub struct Config {
     pub kill_grace: Duration,
     /// The control socket (`None`: `control::default_control_path`).
     pub control: Option<PathBuf>,
+    /// The directory workers start in (`--chdir`), resolved through
+    /// symlinks when each generation starts; `None`: the supervisor's.
+    pub chdir: Option<PathBuf>,
     /// Where workers write the access log (`-`: stdout; `None`: nowhere).
     pub access_log: Option<String>,
     pub access_log_format: Format,
@@ -177,6 +180,7 @@ impl Config {
             reload_timeout: d.reload_timeout,
             kill_grace: d.kill_grace,
             control: None,
+            chdir: None,
             access_log: None,
             access_log_format: Format::Combined,
             source: None,

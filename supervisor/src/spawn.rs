@@ -7,6 +7,7 @@ use std::ffi::{CString, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
 
 use monodon_proto::env::WorkerEnv;
 use monodon_proto::http::Limits;
@@ -38,9 +39,48 @@ pub struct Spawned {
     pub scoreboard: Scoreboard,
 }
 
-/// A worker to start: its command, and what its environment tells it.
+/// What a generation runs: its worker command and directory, resolved
+/// through symlinks when the generation starts, so that every worker of it
+/// runs the same release whatever a deploy moves meanwhile (Capistrano's
+/// `current -> releases/N`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Code {
+    pub command: Vec<OsString>,
+    pub dir: Option<PathBuf>,
+}
+
+impl Code {
+    /// Resolves `command` (a program with a `/` in it; a bare name is left
+    /// to the PATH lookup at exec) and `chdir` as they are on disk now. A
+    /// relative program is taken from the directory.
+    pub fn resolve(command: &[OsString], chdir: Option<&Path>) -> io::Result<Code> {
+        let dir = match chdir {
+            None => None,
+            Some(d) => Some(
+                d.canonicalize()
+                    .map_err(|e| io::Error::new(e.kind(), format!("--chdir {}: {e}", d.display())))?,
+            ),
+        };
+        let mut command = command.to_vec();
+        if let Some(program) = command.first_mut() {
+            let path = Path::new(program.as_os_str());
+            if path.components().count() > 1 {
+                let full = match &dir {
+                    Some(d) if path.is_relative() => d.join(path),
+                    _ => path.to_path_buf(),
+                };
+                if let Ok(real) = full.canonicalize() {
+                    *program = real.into_os_string();
+                }
+            }
+        }
+        Ok(Code { command, dir })
+    }
+}
+
+/// A worker to start: its generation's code, and what its environment tells it.
 pub struct WorkerSpec<'a> {
-    pub command: &'a [OsString],
+    pub code: &'a Code,
     pub env: WorkerEnv,
 }
 
@@ -94,8 +134,25 @@ pub fn channel(limits: &Limits) -> Result<(OwnedFd, OwnedFd), ChannelError> {
     Ok((ours, theirs))
 }
 
+/// A chdir in the child before the exec (glibc's
+/// posix_spawn_file_actions_addchdir_np; nix has no wrapper for it).
+fn add_chdir(actions: &mut PosixSpawnFileActions, dir: &Path) -> io::Result<()> {
+    let dir = CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "--chdir contains a NUL byte"))?;
+    let raw = (actions as *mut PosixSpawnFileActions).cast::<libc::posix_spawn_file_actions_t>();
+    // SAFETY: PosixSpawnFileActions is #[repr(transparent)] over an
+    // initialised posix_spawn_file_actions_t, which we borrow mutably for
+    // this call; glibc copies the path.
+    let rc = unsafe { libc::posix_spawn_file_actions_addchdir_np(raw, dir.as_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
 pub fn spawn_worker(spec: &WorkerSpec<'_>) -> io::Result<Spawned> {
     let (program, _) = spec
+        .code
         .command
         .split_first()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty worker command"))?;
@@ -114,6 +171,9 @@ pub fn spawn_worker(spec: &WorkerSpec<'_>) -> io::Result<Spawned> {
     actions.add_open(0, "/dev/null", OFlag::O_RDONLY, Mode::empty())?;
     actions.add_dup2(channel_high.as_raw_fd(), 3)?;
     actions.add_dup2(board_high.as_raw_fd(), 4)?;
+    if let Some(dir) = &spec.code.dir {
+        add_chdir(&mut actions, dir)?;
+    }
     // Workers start with default signal handling and an empty mask (Rust
     // ignores SIGPIPE in the supervisor; a worker in another language expects
     // the default).
@@ -126,7 +186,8 @@ pub fn spawn_worker(spec: &WorkerSpec<'_>) -> io::Result<Spawned> {
 
     let c = |s: &std::ffi::OsStr| CString::new(s.as_bytes());
     let bad_arg = |_| io::Error::new(io::ErrorKind::InvalidInput, "a worker argument contains a NUL byte");
-    let argv: Vec<CString> = spec.command.iter().map(|a| c(a)).collect::<Result<_, _>>().map_err(bad_arg)?;
+    let argv: Vec<CString> =
+        spec.code.command.iter().map(|a| c(a)).collect::<Result<_, _>>().map_err(bad_arg)?;
     let settings = spec.env.to_vars();
     let mut envp: Vec<CString> = std::env::vars_os()
         .filter(|(k, _)| !NOT_FOR_WORKERS.iter().any(|n| k == n) && !settings.iter().any(|(n, _)| k == n))

@@ -22,7 +22,6 @@
 //! - The supervisor keeps its own copy of a connection while a worker serves
 //!   it; nothing is passed back, and a worker's death never loses it.
 
-use std::ffi::OsString;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
@@ -41,6 +40,7 @@ use slab::Slab;
 use crate::config::Config;
 use crate::listener::Listener;
 use crate::sched::{Backoff, Dispatcher};
+use crate::spawn::Code;
 
 mod clients;
 mod control;
@@ -163,8 +163,8 @@ struct Worker {
 #[derive(Debug, Clone)]
 struct Reload {
     generation: u64,
-    /// The worker command as resolved when the reload began.
-    command: Vec<OsString>,
+    /// The code as resolved when the reload began.
+    code: Code,
     /// The configuration the new generation starts with: it becomes the
     /// supervisor's when that generation serves, and is dropped if the
     /// reload fails, so a bad or abandoned reload changes nothing.
@@ -206,9 +206,10 @@ pub struct Supervisor {
     generation: u64,
     /// The generation connections are dispatched to.
     serving_generation: u64,
-    /// The worker command of the serving generation, resolved when that
-    /// generation started, so its replacements run the same code.
-    serving_command: Vec<OsString>,
+    /// The code of the serving generation (command and directory),
+    /// resolved when that generation started, so its replacements run the
+    /// same release.
+    serving_code: Code,
     reload: Option<Reload>,
     /// Workers wanted per generation (`--workers`, changed by TTIN/TTOU).
     target_workers: usize,

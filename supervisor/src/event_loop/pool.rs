@@ -56,18 +56,17 @@ impl Supervisor {
     /// Starts a worker of `generation` (the serving one or the one a reload
     /// is starting), with that generation's command and configuration.
     pub(super) fn spawn(&mut self, generation: u64) -> io::Result<WorkerKey> {
-        let (command, config) = match &self.reload {
-            Some(r) if r.generation == generation => (&r.command, &r.config),
-            _ => (&self.serving_command, &self.config),
+        let (code, config) = match &self.reload {
+            Some(r) if r.generation == generation => (&r.code, &r.config),
+            _ => (&self.serving_code, &self.config),
         };
-        let command = command.clone();
         let max_message = wire::max_message(&config.limits);
         let max_requests = match (config.min_requests, config.max_requests) {
             (_, 0) => 0,
             (min, max) => self.rng.u64(min.clamp(1, max)..=max),
         };
         let spec = WorkerSpec {
-            command: &command,
+            code,
             env: WorkerEnv {
                 supervisor_pid: std::process::id(),
                 generation,

@@ -6,9 +6,10 @@ use std::time::Instant;
 use log::{error, info, warn};
 use nix::sys::signal::{kill, Signal};
 
-use super::setup::{open_access_log, resolve_command};
+use super::setup::open_access_log;
 use super::{Reload, Stopping, Supervisor, WorkerKey, WorkerState};
 use crate::config::Config;
+use crate::spawn::Code;
 
 impl Supervisor {
     /// Starts a new generation (after re-reading the config file, if there
@@ -17,23 +18,24 @@ impl Supervisor {
         if self.stopping != Stopping::No {
             return Err("the supervisor is stopping".into());
         }
-        let fresh = match self.config.source.clone() {
-            None => self.config.clone(),
-            Some(source) => {
-                let checked = (source.0)().and_then(|fresh| {
-                    crate::spawn::channel(&fresh.limits).map_err(|e| e.to_string())?;
-                    Ok(fresh)
-                });
-                match checked {
-                    Ok(fresh) => self.settle_config(fresh),
-                    Err(e) => {
-                        let message = format!("reload refused: {e}");
-                        error!("{message}; generation {} keeps serving", self.serving_generation);
-                        self.totals.failed_reloads += 1;
-                        self.last_reload_failure = Some((message.clone(), Instant::now()));
-                        return Err(message);
-                    }
-                }
+        let read = match self.config.source.clone() {
+            None => Ok(self.config.clone()),
+            Some(source) => (source.0)(),
+        };
+        let checked = read.and_then(|fresh| {
+            crate::spawn::channel(&fresh.limits).map_err(|e| e.to_string())?;
+            let code =
+                Code::resolve(&fresh.worker_command, fresh.chdir.as_deref()).map_err(|e| e.to_string())?;
+            Ok((fresh, code))
+        });
+        let (fresh, code) = match checked {
+            Ok((fresh, code)) => (self.settle_config(fresh), code),
+            Err(e) => {
+                let message = format!("reload refused: {e}");
+                error!("{message}; generation {} keeps serving", self.serving_generation);
+                self.totals.failed_reloads += 1;
+                self.last_reload_failure = Some((message.clone(), Instant::now()));
+                return Err(message);
             }
         };
         if let Some(r) = self.reload.take() {
@@ -46,11 +48,15 @@ impl Supervisor {
         self.totals.reloads += 1;
         self.notifier.reloading();
         let now = Instant::now();
-        let command = resolve_command(&fresh.worker_command);
-        info!("reload: starting generation {} ({workers} workers) from {:?}", self.generation, command);
+        info!(
+            "reload: starting generation {} ({workers} workers) from {:?}{}",
+            self.generation,
+            code.command,
+            code.dir.as_ref().map(|d| format!(" in {}", d.display())).unwrap_or_default()
+        );
         self.reload = Some(Reload {
             generation: self.generation,
-            command,
+            code,
             started: now,
             deadline: now + fresh.reload_timeout,
             config: fresh,
@@ -134,7 +140,7 @@ impl Supervisor {
         let Some(reload) = self.reload.take() else { return };
         let old = self.serving_generation;
         self.serving_generation = reload.generation;
-        self.serving_command = reload.command.clone();
+        self.serving_code = reload.code.clone();
         self.adopt_config(reload.config, reload.workers);
         let outgoing: Vec<WorkerKey> = self
             .workers

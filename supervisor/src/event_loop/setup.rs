@@ -1,7 +1,6 @@
 //! Start-up: binding or adopting the listeners, the control socket, the
 //! signal pipe, privileges, and the process limits the supervisor needs.
 
-use std::ffi::OsString;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -21,6 +20,7 @@ use crate::control::Totals;
 use crate::listener::Listener;
 use crate::notify::Notifier;
 use crate::sched::{Backoff, Dispatcher};
+use crate::spawn::Code;
 
 impl Supervisor {
     /// Binds the listeners and installs the signal handlers; no worker yet.
@@ -103,7 +103,7 @@ impl Supervisor {
         let now = Instant::now();
         Ok(Supervisor {
             target_workers: config.workers,
-            serving_command: resolve_command(&config.worker_command),
+            serving_code: Code::resolve(&config.worker_command, config.chdir.as_deref())?,
             dispatcher: Dispatcher::new(config.queue_capacity),
             config,
             poller,
@@ -162,23 +162,6 @@ pub(super) fn raise_fd_limit() {
             }
         }
     }
-}
-
-/// Resolves the program of a worker command to the file it names now
-/// (following symlinks), so that every worker of one generation runs the
-/// same code even after a deploy moves a symlink. A program without a `/`
-/// is left to the PATH lookup at exec time.
-pub(super) fn resolve_command(command: &[OsString]) -> Vec<OsString> {
-    let mut resolved = command.to_vec();
-    if let Some(program) = resolved.first_mut() {
-        let path = std::path::Path::new(program.as_os_str());
-        if path.components().count() > 1 {
-            if let Ok(real) = path.canonicalize() {
-                *program = real.into_os_string();
-            }
-        }
-    }
-    resolved
 }
 
 /// As many connections as the open-file limit allows, less room for the
