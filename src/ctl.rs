@@ -128,6 +128,15 @@ pub fn render(s: &Status) -> String {
         reload = format!("{reload}; last failure {} ago: {why}", duration(ago));
     }
     push(&mut out, format!("reload: {reload}"));
+    for g in &s.generations {
+        let dir = g.dir.as_deref().map(|d| format!(" in {d}")).unwrap_or_default();
+        let changed = if g.program_changed { " (CHANGED on disk since it started)" } else { "" };
+        let role = if g.serving { "serving" } else { "starting" };
+        push(
+            &mut out,
+            format!("generation {} ({role}): {}{dir}{changed}", g.generation, g.command.join(" ")),
+        );
+    }
     let c = &s.connections;
     push(
         &mut out,
@@ -162,8 +171,8 @@ pub fn render(s: &Status) -> String {
     push(
         &mut out,
         format!(
-            "{:>8} {:>4} {:<9} {:>8} {:>8} {:>7} {:>7}  REQUEST",
-            "PID", "GEN", "STATE", "REQS", "AGE", "RSS", "FOR"
+            "{:>8} {:>4} {:<9} {:>8} {:>8} {:>7} {:>7} {:>7}  REQUEST",
+            "PID", "GEN", "STATE", "REQS", "AGE", "RSS", "PRIVATE", "FOR"
         ),
     );
     for wk in &s.worker_list {
@@ -175,13 +184,14 @@ pub fn render(s: &Status) -> String {
         push(
             &mut out,
             format!(
-                "{:>8} {:>4} {:<9} {:>8} {:>8} {:>7} {:>7}  {}",
+                "{:>8} {:>4} {:<9} {:>8} {:>8} {:>7} {:>7} {:>7}  {}",
                 wk.pid,
                 wk.generation,
                 wk.state,
                 wk.requests,
                 duration(wk.age_secs),
                 size_kib(wk.rss_kib),
+                size_kib(wk.private_kib),
                 wk.request_secs.map(duration).unwrap_or_else(|| "-".into()),
                 request
             ),

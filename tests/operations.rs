@@ -558,6 +558,44 @@ fn a_failed_reload_leaves_the_serving_generation_its_configuration() {
     assert_eq!(post(1 << 20), (200, Some(3)), "generation 3, with the larger buffering");
 }
 
+/// Status names each generation's code (the program resolved, and whether
+/// the file on disk has changed since the generation started) and each
+/// worker's private memory.
+#[test]
+fn status_shows_each_generations_code_and_workers_private_memory() {
+    let scratch = common::Scratch::new("code-identity");
+    let exe = env!("CARGO_BIN_EXE_monodon");
+    let script = scratch.script("app", &format!("exec {exe} worker --app echo"));
+    let link = scratch.point("current", &script);
+    let mut cmd = monodon();
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--workers", "1", "--"]).arg(&link);
+    let server = Server::start_cmd(&mut cmd, 1);
+    let path = control_path(&server);
+    let s = status_json(&path);
+    let g = &s["generations"][0];
+    assert_eq!((g["generation"].as_u64(), g["serving"].as_bool()), (Some(1), Some(true)));
+    assert_eq!(
+        g["command"][0],
+        script.canonicalize().unwrap().to_str().unwrap(),
+        "resolved through the symlink"
+    );
+    assert_eq!(g["program_changed"], false);
+    assert!(s["worker_list"][0]["private_kib"].as_u64().unwrap() > 0, "{}", s["worker_list"]);
+    assert!(s["worker_list"][0]["shared_kib"].as_u64().is_some());
+
+    // A deploy rewrites the file in place: the status says so.
+    std::fs::write(&script, format!("#!/bin/sh\n# v2\nexec {exe} worker --app echo\n")).unwrap();
+    assert_eq!(status_json(&path)["generations"][0]["program_changed"], true);
+    let text = String::from_utf8_lossy(&ctl(&path, &["status"]).stdout).into_owned();
+    assert!(text.contains("generation 1 (serving): ") && text.contains("CHANGED on disk"), "{text}");
+    assert!(text.contains("PRIVATE"), "{text}");
+
+    // The reload starts from the file as it is now.
+    assert!(ctl(&path, &["reload"]).status.success());
+    let g = &status_json(&path)["generations"][0];
+    assert_eq!((g["generation"].as_u64(), g["program_changed"].as_bool()), (Some(2), Some(false)));
+}
+
 /// Byte sizes take the units `--help` prints, in flags and the file alike.
 #[test]
 fn sizes_take_units_in_flags_and_the_config_file() {

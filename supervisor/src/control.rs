@@ -85,7 +85,29 @@ pub struct Status {
     /// Requests per second over the last second or so.
     #[serde(default)]
     pub requests_per_sec: f64,
+    /// The serving generation's code, and the incoming one's while reloading.
+    #[serde(default)]
+    pub generations: Vec<GenerationStatus>,
     pub worker_list: Vec<WorkerStatus>,
+}
+
+/// What one generation runs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GenerationStatus {
+    pub generation: u64,
+    /// Dispatch goes to it (else it is on its way in).
+    pub serving: bool,
+    /// The worker command, its program resolved through symlinks.
+    pub command: Vec<String>,
+    /// `--chdir`, resolved likewise.
+    pub dir: Option<String>,
+    /// The program file when the generation started.
+    pub program_inode: Option<u64>,
+    pub program_mtime_secs: Option<i64>,
+    /// The program file on disk is no longer the one the generation
+    /// started from (replaced or rewritten): its new workers run the new
+    /// file (until templates keep a generation's code in memory).
+    pub program_changed: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -146,6 +168,12 @@ pub struct WorkerStatus {
     pub requests: u64,
     pub age_secs: f64,
     pub rss_kib: Option<u64>,
+    /// Memory only this worker uses (private pages), and pages it shares
+    /// with others (its generation's, libraries), from smaps_rollup.
+    #[serde(default)]
+    pub private_kib: Option<u64>,
+    #[serde(default)]
+    pub shared_kib: Option<u64>,
     /// `METHOD target` of the connection it is serving.
     pub request: Option<String>,
     /// How long the current request has been running.

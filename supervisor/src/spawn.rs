@@ -47,6 +47,27 @@ pub struct Spawned {
 pub struct Code {
     pub command: Vec<OsString>,
     pub dir: Option<PathBuf>,
+    /// The program file as it was when resolved (none for a bare name,
+    /// found on PATH at exec).
+    pub program: Option<FileIdentity>,
+}
+
+/// Which file a path named, and which version of it: a deploy that
+/// replaces the file (rename) changes the inode, one that rewrites it in
+/// place changes the modification time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileIdentity {
+    pub inode: u64,
+    pub mtime_secs: i64,
+    pub mtime_nanos: i64,
+}
+
+impl FileIdentity {
+    pub fn of(path: &Path) -> Option<FileIdentity> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileIdentity { inode: m.ino(), mtime_secs: m.mtime(), mtime_nanos: m.mtime_nsec() })
+    }
 }
 
 impl Code {
@@ -74,7 +95,9 @@ impl Code {
                 }
             }
         }
-        Ok(Code { command, dir })
+        let program =
+            command.first().map(Path::new).filter(|p| p.components().count() > 1).and_then(FileIdentity::of);
+        Ok(Code { command, dir, program })
     }
 }
 

@@ -4,10 +4,18 @@
 use std::time::Instant;
 
 use super::{ConnState, Stopping, Supervisor, WorkerState};
-use crate::control::{ConnectionCounts, ReloadStatus, Status, WorkerCounts, WorkerStatus};
+use crate::control::{ConnectionCounts, GenerationStatus, ReloadStatus, Status, WorkerCounts, WorkerStatus};
+use crate::spawn::{Code, FileIdentity};
 
 impl Supervisor {
+    /// The whole status document, memory per worker included.
     pub(super) fn status(&self) -> Status {
+        self.snapshot(true)
+    }
+
+    /// `memory`: read each worker's smaps_rollup (the kernel walks its
+    /// mappings: not for the periodic STATUS= line).
+    fn snapshot(&self, memory: bool) -> Status {
         let now = Instant::now();
         let mut connections = ConnectionCounts { total: self.conns.len(), ..Default::default() };
         for (_, c) in &self.conns {
@@ -53,6 +61,7 @@ impl Supervisor {
                 }
                 _ => (None, None, None),
             };
+            let mem = if memory { smaps(w.pid.as_raw()) } else { None };
             worker_list.push(WorkerStatus {
                 pid: w.pid.as_raw() as u32,
                 generation: w.generation,
@@ -60,6 +69,8 @@ impl Supervisor {
                 requests,
                 age_secs: now.duration_since(w.started).as_secs_f64(),
                 rss_kib: rss_kib(w.pid.as_raw()),
+                private_kib: mem.map(|m| m.0),
+                shared_kib: mem.map(|m| m.1),
                 request,
                 request_secs,
                 response_started,
@@ -97,6 +108,13 @@ impl Supervisor {
             workers,
             totals,
             requests_per_sec: self.requests_per_sec,
+            generations: std::iter::once(generation_status(
+                self.serving_generation,
+                true,
+                &self.serving_code,
+            ))
+            .chain(self.reload.iter().map(|r| generation_status(r.generation, false, &r.code)))
+            .collect(),
             worker_list,
         }
     }
@@ -113,7 +131,7 @@ impl Supervisor {
 
     /// A one-line summary for systemd's `STATUS=`.
     pub(super) fn status_line(&self) -> String {
-        let s = self.status();
+        let s = self.snapshot(false);
         format!(
             "generation {}: {}/{} workers busy, {} connections ({} idle, {} queued), {:.0} req/s, {} requests",
             s.generation,
@@ -126,6 +144,39 @@ impl Supervisor {
             s.totals.requests
         )
     }
+}
+
+/// What a generation runs, as the status shows it.
+fn generation_status(generation: u64, serving: bool, code: &Code) -> GenerationStatus {
+    let program = code.command.first().map(std::path::Path::new);
+    let now = program.and_then(FileIdentity::of);
+    GenerationStatus {
+        generation,
+        serving,
+        command: code.command.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
+        dir: code.dir.as_ref().map(|d| d.display().to_string()),
+        program_inode: code.program.map(|p| p.inode),
+        program_mtime_secs: code.program.map(|p| p.mtime_secs),
+        program_changed: code.program.is_some() && now != code.program,
+    }
+}
+
+/// (private, shared) memory of a process in KiB, from smaps_rollup.
+fn smaps(pid: i32) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let (mut private, mut shared) = (0, 0);
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        let (Some(name), Some(kib)) = (words.next(), words.next().and_then(|v| v.parse::<u64>().ok())) else {
+            continue;
+        };
+        match name {
+            "Private_Clean:" | "Private_Dirty:" => private += kib,
+            "Shared_Clean:" | "Shared_Dirty:" => shared += kib,
+            _ => {}
+        }
+    }
+    Some((private, shared))
 }
 
 /// Resident memory of a process, from /proc.
