@@ -204,6 +204,19 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub min_requests_per_child: Option<u64>,
 
+    /// A worker retires after this long in service (each draws from 80-100%
+    /// of it, so they do not all leave at once); its replacement starts
+    /// first [default: no limit].
+    #[arg(long, value_name = "DURATION")]
+    pub max_worker_age: Option<Seconds>,
+
+    /// A worker whose private memory (pages no other process shares, from
+    /// /proc/PID/smaps_rollup, checked every second) passes this retires
+    /// after its current request; its replacement starts first [default:
+    /// no limit].
+    #[arg(long, value_name = "SIZE")]
+    pub max_worker_memory: Option<ByteSize>,
+
     /// A worker busy on one request longer than this is killed (SIGTERM, then
     /// SIGKILL); its client gets 504 if nothing was sent yet.
     #[arg(long, value_name = "DURATION", default_value_t = Seconds(DEFAULTS.timeout))]
@@ -349,6 +362,8 @@ impl ServeArgs {
         config.min_requests =
             self.min_requests_per_child.unwrap_or(Defaults::min_requests(self.max_requests_per_child));
         config.timeout = self.timeout.0;
+        config.max_worker_age = self.max_worker_age.map(|s| s.0).filter(|d| !d.is_zero());
+        config.max_worker_memory = self.max_worker_memory.map(|b| b.0).filter(|&b| b > 0);
         config.reload_timeout = self.reload_timeout.0;
         config.control = self.control.clone();
         config.chdir = self.chdir.clone();

@@ -46,6 +46,8 @@ struct Settings {
     read_ahead: Option<WithUnit>,
     max_requests_per_child: Option<u64>,
     min_requests_per_child: Option<u64>,
+    max_worker_age: Option<WithUnit>,
+    max_worker_memory: Option<WithUnit>,
     max_request_line: Option<WithUnit>,
     max_header_line: Option<WithUnit>,
     max_headers: Option<u64>,
@@ -86,6 +88,8 @@ impl Settings {
         one("--read-ahead", self.read_ahead.as_ref().map(WithUnit::arg));
         one("--max-requests-per-child", self.max_requests_per_child.map(|v| v.to_string()));
         one("--min-requests-per-child", self.min_requests_per_child.map(|v| v.to_string()));
+        one("--max-worker-age", self.max_worker_age.as_ref().map(WithUnit::arg));
+        one("--max-worker-memory", self.max_worker_memory.as_ref().map(WithUnit::arg));
         one("--max-request-line", self.max_request_line.as_ref().map(WithUnit::arg));
         one("--max-header-line", self.max_header_line.as_ref().map(WithUnit::arg));
         one("--max-headers", self.max_headers.map(|v| v.to_string()));

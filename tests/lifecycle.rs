@@ -101,6 +101,43 @@ fn a_generation_keeps_the_release_its_directory_named_at_start() {
     assert_eq!(server.get("/marker.txt").body, b"two");
 }
 
+/// --max-worker-age recycles workers by age under load, replacement first:
+/// every original worker is replaced and no request fails.
+#[test]
+fn workers_past_their_age_are_recycled_without_a_failed_request() {
+    let args = ["--app", "echo", "--workers", "2", "--max-requests-per-child", "0", "--max-worker-age", "1s"];
+    let server = Server::start(&args, 2);
+    let first = server.children();
+    let load = Load::start(server.addr, 2, 1, "/?sleep_ms=1");
+    let s = server.wait_status(Duration::from_secs(20), "4 workers recycled for age", |s| {
+        s["totals"]["recycled"]["max-worker-age"].as_u64() >= Some(4)
+    });
+    let stats = load.stop();
+    assert_no_failures(&stats);
+    assert!(server.children().iter().all(|p| !first.contains(p)), "{first:?} -> {:?}", server.children());
+    assert_eq!(s["totals"]["respawns"], 0, "recycling is not a death");
+}
+
+/// --max-worker-memory retires a worker whose private memory passed the
+/// limit (1 KiB: every worker does), and status says why.
+#[test]
+fn workers_past_their_memory_limit_are_recycled() {
+    let server = Server::start(&["--app", "echo", "--workers", "1", "--max-worker-memory", "1KiB"], 1);
+    server.wait_status(Duration::from_secs(20), "2 workers recycled for memory", |s| {
+        s["totals"]["recycled"]["max-worker-memory"].as_u64() >= Some(2)
+    });
+    assert_eq!(server.get("/").status, 200, "still served meanwhile");
+    // A busy worker finishes its request, retiring, and says why.
+    let mut slow = server.connect();
+    slow.send(b"GET /?sleep_ms=3000 HTTP/1.1\r\nHost: x\r\n\r\n");
+    server.wait_status(Duration::from_secs(10), "a busy worker retiring for memory", |s| {
+        s["worker_list"].as_array().is_some_and(|l| {
+            l.iter().any(|w| w["request"].is_string() && w["retiring_because"] == "max-worker-memory")
+        })
+    });
+    assert_eq!(slow.response().unwrap().status, 200, "its request completes");
+}
+
 #[test]
 fn hot_deploy_runs_the_new_code_from_disk() {
     let scratch = Scratch::new("deploy");

@@ -122,6 +122,12 @@ pub struct Config {
     /// `min_requests..=max_requests` (0: never).
     pub max_requests: u64,
     pub min_requests: u64,
+    /// A worker retires once older than this (each draws from 80-100% of
+    /// it); `None`: no limit.
+    pub max_worker_age: Option<Duration>,
+    /// A worker retires once its private memory passes this many bytes;
+    /// `None`: no limit.
+    pub max_worker_memory: Option<u64>,
     /// A worker busy on one request longer than this is killed.
     pub timeout: Duration,
     /// How long a new generation has to become ready on reload.
@@ -176,6 +182,8 @@ impl Config {
             graceful_timeout: d.graceful_timeout,
             max_requests: d.max_requests,
             min_requests: Defaults::min_requests(d.max_requests),
+            max_worker_age: None,
+            max_worker_memory: None,
             timeout: d.timeout,
             reload_timeout: d.reload_timeout,
             kill_grace: d.kill_grace,

@@ -157,6 +157,10 @@ pub struct Totals {
     pub respawns: u64,
     /// Workers killed for running past `--timeout`.
     pub timeouts: u64,
+    /// Workers recycled, by cause: `max-requests`, `max-worker-age`,
+    /// `max-worker-memory`.
+    #[serde(default)]
+    pub recycled: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -165,6 +169,10 @@ pub struct WorkerStatus {
     pub generation: u64,
     /// `starting`, `idle`, `busy` or `retiring`.
     pub state: String,
+    /// Why a retiring worker leaves: `max-requests`, `max-worker-age`,
+    /// `max-worker-memory`, `reload`, `reload failed`, `scale`, `old generation`.
+    #[serde(default)]
+    pub retiring_because: Option<String>,
     pub requests: u64,
     pub age_secs: f64,
     pub rss_kib: Option<u64>,

@@ -62,7 +62,9 @@ exec 3<>"/dev/tcp/127.0.0.1/$port"
 printf 'GET /refused HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n' >&3
 timeout 5 cat <&3 >/dev/null || true
 exec 3<&-
-for _ in $(seq 1 50); do grep -qs '"GET /refused HTTP/1.1" 400' "$(access_log)" && break; sleep 0.1; done
+# A worker writes its line just after its response: poll for both.
+logged() { grep -qs '"GET /logged HTTP/1.1" 200' "$(access_log)" && grep -qs '"GET /refused HTTP/1.1" 400' "$(access_log)"; }
+for _ in $(seq 1 100); do logged && break; sleep 0.1; done
 log=$(access_log)
 [ -f "$log" ] || fail "no access log under LogsDirectory="
 grep -q '"GET /logged HTTP/1.1" 200' "$log" || fail "no line of a worker's in $log"

@@ -11,7 +11,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use super::{ConnState, Stopping, Supervisor, WorkerKey, WorkerState};
+use super::{ConnState, Retirement, Stopping, Supervisor, WorkerKey, WorkerState};
 
 impl Supervisor {
     pub(super) fn reap_children(&mut self) {
@@ -86,7 +86,7 @@ impl Supervisor {
                 self.linger(ckey);
             }
         }
-        let expected = w.retiring || self.stopping != Stopping::No;
+        let expected = w.retiring.is_some() || self.stopping != Stopping::No;
         if expected {
             info!("worker {} (generation {}) {how}", w.pid, w.generation);
             return;
@@ -108,6 +108,32 @@ impl Supervisor {
             warn!("workers keep dying young ({} in a row); next start in {delay:?}", self.backoff.failures());
         }
         self.next_spawn_at = self.next_spawn_at.max(Instant::now() + delay);
+    }
+
+    /// Retires serving workers past their --max-worker-age or whose private
+    /// memory passed --max-worker-memory: each finishes its connection, and
+    /// its replacement starts at once. Memory is read from smaps_rollup
+    /// (the kernel walks the worker's mappings), so only when asked.
+    pub(super) fn retire_aged_and_grown(&mut self, now: Instant, read_memory: bool) {
+        let memory_limit = self.config.max_worker_memory.filter(|_| read_memory);
+        let due: Vec<(WorkerKey, Retirement)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.retiring.is_none() && w.state != WorkerState::Starting && w.killed.is_none())
+            .filter(|(_, w)| w.generation == self.serving_generation)
+            .filter_map(|(k, w)| {
+                if w.age_limit.is_some_and(|limit| now.duration_since(w.started) >= limit) {
+                    return Some((k, Retirement::MaxAge));
+                }
+                let limit = memory_limit?;
+                let private_kib = super::status::smaps(w.pid.as_raw())?.0;
+                (private_kib.saturating_mul(1024) > limit).then_some((k, Retirement::MaxMemory))
+            })
+            .collect();
+        for (wkey, why) in due {
+            info!("worker {} retires ({}); starting its replacement", self.workers[wkey].pid, why.as_str());
+            self.retire(wkey, why);
+        }
     }
 
     /// Kills workers busy on one request for longer than `--timeout`

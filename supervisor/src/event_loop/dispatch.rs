@@ -8,7 +8,7 @@ use std::time::Instant;
 use log::{debug, info};
 use monodon_proto::wire::{self, ToWorker};
 
-use super::{ConnKey, ConnState, Supervisor, Worker, WorkerKey, WorkerState, AHEAD_PATIENCE};
+use super::{ConnKey, ConnState, Retirement, Supervisor, Worker, WorkerKey, WorkerState, AHEAD_PATIENCE};
 
 impl Supervisor {
     pub(super) fn worker_idle(&mut self, wkey: WorkerKey) {
@@ -18,7 +18,7 @@ impl Supervisor {
             // Exiting: nothing more for it.
             return;
         }
-        if w.retiring {
+        if w.retiring.is_some() {
             self.release(wkey);
             return;
         }
@@ -26,7 +26,7 @@ impl Supervisor {
             if self.reload.as_ref().is_some_and(|r| r.generation == w.generation) {
                 self.maybe_finish_reload();
             } else {
-                self.retire(wkey);
+                self.retire(wkey, Retirement::Outdated);
             }
             return;
         }
@@ -34,7 +34,9 @@ impl Supervisor {
         let ready = || {
             self.workers
                 .iter()
-                .filter(|(_, w)| w.generation == serving && !w.retiring && w.state != WorkerState::Starting)
+                .filter(|(_, w)| {
+                    w.generation == serving && w.retiring.is_none() && w.state != WorkerState::Starting
+                })
                 .count()
         };
         if !self.ready_notified && ready() >= self.target_workers {
@@ -158,7 +160,7 @@ impl Supervisor {
     /// connection ahead.
     pub(super) fn can_take_ahead(&self, w: &Worker) -> bool {
         w.accepts_ahead
-            && !w.retiring
+            && w.retiring.is_none()
             && w.ahead.is_none()
             && w.skips_pending == 0
             && w.killed.is_none()

@@ -81,13 +81,13 @@ impl Supervisor {
                 return Err(format!("idle worker {wkey} does not exist"));
             };
             let usable = w.state == WorkerState::Idle
-                && !w.retiring
+                && w.retiring.is_none()
                 && w.channel.is_some()
                 && w.channel_lost.is_none()
                 && w.generation == self.serving_generation;
             if !usable {
                 return Err(format!(
-                    "worker {wkey} is offered as idle but is {:?} (generation {}, retiring {}, channel {})",
+                    "worker {wkey} is offered as idle but is {:?} (generation {}, retiring {:?}, channel {})",
                     w.state,
                     w.generation,
                     w.retiring,

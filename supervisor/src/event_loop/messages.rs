@@ -9,7 +9,7 @@ use log::{debug, error, info};
 use monodon_proto::wire::{self, FromWorker, Received};
 use nix::sys::signal::{kill, Signal};
 
-use super::{ConnState, Stopping, Supervisor, WorkerKey, WorkerState};
+use super::{ConnState, Retirement, Stopping, Supervisor, WorkerKey, WorkerState};
 
 impl Supervisor {
     pub(super) fn on_channel_readable(&mut self, wkey: WorkerKey) {
@@ -109,7 +109,8 @@ impl Supervisor {
             FromWorker::Retiring => {
                 let w = &mut self.workers[wkey];
                 info!("worker {} reached its {} requests; starting its replacement", w.pid, w.max_requests);
-                w.retiring = true;
+                w.retiring = Some(Retirement::MaxRequests);
+                self.count_recycle(Retirement::MaxRequests);
                 self.dispatcher.remove_worker(wkey);
                 // It exits after this request: it will never read the next one.
                 self.take_back_ahead(wkey);

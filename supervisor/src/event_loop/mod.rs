@@ -65,6 +65,8 @@ const LISTENER_BASE: usize = 1 << 40;
 const WORKER_BASE: usize = 1 << 41;
 // Connections use their slab index as key: below every other range.
 
+/// How often workers' private memory is read for --max-worker-memory.
+const MEMORY_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How often idle, slow and lingering connections are checked for timeouts.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(200);
 /// How long a connection sent ahead may wait behind its worker's current
@@ -135,8 +137,10 @@ struct Worker {
     state: WorkerState,
     generation: u64,
     started: Instant,
-    /// Takes no new connection; exits after the current one.
-    retiring: bool,
+    /// Takes no new connection, and why; exits after the current one.
+    retiring: Option<Retirement>,
+    /// Its --max-worker-age draw: retired once older.
+    age_limit: Option<Duration>,
     /// Its max-requests draw (0: none).
     max_requests: u64,
     /// The largest message its generation's limits allow (it may send a
@@ -157,6 +161,39 @@ struct Worker {
     /// yet: while any is unread in its channel nothing more is sent ahead,
     /// so the channel never holds more than two messages from us.
     skips_pending: u32,
+}
+
+/// Why a worker leaves service (status shows it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retirement {
+    /// It served its --max-requests-per-child.
+    MaxRequests,
+    /// It passed its --max-worker-age.
+    MaxAge,
+    /// Its private memory passed --max-worker-memory.
+    MaxMemory,
+    /// A newer generation serves.
+    Reloaded,
+    /// Its generation's reload failed.
+    ReloadFailed,
+    /// The worker count went down.
+    ScaledDown,
+    /// Its generation no longer serves or starts.
+    Outdated,
+}
+
+impl Retirement {
+    fn as_str(self) -> &'static str {
+        match self {
+            Retirement::MaxRequests => "max-requests",
+            Retirement::MaxAge => "max-worker-age",
+            Retirement::MaxMemory => "max-worker-memory",
+            Retirement::Reloaded => "reload",
+            Retirement::ReloadFailed => "reload failed",
+            Retirement::ScaledDown => "scale",
+            Retirement::Outdated => "old generation",
+        }
+    }
 }
 
 /// A reload in progress: generation `generation` is starting.
@@ -238,6 +275,8 @@ pub struct Supervisor {
     /// (when, total requests then): the last sample for the request rate.
     rate_sample: (Instant, u64),
     requests_per_sec: f64,
+    /// When --max-worker-memory is next checked.
+    next_memory_check: Instant,
     /// Where the requests the supervisor answers itself are logged (the
     /// workers' access log).
     access_log: Option<AccessLog>,

@@ -11,7 +11,7 @@ use monodon_proto::wire;
 use nix::sys::signal::{kill, Signal};
 use polling::{Event, PollMode};
 
-use super::{Stopping, Supervisor, Worker, WorkerKey, WorkerState, WORKER_BASE};
+use super::{Retirement, Stopping, Supervisor, Worker, WorkerKey, WorkerState, WORKER_BASE};
 use crate::spawn::{spawn_worker, WorkerSpec};
 
 impl Supervisor {
@@ -27,7 +27,7 @@ impl Supervisor {
 
     /// Workers of `generation` that take new connections (or will, once ready).
     pub(super) fn active_workers(&self, generation: u64) -> usize {
-        self.workers.iter().filter(|(_, w)| w.generation == generation && !w.retiring).count()
+        self.workers.iter().filter(|(_, w)| w.generation == generation && w.retiring.is_none()).count()
     }
 
     pub(super) fn spawn_missing_workers(&mut self) {
@@ -61,6 +61,9 @@ impl Supervisor {
             _ => (&self.serving_code, &self.config),
         };
         let max_message = wire::max_message(&config.limits);
+        // Drawn from [80%, 100%] of the limit, so workers started together
+        // do not all leave together.
+        let age_limit = config.max_worker_age.map(|max| max.mul_f64(0.8 + 0.2 * self.rng.f64()));
         let max_requests = match (config.min_requests, config.max_requests) {
             (_, 0) => 0,
             (min, max) => self.rng.u64(min.clamp(1, max)..=max),
@@ -104,7 +107,8 @@ impl Supervisor {
             state: WorkerState::Starting,
             generation,
             started: Instant::now(),
-            retiring: false,
+            retiring: None,
+            age_limit,
             max_requests,
             max_message,
             killed: None,
@@ -115,6 +119,13 @@ impl Supervisor {
             skips_pending: 0,
         });
         Ok(key)
+    }
+
+    /// Counts a worker leaving for one of the recycling limits.
+    pub(super) fn count_recycle(&mut self, why: Retirement) {
+        if matches!(why, Retirement::MaxRequests | Retirement::MaxAge | Retirement::MaxMemory) {
+            *self.totals.recycled.entry(why.as_str().to_owned()).or_default() += 1;
+        }
     }
 
     /// Closes a worker's channel: it exits when it next waits for work.
@@ -132,10 +143,11 @@ impl Supervisor {
     }
 
     /// Takes a worker out of service; it exits after its current connection.
-    pub(super) fn retire(&mut self, wkey: WorkerKey) {
+    pub(super) fn retire(&mut self, wkey: WorkerKey, why: Retirement) {
+        self.count_recycle(why);
         self.take_back_ahead(wkey);
         let w = &mut self.workers[wkey];
-        w.retiring = true;
+        w.retiring = Some(why);
         self.dispatcher.remove_worker(wkey);
         if !matches!(w.state, WorkerState::Busy(_)) {
             self.release(wkey);

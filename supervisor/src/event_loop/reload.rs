@@ -7,7 +7,7 @@ use log::{error, info, warn};
 use nix::sys::signal::{kill, Signal};
 
 use super::setup::open_access_log;
-use super::{Reload, Stopping, Supervisor, WorkerKey, WorkerState};
+use super::{Reload, Retirement, Stopping, Supervisor, WorkerKey, WorkerState};
 use crate::config::Config;
 use crate::spawn::Code;
 
@@ -112,7 +112,7 @@ impl Supervisor {
         let doomed: Vec<WorkerKey> =
             self.workers.iter().filter(|(_, w)| w.generation == reload.generation).map(|(k, _)| k).collect();
         for wkey in doomed {
-            self.retire(wkey);
+            self.retire(wkey, Retirement::ReloadFailed);
             let _ = kill(self.workers[wkey].pid, Signal::SIGTERM);
         }
         let message = format!("reload to generation {} failed: {reason}", reload.generation);
@@ -131,7 +131,9 @@ impl Supervisor {
         let ready: Vec<WorkerKey> = self
             .workers
             .iter()
-            .filter(|(_, w)| w.generation == reload.generation && !w.retiring && w.state == WorkerState::Idle)
+            .filter(|(_, w)| {
+                w.generation == reload.generation && w.retiring.is_none() && w.state == WorkerState::Idle
+            })
             .map(|(k, _)| k)
             .collect();
         if ready.len() < reload.workers {
@@ -145,12 +147,12 @@ impl Supervisor {
         let outgoing: Vec<WorkerKey> = self
             .workers
             .iter()
-            .filter(|(_, w)| w.generation != reload.generation && !w.retiring)
+            .filter(|(_, w)| w.generation != reload.generation && w.retiring.is_none())
             .map(|(k, _)| k)
             .collect();
         let retired = outgoing.len();
         for wkey in outgoing {
-            self.retire(wkey);
+            self.retire(wkey, Retirement::Reloaded);
         }
         for wkey in ready {
             self.worker_idle(wkey);
@@ -191,7 +193,7 @@ impl Supervisor {
         let mut candidates: Vec<(u8, WorkerKey)> = self
             .workers
             .iter()
-            .filter(|(_, w)| w.generation == serving && !w.retiring)
+            .filter(|(_, w)| w.generation == serving && w.retiring.is_none())
             .map(|(k, w)| {
                 let rank = match w.state {
                     WorkerState::Idle => 0,
@@ -204,7 +206,7 @@ impl Supervisor {
         candidates.sort();
         let surplus = candidates.len().saturating_sub(target);
         for &(_, wkey) in candidates.iter().take(surplus) {
-            self.retire(wkey);
+            self.retire(wkey, Retirement::ScaledDown);
         }
         info!("scaled to {target} workers");
     }

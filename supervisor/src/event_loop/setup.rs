@@ -137,6 +137,7 @@ impl Supervisor {
             max_connections,
             rate_sample: (now, 0),
             requests_per_sec: 0.0,
+            next_memory_check: now,
             access_log,
         })
     }

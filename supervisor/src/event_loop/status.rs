@@ -36,10 +36,10 @@ impl Supervisor {
             let requests = slot.requests.load(std::sync::atomic::Ordering::Relaxed);
             live_requests += requests;
             let state = match (w.retiring, w.state) {
-                (true, _) => "retiring",
-                (false, WorkerState::Starting) => "starting",
-                (false, WorkerState::Idle) => "idle",
-                (false, WorkerState::Busy(_)) => "busy",
+                (Some(_), _) => "retiring",
+                (None, WorkerState::Starting) => "starting",
+                (None, WorkerState::Idle) => "idle",
+                (None, WorkerState::Busy(_)) => "busy",
             };
             match state {
                 "retiring" => workers.retiring += 1,
@@ -69,6 +69,7 @@ impl Supervisor {
                 requests,
                 age_secs: now.duration_since(w.started).as_secs_f64(),
                 rss_kib: rss_kib(w.pid.as_raw()),
+                retiring_because: w.retiring.map(|r| r.as_str().to_owned()),
                 private_kib: mem.map(|m| m.0),
                 shared_kib: mem.map(|m| m.1),
                 request,
@@ -162,7 +163,7 @@ fn generation_status(generation: u64, serving: bool, code: &Code) -> GenerationS
 }
 
 /// (private, shared) memory of a process in KiB, from smaps_rollup.
-fn smaps(pid: i32) -> Option<(u64, u64)> {
+pub(super) fn smaps(pid: i32) -> Option<(u64, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
     let (mut private, mut shared) = (0, 0);
     for line in text.lines() {

@@ -8,7 +8,7 @@ use monodon_proto::http::Rejection;
 use nix::sys::signal::{kill, Signal};
 use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1};
 
-use super::{ConnKey, ConnState, Stopping, Supervisor, WorkerKey, WorkerState};
+use super::{ConnKey, ConnState, Stopping, Supervisor, WorkerKey, WorkerState, MEMORY_CHECK_INTERVAL};
 
 impl Supervisor {
     pub(super) fn on_signals(&mut self) {
@@ -199,5 +199,12 @@ impl Supervisor {
             self.abandon_reload(reload, &reason);
         }
         self.check_stuck_workers(now);
+        let read_memory = now >= self.next_memory_check;
+        if read_memory {
+            self.next_memory_check = now + MEMORY_CHECK_INTERVAL;
+        }
+        if self.stopping == Stopping::No {
+            self.retire_aged_and_grown(now, read_memory);
+        }
     }
 }
