@@ -59,6 +59,27 @@ def tree_pids(pid):
     return seen
 
 
+def _cpu_ticks(pid):
+    """(its own user+system CPU, that of its reaped children), in clock ticks."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return 0, 0
+    fields = stat[stat.rfind(b")") + 2:].split()
+    # After the command: state(0) ... utime(11) stime(12) cutime(13) cstime(14).
+    return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+
+
+def tree_cpu_secs(pid):
+    """CPU seconds so far of the master itself, and of its workers: the live
+    descendants and every one it has already reaped (recycled, reloaded)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    own, reaped = _cpu_ticks(pid)
+    workers = reaped + sum(sum(_cpu_ticks(p)) for p in tree_pids(pid) if p != pid)
+    return {"master": own / tick, "workers": workers / tick}
+
+
 def rss_kib(pid):
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -116,6 +137,10 @@ def cmd_wait_ready(a):
             return 0
         time.sleep(0.1)
     return 2
+
+
+def cmd_tree_cpu(a):
+    print(json.dumps(tree_cpu_secs(a.pid)))
 
 
 def cmd_tree_rss(a):
@@ -296,6 +321,10 @@ def cmd_record(a):
                 rec["peak_rss_kib"] = int(f.read().strip())
         except (OSError, ValueError):
             rec["peak_rss_kib"] = None
+        before, after = _read_json(a.cpu_before), _read_json(a.cpu_after)
+        if before and after and rec.get("requests"):
+            # Microseconds of CPU per request over the wrk run, master and workers.
+            rec["cpu_us_per_req"] = {k: (after[k] - before[k]) * 1e6 / rec["requests"] for k in ("master", "workers")}
         rec["server_alive_after"] = a.alive == 1
         if not rec["server_alive_after"]:
             rec["status"], rec["reason"] = "failed", "server died during the run"
@@ -331,6 +360,14 @@ def _fmt_mib(kib):
     return "—" if kib is None else f"{kib / 1024:.1f} MiB"
 
 
+def _fmt_cpu(rs):
+    cpu = [r["cpu_us_per_req"] for r in rs if r.get("cpu_us_per_req")]
+    if not cpu:
+        return "—"
+    master, workers = _median(c["master"] for c in cpu), _median(c["workers"] for c in cpu)
+    return f"{master + workers:.1f} µs ({master:.1f} + {workers:.1f})"
+
+
 def _median(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -352,7 +389,10 @@ def cmd_report(a):
         "req/s ratio = this server's median req/s / nginx's median req/s in this run. "
         "errors = wrk non-2xx responses + socket errors (connect, read, write, timeout). "
         "peak RSS = the most the server's whole process tree (master + workers) held, "
-        "sampled every 0.5 s. n/a = not applicable to that server; "
+        "sampled every 0.5 s. CPU/req = CPU time (user + system, from /proc/PID/stat) of the "
+        "master + its workers over the wrk run, divided by the requests wrk completed; "
+        "it counts only the server, not wrk, on a machine wrk shares. "
+        "n/a = not applicable to that server; "
         "failed = see the raw results file. "
         "No server recycles workers in a-d (monodon: --max-requests-per-child 0); e recycles every 100.",
     ]
@@ -360,8 +400,8 @@ def cmd_report(a):
         title = SCENARIOS[sc].format(idle=f"{int(a.idle):,}")
         extra = sc == "c"
         lines += ["", f"## {sc}: {title}", ""]
-        head = "| server | req/s | ratio to nginx | p50 | p99 | errors | peak RSS |"
-        rule = "|---|---:|---:|---:|---:|---:|---:|"
+        head = "| server | req/s | ratio to nginx | p50 | p99 | errors | peak RSS | CPU/req (master + workers) |"
+        rule = "|---|---:|---:|---:|---:|---:|---:|---:|"
         if extra:
             head += " idle kept | KiB/idle conn |"
             rule += "---:|---:|"
@@ -374,14 +414,15 @@ def cmd_report(a):
             if not rs:
                 mine = [r for r in recs if r["server"] == s and r["scenario"] == sc]
                 word = "n/a" if mine and all(r["status"] == "na" for r in mine) else "failed"
-                lines.append(f"| {s} | {word} |" + " — |" * (5 + 2 * extra))
+                lines.append(f"| {s} | {word} |" + " — |" * (6 + 2 * extra))
                 continue
             rps = _median(r["rps"] for r in rs)
             ratio = f"{rps / nginx_rps:.2f}" if nginx_rps else "—"
             errs = _median(r["errors"] for r in rs)
             row = (f"| {s} | {rps:,.0f} | {ratio} | {_fmt_ms(_median(r['p50_ms'] for r in rs))} | "
                    f"{_fmt_ms(_median(r['p99_ms'] for r in rs))} | {errs:,.0f} | "
-                   f"{_fmt_mib(_median(r.get('peak_rss_kib') for r in rs))} |")
+                   f"{_fmt_mib(_median(r.get('peak_rss_kib') for r in rs))} | "
+                   f"{_fmt_cpu(rs)} |")
             if extra:
                 idles = [r.get("idle") or {} for r in rs]
                 kept = _median(i.get("kept") for i in idles)
@@ -411,6 +452,10 @@ def main():
     q.add_argument("--timeout", type=float, default=30)
     q.set_defaults(fn=cmd_wait_ready)
 
+    q = sub.add_parser("tree-cpu")
+    q.add_argument("pid", type=int)
+    q.set_defaults(fn=cmd_tree_cpu)
+
     q = sub.add_parser("tree-rss")
     q.add_argument("pid", type=int)
     q.set_defaults(fn=cmd_tree_rss)
@@ -437,7 +482,7 @@ def main():
     for name in ("raw", "server", "scenario", "status"):
         q.add_argument("--" + name, required=True)
     q.add_argument("--repeat", type=int, required=True)
-    for name in ("reason", "wrk", "peak", "idle-ready", "idle-out"):
+    for name in ("reason", "wrk", "peak", "idle-ready", "idle-out", "cpu-before", "cpu-after"):
         q.add_argument("--" + name)
     q.add_argument("--alive", type=int, default=1)
     q.add_argument("--hups", type=int)
