@@ -18,65 +18,14 @@
 //! `MONODON_SIM_SEED=S` replays one. A failure names its seed.
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
 use std::time::Duration;
 
 use monodon_proto::http::{Limits, PendingRequest};
 use monodon_proto::scoreboard::Scoreboard;
 
-use crate::serve::{serve_connection, Budget, Context};
-use crate::stream::{Connection, Input};
-use crate::test_support::{app, replies};
-
-/// The client's end as the worker sees it: pieces that have `arrived`
-/// (what a look without waiting finds), then the `future` ones, which a
-/// blocking read waits for, as a real one would.
-struct SimConn {
-    arrived: VecDeque<Vec<u8>>,
-    future: VecDeque<Vec<u8>>,
-    out: Vec<u8>,
-}
-
-impl Read for SimConn {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.arrived.is_empty() {
-            // Time passes until the client sends its next piece.
-            match self.future.pop_front() {
-                Some(piece) => self.arrived.push_back(piece),
-                None => return Ok(0),
-            }
-        }
-        self.read_now(buf)
-    }
-}
-
-impl Write for SimConn {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.out.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Connection for SimConn {
-    fn readable_within(&self, _window: Duration) -> bool {
-        !self.arrived.is_empty()
-    }
-
-    fn read_now(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let Some(front) = self.arrived.front_mut() else { return Ok(0) };
-        let n = front.len().min(buf.len());
-        buf[..n].copy_from_slice(&front[..n]);
-        front.drain(..n);
-        if front.is_empty() {
-            self.arrived.pop_front();
-        }
-        Ok(n)
-    }
-}
+use crate::serve::{serve_connection, Budget};
+use crate::stream::Input;
+use crate::test_support::{app, context, replies, MemConn};
 
 /// What the client sends, and what it must get back for it.
 struct Step {
@@ -176,16 +125,8 @@ fn play(seed: u64, board: &Scoreboard) -> Result<(), String> {
     }
 
     let limits = Limits::default();
-    let ctx = Context {
-        read_ahead: if rng.bool() { Duration::from_micros(1) } else { Duration::ZERO },
-        min_body_rate: 0,
-        limits: &limits,
-        pid: 1,
-        generation: 1,
-        slot: board.slot(),
-        peer: "127.0.0.1:1",
-        access_log: None,
-    };
+    let read_ahead = if rng.bool() { Duration::from_micros(1) } else { Duration::ZERO };
+    let ctx = context(board.slot(), &limits, read_ahead);
     let mut app = app;
     let mut pending = PendingRequest::default();
     let mut out = Vec::new();
@@ -206,7 +147,7 @@ fn play(seed: u64, board: &Scoreboard) -> Result<(), String> {
                 // The hand-over: a random number of the next pieces have
                 // already arrived and are the worker's to read.
                 let arrived = rng.usize(0..=pieces.len());
-                let conn = SimConn {
+                let conn = MemConn {
                     arrived: pieces.drain(..arrived).collect(),
                     future: std::mem::take(&mut pieces),
                     out: Vec::new(),

@@ -7,9 +7,9 @@ use std::time::Duration;
 use monodon_proto::http::Limits;
 use monodon_proto::scoreboard::Scoreboard;
 
-use crate::serve::{serve_connection, Budget, Context, Outcome};
+use crate::serve::{serve_connection, Budget, Outcome};
 use crate::stream::Input;
-use crate::test_support::{app, replies, MemConn};
+use crate::test_support::{app, context, replies, MemConn};
 
 struct Run {
     outcome: Outcome,
@@ -20,17 +20,8 @@ struct Run {
 /// Serves `initial` (what the supervisor passed) and then `later` reads.
 fn serve(initial: &[u8], later: &[&[u8]], limits: Limits, read_ahead: Duration, budget: Option<u64>) -> Run {
     let board = Scoreboard::create().expect("a scoreboard");
-    let ctx = Context {
-        read_ahead,
-        min_body_rate: 0,
-        limits: &limits,
-        pid: 1,
-        generation: 1,
-        slot: board.slot(),
-        peer: "127.0.0.1:1",
-        access_log: None,
-    };
-    let conn = MemConn { incoming: later.iter().map(|b| b.to_vec()).collect(), out: Vec::new() };
+    let ctx = context(board.slot(), &limits, read_ahead);
+    let conn = MemConn::sent(later);
     let mut input = Input::new(conn, initial);
     let mut announced = false;
     let mut on_last = || announced = true;

@@ -5,27 +5,41 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::time::Duration;
 
+use monodon_proto::http::Limits;
+use monodon_proto::scoreboard::Slot;
+
 use crate::app::{Request, Response};
+use crate::serve::Context;
 use crate::stream::Connection;
 
-/// A client in memory: each element of `incoming` is what one read returns
-/// (then EOF); what the worker writes lands in `out`.
+/// A client in memory. `arrived` holds what it has sent (each element is
+/// what one read returns): a look without waiting finds it. `future` holds
+/// what it sends later: a blocking read waits for it, as a real one would.
+/// Then EOF. What the worker writes lands in `out`.
 #[derive(Default)]
 pub struct MemConn {
-    pub incoming: VecDeque<Vec<u8>>,
+    pub arrived: VecDeque<Vec<u8>>,
+    pub future: VecDeque<Vec<u8>>,
     pub out: Vec<u8>,
+}
+
+impl MemConn {
+    /// A client that has already sent all of `pieces`.
+    pub fn sent(pieces: &[&[u8]]) -> MemConn {
+        MemConn { arrived: pieces.iter().map(|p| p.to_vec()).collect(), ..MemConn::default() }
+    }
 }
 
 impl Read for MemConn {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let Some(front) = self.incoming.front_mut() else { return Ok(0) };
-        let n = front.len().min(buf.len());
-        buf[..n].copy_from_slice(&front[..n]);
-        front.drain(..n);
-        if front.is_empty() {
-            self.incoming.pop_front();
+        if self.arrived.is_empty() {
+            // Time passes until the client sends its next piece.
+            match self.future.pop_front() {
+                Some(piece) => self.arrived.push_back(piece),
+                None => return Ok(0),
+            }
         }
-        Ok(n)
+        self.read_now(buf)
     }
 }
 
@@ -42,11 +56,32 @@ impl Write for MemConn {
 
 impl Connection for MemConn {
     fn readable_within(&self, _window: Duration) -> bool {
-        !self.incoming.is_empty()
+        !self.arrived.is_empty()
     }
 
     fn read_now(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.read(buf)
+        let Some(front) = self.arrived.front_mut() else { return Ok(0) };
+        let n = front.len().min(buf.len());
+        buf[..n].copy_from_slice(&front[..n]);
+        front.drain(..n);
+        if front.is_empty() {
+            self.arrived.pop_front();
+        }
+        Ok(n)
+    }
+}
+
+/// What serving needs to know, for a test worker (pid 1, generation 1).
+pub fn context<'a>(slot: &'a Slot, limits: &'a Limits, read_ahead: Duration) -> Context<'a> {
+    Context {
+        read_ahead,
+        min_body_rate: 0,
+        limits,
+        pid: 1,
+        generation: 1,
+        slot,
+        peer: "127.0.0.1:1",
+        access_log: None,
     }
 }
 
