@@ -247,6 +247,14 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DIR")]
     pub chdir: Option<PathBuf>,
 
+    /// Every connection starts with a PROXY protocol header (HAProxy's v1
+    /// or v2) from the load balancer in front: the client it names is the
+    /// peer the app, the access log and the status see. A connection that
+    /// does not start with a valid one is closed without a response.
+    #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set, num_args = 0..=1,
+          default_value_t = false, default_missing_value = "true")]
+    pub proxy_protocol: bool,
+
     /// The control socket for `monodon status|reload|stop|scale` (owner-only)
     /// [default: $RUNTIME_DIRECTORY/control.sock under systemd, else derived
     /// from the first --listen, e.g. /tmp/monodon-127.0.0.1-8080.sock].
@@ -367,6 +375,7 @@ impl ServeArgs {
         config.reload_timeout = self.reload_timeout.0;
         config.control = self.control.clone();
         config.chdir = self.chdir.clone();
+        config.proxy_protocol = self.proxy_protocol;
         config.read_ahead = self.read_ahead.0;
         config.run_as = self
             .user

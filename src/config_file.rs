@@ -61,6 +61,7 @@ struct Settings {
     min_body_rate: Option<WithUnit>,
     control: Option<String>,
     chdir: Option<String>,
+    proxy_protocol: Option<bool>,
     access_log: Option<String>,
     access_log_format: Option<String>,
     user: Option<String>,
@@ -103,6 +104,7 @@ impl Settings {
         one("--min-body-rate", self.min_body_rate.as_ref().map(WithUnit::arg));
         one("--control", self.control.clone());
         one("--chdir", self.chdir.clone());
+        one("--proxy-protocol", self.proxy_protocol.map(|b| b.to_string()));
         one("--access-log", self.access_log.clone());
         one("--access-log-format", self.access_log_format.clone());
         one("--user", self.user.clone());

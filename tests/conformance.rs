@@ -231,3 +231,63 @@ fn gunicorn_corpus_default_settings() {
     );
     assert!(default_cases > 100, "the corpus was read");
 }
+
+/// The corpus's PROXY protocol cases, against `--proxy-protocol`: the valid
+/// ones are served with the client the header names as the peer (in the
+/// app and the access log), the invalid ones closed without a response.
+/// Deliberate difference: gunicorn lets a connection without a header
+/// through (valid/pp_03); monodon requires one, as the PROXY protocol
+/// specification does (section 2: a receiver "MUST NOT" guess), so that a
+/// client reaching the server directly cannot pose as another.
+#[test]
+fn gunicorn_corpus_proxy_protocol() {
+    let scratch = common::Scratch::new("proxy-protocol");
+    let log = scratch.0.join("access.log");
+    let server = Server::start(
+        &["--app", "echo", "--workers", "1", "--proxy-protocol", "--access-log", log.to_str().unwrap()],
+        1,
+    );
+    let proxied = [
+        ("valid/pp_01", "192.168.0.1:56324"),
+        ("valid/pp_02", "192.168.0.1:56324"),
+        ("valid/pp_04", "192.168.1.10:12345"),
+        ("valid/pp_05", "[2001:db8::1]:54321"),
+    ];
+    let refused = ["valid/pp_03", "invalid/pp_01", "invalid/pp_02", "invalid/pp_03"];
+    let cases = corpus();
+    // As in the main test, HTTP/1.1 requests without Host get one inserted.
+    let raw_of = |name: &str| {
+        let case = cases.iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("{name} in the corpus"));
+        let raw = b64(case["raw_base64"].as_str().unwrap());
+        match case["expect"].as_array() {
+            Some(expect) => with_host(&raw, expect).0,
+            None => raw,
+        }
+    };
+    for (name, peer) in proxied {
+        let (responses, _) = exchange(&server, &raw_of(name));
+        assert!(!responses.is_empty(), "{name}: answered");
+        for r in &responses {
+            assert_eq!(r.status, 200, "{name}: {}", r.text());
+            assert_eq!(r.json()["peer"], peer, "{name}");
+        }
+    }
+    for name in refused {
+        let (responses, closed) = exchange(&server, &raw_of(name));
+        assert!(responses.is_empty() && closed, "{name}: closed without a response, got {responses:?}");
+    }
+    // A header that arrives a byte at a time; then a second request on the
+    // same connection needs none and keeps the client.
+    let mut c = server.connect();
+    for &b in b"PROXY TCP6 2001:db8::7 2001:db8::8 4000 443\r\n" {
+        c.send(&[b]);
+    }
+    c.send(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(c.response().unwrap().json()["peer"], "[2001:db8::7]:4000");
+    c.send(b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(c.response().unwrap().json()["peer"], "[2001:db8::7]:4000");
+    let logged = common::eventually(Duration::from_secs(5), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.lines().any(|l| l.starts_with("192.168.0.1 - - [")))
+    });
+    assert!(logged, "the access log names the proxied client");
+}

@@ -9,6 +9,7 @@
 //!   validation, body framing, chunked decoding, the keep-alive decision).
 //!   The supervisor uses it to know when a head is complete and sound; the
 //!   worker uses it to parse that head again and read the body.
+//! - [`proxy`]: the PROXY protocol header a load balancer sends first.
 //! - [`wire`]: the supervisor↔worker messages and the descriptor passing that
 //!   carries client connections across (see PROTOCOL.md).
 //! - [`scoreboard`]: one shared-memory page per worker where the worker
@@ -18,5 +19,6 @@
 pub mod access_log;
 pub mod env;
 pub mod http;
+pub mod proxy;
 pub mod scoreboard;
 pub mod wire;

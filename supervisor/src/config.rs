@@ -139,6 +139,9 @@ pub struct Config {
     /// The directory workers start in (`--chdir`), resolved through
     /// symlinks when each generation starts; `None`: the supervisor's.
     pub chdir: Option<PathBuf>,
+    /// Every connection starts with a PROXY protocol header (v1 or v2)
+    /// naming the client; one without is closed.
+    pub proxy_protocol: bool,
     /// Where workers write the access log (`-`: stdout; `None`: nowhere).
     pub access_log: Option<String>,
     pub access_log_format: Format,
@@ -189,6 +192,7 @@ impl Config {
             kill_grace: d.kill_grace,
             control: None,
             chdir: None,
+            proxy_protocol: false,
             access_log: None,
             access_log_format: Format::Combined,
             source: None,

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use log::{debug, error, warn};
 use monodon_proto::access_log::{Entry, RawRequestLine};
 use monodon_proto::http::{PendingRequest, Rejection};
+use monodon_proto::proxy;
 use nix::errno::Errno;
 use nix::sys::socket::{self, MsgFlags, Shutdown};
 use polling::{Event, PollMode};
@@ -81,6 +82,7 @@ impl Supervisor {
             served: 0,
             unread: true,
             watched: false,
+            proxy_pending: self.config.proxy_protocol,
         });
         // With TCP_DEFER_ACCEPT the request is usually here already.
         self.on_conn_readable(key);
@@ -177,6 +179,25 @@ impl Supervisor {
     /// True if it still waits for input that may already be in the socket.
     pub(super) fn after_input(&mut self, key: ConnKey, now: Instant) -> bool {
         let conn = &mut self.conns[key];
+        if conn.proxy_pending {
+            match proxy::parse(conn.pending.bytes()) {
+                proxy::Header::Incomplete => return conn.unread,
+                proxy::Header::Invalid(why) => {
+                    // The protocol's rule: no response, the connection is closed.
+                    debug!("{}: {why}; closing", conn.peer);
+                    self.close_now(key);
+                    return false;
+                }
+                proxy::Header::Complete { len, source } => {
+                    if let Some(client) = source {
+                        conn.peer = client.to_string();
+                    }
+                    let rest = conn.pending.bytes()[len..].to_vec();
+                    conn.pending.reset_to(&rest);
+                    conn.proxy_pending = false;
+                }
+            }
+        }
         // Small bodies are received here too, not by a worker: a slow
         // sender costs the supervisor a buffer, never a process.
         match conn.pending.check(&self.config.limits) {

@@ -112,6 +112,8 @@ struct Conn {
     unread: bool,
     /// Registered in the poller (from the first time we waited for it).
     watched: bool,
+    /// Its PROXY protocol header has yet to be read (`--proxy-protocol`).
+    proxy_pending: bool,
 }
 
 impl Conn {
