@@ -78,6 +78,16 @@ impl PendingRequest {
         }
     }
 
+    /// Drops the first `n` bytes (a PROXY header read before the request)
+    /// and starts the scan over on what follows.
+    pub fn skip_front(&mut self, n: usize) {
+        if let Some(a) = self.arriving.as_deref_mut() {
+            a.bytes.drain(..n.min(a.bytes.len()));
+            a.stage = Stage::default();
+            a.work_done = 0;
+        }
+    }
+
     /// Drops the bytes and their allocation: an idle connection must stay cheap.
     pub fn release(&mut self) {
         self.arriving = None;
@@ -223,6 +233,10 @@ mod tests {
         assert_eq!(p.check(&Limits::default()), Ok(false));
         p.extend(b"Host: x\r\n\r\n");
         assert_eq!(p.check(&Limits::default()), Ok(true));
+        p.reset_to(b"PROXY UNKNOWN\r\nGET /c HTTP/1.1\r\nHost: x\r\n\r\n");
+        p.skip_front(15);
+        assert_eq!(p.check(&Limits::default()), Ok(true));
+        assert!(p.bytes().starts_with(b"GET /c"));
         p.release();
         assert!(p.is_empty() && p.arriving.is_none());
         assert_eq!(

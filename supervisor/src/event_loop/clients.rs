@@ -192,8 +192,7 @@ impl Supervisor {
                     if let Some(client) = source {
                         conn.peer = client.to_string();
                     }
-                    let rest = conn.pending.bytes()[len..].to_vec();
-                    conn.pending.reset_to(&rest);
+                    conn.pending.skip_front(len);
                     conn.proxy_pending = false;
                 }
             }

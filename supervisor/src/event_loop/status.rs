@@ -13,9 +13,10 @@ impl Supervisor {
         self.snapshot(true)
     }
 
-    /// `memory`: read each worker's smaps_rollup (the kernel walks its
-    /// mappings: not for the periodic STATUS= line).
-    fn snapshot(&self, memory: bool) -> Status {
+    /// `detail`: read each worker's smaps_rollup (the kernel walks its
+    /// mappings) and stat each generation's program: not for the periodic
+    /// STATUS= line, which shows neither.
+    fn snapshot(&self, detail: bool) -> Status {
         let now = Instant::now();
         let mut connections = ConnectionCounts { total: self.conns.len(), ..Default::default() };
         for (_, c) in &self.conns {
@@ -61,7 +62,7 @@ impl Supervisor {
                 }
                 _ => (None, None, None),
             };
-            let mem = if memory { smaps(w.pid.as_raw()) } else { None };
+            let mem = if detail { smaps(w.pid.as_raw()) } else { None };
             worker_list.push(WorkerStatus {
                 pid: w.pid.as_raw() as u32,
                 generation: w.generation,
@@ -109,13 +110,13 @@ impl Supervisor {
             workers,
             totals,
             requests_per_sec: self.requests_per_sec,
-            generations: std::iter::once(generation_status(
-                self.serving_generation,
-                true,
-                &self.serving_code,
-            ))
-            .chain(self.reload.iter().map(|r| generation_status(r.generation, false, &r.code)))
-            .collect(),
+            generations: if detail {
+                std::iter::once(generation_status(self.serving_generation, true, &self.serving_code))
+                    .chain(self.reload.iter().map(|r| generation_status(r.generation, false, &r.code)))
+                    .collect()
+            } else {
+                Vec::new()
+            },
             worker_list,
         }
     }
