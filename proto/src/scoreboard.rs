@@ -117,16 +117,16 @@ impl Slot {
     }
 
     /// Supervisor side: has the worker written any response byte on
-    /// connection `conn_id`? `written_at_handover`, the byte count when the
-    /// supervisor sent it, decides for a worker that does not publish its
-    /// connections (an older one): any byte since then counts.
+    /// connection `conn_id` since it was handed over? `written_at_handover`
+    /// is the worker's byte count when the supervisor sent it.
     pub fn wrote_on(&self, conn_id: u64, written_at_handover: u64) -> bool {
-        match self.conn_id.load(Ordering::Acquire) {
-            0 => self.written() != written_at_handover,
-            current if current == conn_id => self.written() != self.conn_written_base.load(Ordering::Relaxed),
-            // It never started this one.
-            _ => false,
-        }
+        wrote_since_handover(WriteCounters {
+            current_conn: self.conn_id.load(Ordering::Acquire),
+            written: self.written(),
+            conn_written_base: self.conn_written_base.load(Ordering::Relaxed),
+            conn_id,
+            written_at_handover,
+        })
     }
 
     pub fn begin_request(&self) {
@@ -225,6 +225,39 @@ impl Slot {
 
     pub fn set_others_waiting(&self, waiting: bool) {
         self.others_waiting.store(u64::from(waiting), Ordering::Relaxed);
+    }
+}
+
+/// What `wrote_on` decides from: a worker's counters and the hand-over's.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteCounters {
+    /// The connection the worker last began (0: it does not say).
+    pub current_conn: u64,
+    /// Bytes it has written in all.
+    pub written: u64,
+    /// `written` when it began `current_conn`.
+    pub conn_written_base: u64,
+    /// The connection asked about, and `written` when it was handed over.
+    pub conn_id: u64,
+    pub written_at_handover: u64,
+}
+
+/// Whether any response byte went out on a connection since its hand-over.
+///
+/// Both conditions are needed. The connection must be the one the worker
+/// began last, with bytes since it began: bytes on an earlier connection
+/// (the one before a connection sent ahead) do not count. And there must be
+/// bytes since the hand-over: a keep-alive connection handed to the same
+/// worker again is still "current" from the previous round until the
+/// worker begins it, with that round's bytes. A worker that does not say
+/// which connection it serves is judged by the byte count alone.
+pub fn wrote_since_handover(c: WriteCounters) -> bool {
+    let since_handover = c.written != c.written_at_handover;
+    match c.current_conn {
+        0 => since_handover,
+        current if current == c.conn_id => since_handover && c.written != c.conn_written_base,
+        // It never began this one.
+        _ => false,
     }
 }
 
@@ -364,6 +397,15 @@ mod tests {
         assert!(!s.wrote_on(2, 0), "2 was sent ahead and never started");
         w.begin_connection(2);
         assert!(!s.wrote_on(2, 0));
+        // Connection 2 done (20 bytes in all), kept alive, and handed to the
+        // same worker again at 20: it is still "current", with the first
+        // round's bytes, until the worker begins it again.
+        w.add_written(5);
+        assert!(s.wrote_on(2, 15));
+        assert!(!s.wrote_on(2, 20), "nothing written since the second hand-over");
+        w.begin_connection(2);
+        w.add_written(1);
+        assert!(s.wrote_on(2, 20));
     }
 
     #[test]

@@ -2,9 +2,12 @@
 //!
 //! - [`config`]: what to listen on, what to run, limits and timeouts.
 //! - `listener`: binding and accepting.
-//! - `event_loop`: the one-thread `polling` loop that holds every client
-//!   connection and drives the workers.
-//! - `sched`: the pure scheduling state machines the loop drives.
+//! - `core`: the supervisor's decisions as a state machine over plain data
+//!   (events in, actions out, time passed in), and its seeded simulation.
+//! - `event_loop`: the shell around the core: the one-thread `polling` loop
+//!   that holds every socket, turns what the kernel says into the core's
+//!   events and carries out its actions.
+//! - `sched`: the dispatcher's queue and the respawn back-off, used by the core.
 //! - `spawn`: posix_spawn of a worker with its channel and scoreboard.
 //! - [`control`]: the control protocol and the status document.
 //! - `notify`: systemd's notification protocol.
@@ -12,6 +15,7 @@
 
 pub mod config;
 pub mod control;
+mod core;
 mod event_loop;
 mod listener;
 mod notify;

@@ -11,7 +11,8 @@ use nix::errno::Errno;
 use nix::sys::socket::{self, MsgFlags, Shutdown};
 use polling::{Event, PollMode};
 
-use super::{Conn, ConnKey, ConnState, Stopping, Supervisor, ACCEPT_BATCH, LISTENER_BASE, READ_CHUNK};
+use super::{ConnIo, Supervisor, Wire, ACCEPT_BATCH, LISTENER_BASE, READ_CHUNK};
+use crate::core::{ConnKey, Place, Stopping};
 
 impl Supervisor {
     // ---- accepting ------------------------------------------------------
@@ -21,8 +22,8 @@ impl Supervisor {
             return;
         }
         let paused = self.accept_paused_until.is_some_and(|t| Instant::now() < t);
-        let full = self.conns.len() >= self.max_connections;
-        let want = self.stopping == Stopping::No && !paused && !self.dispatcher.is_full() && !full;
+        let full = self.core.conn_count() >= self.max_connections;
+        let want = self.core.stopping() == Stopping::No && !paused && !self.core.queue_full() && !full;
         if want == self.accepting {
             return;
         }
@@ -34,15 +35,17 @@ impl Supervisor {
             }
         }
         if !want {
-            debug!("accepting paused ({} connections queued)", self.dispatcher.queued());
+            debug!("accepting paused ({} connections queued)", self.core.queued());
         }
     }
 
     pub(super) fn on_listener_readable(&mut self, index: usize) {
         for _ in 0..ACCEPT_BATCH {
-            if self.conns.len() >= self.max_connections {
+            if self.core.conn_count() >= self.max_connections {
                 self.make_room();
             }
+            // What the last connection led to (a queue now full) may pause accepting.
+            self.carry_out();
             if !self.accepting {
                 return;
             }
@@ -66,24 +69,16 @@ impl Supervisor {
     }
 
     pub(super) fn on_accepted(&mut self, fd: OwnedFd, peer: String) {
-        let now = Instant::now();
-        let entry = self.conns.vacant_entry();
-        let key = entry.key();
-        self.totals.accepted += 1;
-        let id = self.next_conn_id;
-        self.next_conn_id += 1;
-        entry.insert(Conn {
-            id,
+        let io = ConnIo {
             fd,
             peer,
             pending: PendingRequest::default(),
-            state: ConnState::Reading,
-            deadline: now + self.config.head_timeout,
-            served: 0,
             unread: true,
             watched: false,
             proxy_pending: self.config.proxy_protocol,
-        });
+            written_before: 0,
+        };
+        let key = self.core.accept(io, Instant::now());
         // With TCP_DEFER_ACCEPT the request is usually here already.
         self.on_conn_readable(key);
     }
@@ -92,17 +87,23 @@ impl Supervisor {
     /// edge-triggered for the rest of its life, so no re-arming per request
     /// (the module doc of event_loop says why that is safe).
     fn watch_if_waiting(&mut self, key: ConnKey) {
-        let Some(conn) = self.conns.get_mut(key) else { return };
-        if conn.watched || !matches!(conn.state, ConnState::Reading | ConnState::Lingering) {
+        let Some(conn) = self.core.conn(key) else { return };
+        if conn.io.watched || !matches!(conn.place, Place::Reading { .. } | Place::Lingering { .. }) {
             return;
         }
         // SAFETY: a watched connection is deleted from the poller in
         // `close_now` before its fd is dropped.
-        match unsafe { self.poller.add_with_mode(conn.fd.as_raw_fd(), Event::readable(key), PollMode::Edge) }
-        {
-            Ok(()) => conn.watched = true,
+        let added = unsafe {
+            self.poller.add_with_mode(conn.io.fd.as_raw_fd(), Event::readable(key.0), PollMode::Edge)
+        };
+        match added {
+            Ok(()) => {
+                if let Some(io) = self.core.conn_io_mut(key) {
+                    io.watched = true;
+                }
+            }
             Err(e) => {
-                error!("cannot watch a connection from {}: {e}", conn.peer);
+                error!("cannot watch a connection from {}: {e}", conn.io.peer);
                 self.close_now(key);
             }
         }
@@ -112,15 +113,19 @@ impl Supervisor {
 
     /// Readiness (or its possibility) on a client connection.
     pub(super) fn on_conn_readable(&mut self, key: ConnKey) {
-        let Some(conn) = self.conns.get_mut(key) else {
+        let Some(conn) = self.core.conn(key) else {
             return;
         };
-        match conn.state {
-            ConnState::Reading => self.read_head(key),
+        match conn.place {
+            Place::Reading { .. } => self.read_head(key),
             // Watched already (`linger` saw to it).
-            ConnState::Lingering => self.drain_lingering(key),
+            Place::Lingering { .. } => self.drain_lingering(key),
             // Not ours to read now; remember to look when it comes back.
-            ConnState::Queued | ConnState::InWorker { .. } => conn.unread = true,
+            Place::Queued | Place::InWorker { .. } => {
+                if let Some(io) = self.core.conn_io_mut(key) {
+                    io.unread = true;
+                }
+            }
         }
     }
 
@@ -133,10 +138,11 @@ impl Supervisor {
 
     fn read_available(&mut self, key: ConnKey) {
         loop {
-            let Some(conn) = self.conns.get_mut(key) else { return };
-            if conn.state != ConnState::Reading {
+            let Some(conn) = self.core.conn(key) else { return };
+            if !matches!(conn.place, Place::Reading { .. }) {
                 return;
             }
+            let Some(conn) = self.core.conn_io_mut(key) else { return };
             let was_empty = conn.pending.is_empty();
             match nix::unistd::read(conn.fd.as_fd(), &mut self.scratch[..READ_CHUNK]) {
                 Ok(0) => {
@@ -156,7 +162,7 @@ impl Supervisor {
                     conn.unread = n == READ_CHUNK;
                     let now = Instant::now();
                     if was_empty {
-                        conn.deadline = now + self.config.head_timeout;
+                        self.core.head_started(key, now);
                     }
                     if !self.after_input(key, now) {
                         return;
@@ -175,10 +181,10 @@ impl Supervisor {
         }
     }
 
-    /// Decides what a connection in `Reading` needs after its buffer changed.
+    /// Decides what a connection being read needs after its buffer changed.
     /// True if it still waits for input that may already be in the socket.
     pub(super) fn after_input(&mut self, key: ConnKey, now: Instant) -> bool {
-        let conn = &mut self.conns[key];
+        let Some(conn) = self.core.conn_io_mut(key) else { return false };
         if conn.proxy_pending {
             match proxy::parse(conn.pending.bytes()) {
                 proxy::Header::Incomplete => return conn.unread,
@@ -201,21 +207,15 @@ impl Supervisor {
         // sender costs the supervisor a buffer, never a process.
         match conn.pending.check(&self.config.limits) {
             Ok(true) => {
-                conn.state = ConnState::Queued;
-                match self.dispatcher.conn_ready(key) {
-                    Some(wkey) => self.hand_over(wkey, key),
-                    None => {
-                        self.send_ahead_to_a_busy_worker();
-                        self.update_accepting();
-                    }
-                }
+                self.core.request_ready(key, &mut Wire { msg: &mut self.msg }, now);
                 false
             }
             Ok(false) => {
+                let unread = conn.unread;
                 if conn.pending.is_empty() {
-                    conn.deadline = now + self.config.keepalive_timeout;
+                    self.core.idle(key, now);
                 }
-                conn.unread
+                unread
             }
             Err(rejection) => {
                 self.reject(key, rejection);
@@ -225,32 +225,34 @@ impl Supervisor {
     }
 
     /// A connection is back from a worker, with what it had read past the
-    /// last request.
-    pub(super) fn resume_reading(&mut self, key: ConnKey, leftover: &[u8]) {
-        let conn = &mut self.conns[key];
-        conn.state = ConnState::Reading;
-        conn.pending.reset_to(leftover);
+    /// last request in its buffer.
+    pub(super) fn resume_reading(&mut self, key: ConnKey) {
+        let Some(conn) = self.core.conn(key) else { return };
+        if !matches!(conn.place, Place::Reading { .. }) {
+            return;
+        }
         // Unwatched, it may have been sent more we were never told about.
-        let unwatched = !conn.watched;
-        if self.after_input(key, Instant::now()) || unwatched {
+        let unwatched = !conn.io.watched;
+        let now = Instant::now();
+        if !conn.io.pending.is_empty() {
+            self.core.head_started(key, now);
+        }
+        if self.after_input(key, now) || unwatched {
             self.read_head(key);
         }
     }
 
     pub(super) fn reject(&mut self, key: ConnKey, rejection: Rejection) {
-        debug!("{}: {rejection}", self.conns[key].peer);
+        let Some(conn) = self.core.conn(key) else { return };
+        debug!("{}: {rejection}", conn.io.peer);
         let sent = self.send_error(key, rejection.response());
-        if self.access_log.is_some() {
-            let conn = &self.conns[key];
-            let line = RawRequestLine::from_bytes(conn.pending.bytes());
-            let entry = Entry {
+        if let (Some(log), Some(conn)) = (&mut self.access_log, self.core.conn(key)) {
+            let line = RawRequestLine::from_bytes(conn.io.pending.bytes());
+            log.write(&Entry {
                 pid: std::process::id(),
-                generation: self.serving_generation,
-                ..Entry::refused(&conn.peer, line.parts(), rejection.status, sent)
-            };
-            if let Some(log) = &mut self.access_log {
-                log.write(&entry);
-            }
+                generation: self.core.serving_generation(),
+                ..Entry::refused(&conn.io.peer, line.parts(), rejection.status, sent)
+            });
         }
         self.linger(key);
     }
@@ -258,18 +260,19 @@ impl Supervisor {
     /// Best-effort write of a small response on a non-blocking socket;
     /// returns the bytes sent.
     pub(super) fn send_error(&mut self, key: ConnKey, response: Vec<u8>) -> u64 {
-        let conn = &self.conns[key];
+        let Some(conn) = self.core.conn(key) else { return 0 };
         let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
-        socket::send(conn.fd.as_raw_fd(), &response, flags).map_or(0, |n| n as u64)
+        socket::send(conn.io.fd.as_raw_fd(), &response, flags).map_or(0, |n| n as u64)
     }
 
     /// Closes a connection whose last response is out. If the client has
     /// sent nothing more, a plain close is safe (the FIN follows the data);
     /// if it has, or may still be sending, it gets a lingering close.
     pub(super) fn close_after_response(&mut self, key: ConnKey) {
-        let conn = &mut self.conns[key];
+        let Some(conn) = self.core.conn(key) else { return };
         let mut probe = [0u8; 1];
-        match socket::recv(conn.fd.as_raw_fd(), &mut probe, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+        let peek = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+        match socket::recv(conn.io.fd.as_raw_fd(), &mut probe, peek) {
             Ok(0) | Err(Errno::EAGAIN) => self.close_now(key),
             _ => self.linger(key),
         }
@@ -279,21 +282,20 @@ impl Supervisor {
     /// still sends, so its unread data cannot make the kernel answer with an
     /// RST that would destroy our last response.
     pub(super) fn linger(&mut self, key: ConnKey) {
-        let conn = &mut self.conns[key];
+        let Some(conn) = self.core.conn_io_mut(key) else { return };
         let _ = socket::shutdown(conn.fd.as_raw_fd(), Shutdown::Write);
-        conn.state = ConnState::Lingering;
         conn.pending.release();
-        conn.deadline = Instant::now() + self.config.linger_timeout;
+        self.core.lingering(key, Instant::now());
         self.drain_lingering(key);
         self.watch_if_waiting(key);
     }
 
     pub(super) fn drain_lingering(&mut self, key: ConnKey) {
-        let conn = &self.conns[key];
+        let Some(conn) = self.core.conn(key) else { return };
         // Bounded, so one chatty client cannot hold the loop; the linger
         // timeout ends it in any case.
         for _ in 0..16 {
-            match nix::unistd::read(conn.fd.as_fd(), &mut self.scratch[..READ_CHUNK]) {
+            match nix::unistd::read(conn.io.fd.as_fd(), &mut self.scratch[..READ_CHUNK]) {
                 Ok(0) => return self.close_now(key),
                 Ok(_) | Err(Errno::EINTR) => continue,
                 Err(Errno::EAGAIN) => return,
@@ -303,17 +305,14 @@ impl Supervisor {
     }
 
     pub(super) fn close_now(&mut self, key: ConnKey) {
-        let Some(conn) = self.conns.try_remove(key) else {
+        let Some(conn) = self.core.remove_conn(key) else {
             return;
         };
         if conn.watched {
             let _ = self.poller.delete(&conn.fd);
         }
-        if conn.state == ConnState::Queued {
-            self.dispatcher.remove_conn(key);
-        }
         drop(conn);
-        if !self.accepting && self.conns.len() + 1 == self.max_connections {
+        if !self.accepting && self.core.conn_count() + 1 == self.max_connections {
             self.update_accepting();
         }
     }
@@ -323,20 +322,20 @@ impl Supervisor {
     /// table for each one). With none idle, accepting pauses until a
     /// connection ends: the kernel's backlog holds the newcomers.
     fn make_room(&mut self) {
-        let mut idle: Vec<(Instant, ConnKey)> =
-            self.conns.iter().filter(|(_, c)| c.is_idle()).map(|(k, c)| (c.deadline, k)).collect();
-        let batch = (self.max_connections / 64).clamp(1, 256).min(idle.len());
-        if batch == 0 {
-            warn!("{} connections, none idle: not accepting until one ends", self.conns.len());
+        let batch = (self.max_connections / 64).clamp(1, 256);
+        let idle = self.core.longest_idle(batch);
+        if idle.is_empty() {
+            warn!("{} connections, none idle: not accepting until one ends", self.core.conn_count());
             self.update_accepting();
             return;
         }
-        if batch < idle.len() {
-            idle.select_nth_unstable(batch);
-        }
-        for &(_, key) in &idle[..batch] {
+        for &key in &idle {
             self.close_now(key);
         }
-        debug!("--max-connections {}: closed {batch} idle keep-alive connections", self.max_connections);
+        debug!(
+            "--max-connections {}: closed {} idle keep-alive connections",
+            self.max_connections,
+            idle.len()
+        );
     }
 }

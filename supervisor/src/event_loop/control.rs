@@ -7,13 +7,15 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use log::{debug, warn};
 use nix::sys::socket::{getsockopt, sockopt};
 use polling::{Event, PollMode};
 
-use super::{Stopping, Supervisor, CONTROL_BASE};
+use super::{Supervisor, Wire, CONTROL_BASE};
 use crate::control::{Command, Request, Response, PROTOCOL};
+use crate::core::Stopping;
 
 /// The largest request line accepted on the control socket.
 const MAX_REQUEST: usize = 64 * 1024;
@@ -184,7 +186,7 @@ impl Supervisor {
                 self.answer_control(key, Response::status(status));
             }
             Command::Reload => {
-                if self.stopping != Stopping::No {
+                if self.core.stopping() != Stopping::No {
                     return self.answer_control(key, Response::error("the supervisor is stopping"));
                 }
                 match self.begin_reload() {
@@ -208,7 +210,7 @@ impl Supervisor {
             Command::Scale { workers, delta } => {
                 let target = match (workers, delta) {
                     (Some(n), None) => n as i64,
-                    (None, Some(d)) => self.target_workers as i64 + d,
+                    (None, Some(d)) => self.core.target_workers() as i64 + d,
                     _ => return self.answer_control(key, Response::error("scale needs workers or delta")),
                 };
                 if !(1..=4096).contains(&target) {
@@ -217,17 +219,21 @@ impl Supervisor {
                         Response::error(format!("cannot scale to {target} workers (1 to 4096)")),
                     );
                 }
-                if self.stopping != Stopping::No {
+                if self.core.stopping() != Stopping::No {
                     return self.answer_control(key, Response::error("the supervisor is stopping"));
                 }
-                self.set_target_workers(target as usize);
+                self.core.set_target_workers(
+                    target as usize,
+                    &mut Wire { msg: &mut self.msg },
+                    Instant::now(),
+                );
                 self.answer_control(key, Response::ok(format!("scaled to {target} workers")));
             }
         }
     }
 
     /// Answers the reload requests waiting for `generation`.
-    pub(super) fn reload_finished(&mut self, generation: u64, outcome: Result<String, String>) {
+    pub(super) fn answer_reload_waiters(&mut self, generation: u64, outcome: Result<String, String>) {
         let waiting: Vec<usize> = self
             .control_conns
             .iter()

@@ -1,8 +1,14 @@
-//! The supervisor's one thread: a `polling` loop over the listeners, every
-//! client connection, every worker channel and the signal pipe.
+//! The shell around the core: one thread, one `polling` loop over the
+//! listeners, every client connection, every worker channel, the control
+//! socket and the signal pipe. It turns what the kernel reports into the
+//! core's events and carries out the core's actions; what to do is the
+//! core's decision (`crate::core`), how to do it is this module's.
 //!
-//! This file holds the state and the loop; the other files of the module
-//! each add the methods of one concern (ARCHITECTURE.md has the map).
+//! Files: `mod.rs` (the state, the loop, `carry_out`, the core's port),
+//! `setup.rs` (start-up), `clients.rs` (accepting, reading heads, closing),
+//! `workers.rs` (spawning, channels, exits), `reload.rs` (re-reading the
+//! configuration for a new generation), `stopping.rs` (signals, the sweep),
+//! `control.rs` (the control socket), `status.rs`, `invariants.rs`.
 //!
 //! Invariants (see ARCHITECTURE.md):
 //! - A client connection is registered in the poller the first time the
@@ -13,24 +19,26 @@
 //!   being registered. An unwatched connection is read before the
 //!   supervisor waits on it, so nothing sent before the registration is
 //!   missed (registering also reports data already there). The
-//!   supervisor reads it only in `Reading` and `Lingering`; an edge that
-//!   arrives while the queue or a worker has it only sets `unread`, and the
-//!   supervisor reads when the connection comes back. A read shorter than
-//!   the buffer took everything there was, so any later byte raises a new
-//!   edge: nothing is left unnoticed.
+//!   supervisor reads it only while the core has it `Reading` or
+//!   `Lingering`; an edge that arrives while the queue or a worker has it
+//!   only sets `unread`, and the supervisor reads when the connection comes
+//!   back. A read shorter than the buffer took everything there was, so any
+//!   later byte raises a new edge: nothing is left unnoticed.
 //! - Every fd is deleted from the poller before it is closed.
 //! - The supervisor keeps its own copy of a connection while a worker serves
 //!   it; nothing is passed back, and a worker's death never loses it.
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use log::info;
 use monodon_proto::access_log::AccessLog;
-use monodon_proto::http::PendingRequest;
+use monodon_proto::http::{PendingRequest, Rejection};
 use monodon_proto::scoreboard::Scoreboard;
+use monodon_proto::wire::{self, ToWorker};
+use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use polling::{Events, Poller};
 use signal_hook::iterator::backend::SignalDelivery;
@@ -38,23 +46,19 @@ use signal_hook::iterator::exfiltrator::SignalOnly;
 use slab::Slab;
 
 use crate::config::Config;
+use crate::core::{self, Action, ConnKey, Notice, Port, SendError, WorkerKey};
 use crate::listener::Listener;
-use crate::sched::{Backoff, Dispatcher};
 use crate::spawn::Code;
 
 mod clients;
 mod control;
-mod deaths;
-mod dispatch;
 mod invariants;
-mod messages;
-mod pool;
 mod reload;
 mod setup;
 mod status;
 mod stopping;
+mod workers;
 
-use crate::control::Totals;
 use crate::notify::Notifier;
 use control::ControlConn;
 
@@ -69,44 +73,18 @@ const WORKER_BASE: usize = 1 << 41;
 const MEMORY_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How often idle, slow and lingering connections are checked for timeouts.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(200);
-/// How long a connection sent ahead may wait behind its worker's current
-/// request before a worker that comes free takes it instead.
-const AHEAD_PATIENCE: Duration = Duration::from_millis(2);
 /// Bytes read from a client in one go.
 const READ_CHUNK: usize = 16 * 1024;
 /// Accepts per listener readiness event, so one busy listener cannot starve the rest.
 const ACCEPT_BATCH: usize = 64;
 
-type ConnKey = usize;
-type WorkerKey = usize;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ConnState {
-    /// The supervisor reads until a head is complete (or the connection is idle).
-    Reading,
-    /// Has a complete head, waits for a worker.
-    Queued,
-    /// A worker serves it (or will: sent ahead). `written_before` is the
-    /// worker's byte counter at hand-over, to tell later whether any
-    /// response byte went out, for a worker whose scoreboard does not say
-    /// (`Slot::wrote_on`).
-    InWorker { worker: WorkerKey, written_before: u64 },
-    /// Our last response is out; draining input until EOF or the timeout.
-    Lingering,
-}
-
-struct Conn {
-    id: u64,
+/// The shell's part of a client connection (the core keeps where it is).
+struct ConnIo {
     fd: OwnedFd,
     peer: String,
     /// Bytes read and not yet handed to a worker, with how far the framing
     /// code has got with them.
     pending: PendingRequest,
-    state: ConnState,
-    /// When the current state times out (not used while queued or in a worker).
-    deadline: Instant,
-    /// Requests served on this connection.
-    served: u32,
     /// The socket may hold bytes nobody has read: an edge arrived while a
     /// worker had the connection, or the last read filled the buffer.
     unread: bool,
@@ -114,119 +92,62 @@ struct Conn {
     watched: bool,
     /// Its PROXY protocol header has yet to be read (`--proxy-protocol`).
     proxy_pending: bool,
+    /// The worker's byte counter at the last hand-over, to tell whether any
+    /// response byte went out, for a worker whose scoreboard does not say
+    /// (`Slot::wrote_on`).
+    written_before: u64,
 }
 
-impl Conn {
-    /// Between requests of a keep-alive connection, with nothing pending.
-    fn is_idle(&self) -> bool {
-        self.state == ConnState::Reading && self.pending.is_empty() && !self.unread && self.served > 0
+impl core::Peer for ConnIo {
+    fn peer(&self) -> &str {
+        &self.peer
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum WorkerState {
-    /// Spawned; its app is still initialising.
-    Starting,
-    Idle,
-    Busy(ConnKey),
-}
-
-struct Worker {
+/// The shell's part of a worker (the core keeps its lifecycle).
+struct WorkerIo {
     pid: Pid,
-    /// `None` once released: the worker sees EOF and exits.
+    /// `None` once the core has closed it, or the worker has.
     channel: Option<OwnedFd>,
     scoreboard: Scoreboard,
-    state: WorkerState,
-    generation: u64,
-    started: Instant,
-    /// Takes no new connection, and why; exits after the current one.
-    retiring: Option<Retirement>,
-    /// Its --max-worker-age draw: retired once older.
-    age_limit: Option<Duration>,
-    /// Its max-requests draw (0: none).
-    max_requests: u64,
     /// The largest message its generation's limits allow (it may send a
     /// Done that large, whatever the serving generation's limits are now).
     max_message: usize,
-    /// When it was sent SIGTERM for running past `--timeout`, and whether
-    /// SIGKILL followed.
-    killed: Option<(Instant, bool)>,
-    /// When it was last handed a connection.
-    busy_since: Instant,
-    /// When it closed its channel (it should be exiting).
-    channel_lost: Option<Instant>,
-    /// It said in `Ready` that it takes connections sent ahead.
-    accepts_ahead: bool,
-    /// A connection sent to it while busy, to serve next (see `send_ahead`).
-    ahead: Option<ConnKey>,
-    /// Connections sent ahead and taken back, whose `Skipped` has not come
-    /// yet: while any is unread in its channel nothing more is sent ahead,
-    /// so the channel never holds more than two messages from us.
-    skips_pending: u32,
 }
 
-/// Why a worker leaves service (status shows it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Retirement {
-    /// It served its --max-requests-per-child.
-    MaxRequests,
-    /// It passed its --max-worker-age.
-    MaxAge,
-    /// Its private memory passed --max-worker-memory.
-    MaxMemory,
-    /// A newer generation serves.
-    Reloaded,
-    /// Its generation's reload failed.
-    ReloadFailed,
-    /// The worker count went down.
-    ScaledDown,
-    /// Its generation no longer serves or starts.
-    Outdated,
-}
+impl core::Named for WorkerIo {
+    fn pid(&self) -> u32 {
+        self.pid.as_raw() as u32
+    }
 
-impl Retirement {
-    fn as_str(self) -> &'static str {
-        match self {
-            Retirement::MaxRequests => "max-requests",
-            Retirement::MaxAge => "max-worker-age",
-            Retirement::MaxMemory => "max-worker-memory",
-            Retirement::Reloaded => "reload",
-            Retirement::ReloadFailed => "reload failed",
-            Retirement::ScaledDown => "scale",
-            Retirement::Outdated => "old generation",
-        }
+    fn request_line(&self) -> Option<String> {
+        self.scoreboard.slot().current_request()
     }
 }
 
-/// A reload in progress: generation `generation` is starting.
-#[derive(Debug, Clone)]
-struct Reload {
+impl WorkerIo {
+    /// Requests it has completed, from its scoreboard.
+    fn requests(&self) -> u64 {
+        self.scoreboard.slot().requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+type Core = core::Core<ConnIo, WorkerIo>;
+
+/// The code and configuration of a generation a reload is starting (the
+/// core keeps its settings and progress).
+struct ReloadCode {
     generation: u64,
-    /// The code as resolved when the reload began.
     code: Code,
-    /// The configuration the new generation starts with: it becomes the
-    /// supervisor's when that generation serves, and is dropped if the
-    /// reload fails, so a bad or abandoned reload changes nothing.
+    /// Becomes the supervisor's when that generation serves; dropped if
+    /// the reload fails, so a bad or abandoned reload changes nothing.
     config: Config,
-    /// How many workers the new generation needs before it serves.
-    workers: usize,
-    started: Instant,
-    deadline: Instant,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stopping {
-    No,
-    /// TERM/QUIT: finish what is in flight, then exit.
-    Graceful {
-        deadline: Instant,
-    },
-    /// INT: kill the workers and exit.
-    Fast,
-}
-
-/// The supervisor: owns every socket and every worker.
+/// The supervisor: owns every socket and every worker; its decisions are
+/// the core's.
 pub struct Supervisor {
+    core: Core,
     config: Config,
     poller: Poller,
     events: Events,
@@ -235,41 +156,23 @@ pub struct Supervisor {
     /// After EMFILE and the like, accepting pauses until then.
     accept_paused_until: Option<Instant>,
     signals: SignalDelivery<UnixStream, SignalOnly>,
-    conns: Slab<Conn>,
-    workers: Slab<Worker>,
-    dispatcher: Dispatcher<WorkerKey, ConnKey>,
-    backoff: Backoff,
-    /// When the next worker may be started (after a quick death).
-    next_spawn_at: Instant,
-    /// The newest generation started.
-    generation: u64,
-    /// The generation connections are dispatched to.
-    serving_generation: u64,
     /// The code of the serving generation (command and directory),
     /// resolved when that generation started, so its replacements run the
     /// same release.
     serving_code: Code,
-    reload: Option<Reload>,
-    /// Workers wanted per generation (`--workers`, changed by TTIN/TTOU).
-    target_workers: usize,
-    rng: fastrand::Rng,
-    next_conn_id: u64,
+    reload_code: Option<ReloadCode>,
     /// Client reads land here first (idle connections hold no buffer).
     scratch: Vec<u8>,
     /// Messages from workers are received here.
     channel_buf: Vec<u8>,
+    /// Messages to workers are encoded here.
     msg: Vec<u8>,
     next_sweep: Instant,
-    stopping: Stopping,
     /// The control socket and its path (removed on exit).
     control: Option<control::ControlSocket>,
     control_conns: Slab<ControlConn>,
     started: Instant,
-    totals: Totals,
-    last_reload_failure: Option<(String, Instant)>,
     notifier: Notifier,
-    /// READY=1 has been sent for the first generation.
-    ready_notified: bool,
     /// What the workers' scoreboards say about connections waiting for one.
     others_waiting: bool,
     /// Client connections held at most (from the config or the fd limit).
@@ -296,16 +199,18 @@ impl Supervisor {
         );
         loop {
             self.spawn_missing_workers();
-            if self.finished() {
+            if self.core.finished(Instant::now()) {
+                self.carry_out();
                 break;
             }
+            self.carry_out();
             let now = Instant::now();
             let mut wake = self.next_sweep;
             if let Some(t) = self.notifier.next_wake() {
                 wake = wake.min(t);
             }
-            if self.active_workers(self.serving_generation) < self.wanted_workers(self.serving_generation) {
-                wake = wake.min(self.next_spawn_at);
+            if let Some(t) = self.core.spawn_wake() {
+                wake = wake.min(t);
             }
             let timeout = wake.saturating_duration_since(now).min(SWEEP_INTERVAL);
             self.events.clear();
@@ -313,12 +218,14 @@ impl Supervisor {
             let keys: Vec<usize> = self.events.iter().map(|e| e.key).collect();
             for key in keys {
                 self.on_event(key);
+                self.carry_out();
                 self.debug_check_invariants();
             }
             self.publish_queue_state();
             let now = Instant::now();
             if now >= self.next_sweep {
                 self.sweep(now);
+                self.carry_out();
                 self.next_sweep = now + SWEEP_INTERVAL;
                 self.debug_check_invariants();
             }
@@ -341,11 +248,122 @@ impl Supervisor {
         } else if key >= CONTROL_BASE {
             self.on_control_event(key - CONTROL_BASE);
         } else if key >= WORKER_BASE {
-            self.on_channel_readable(key - WORKER_BASE);
+            self.on_channel_readable(WorkerKey(key - WORKER_BASE));
         } else if key >= LISTENER_BASE {
             self.on_listener_readable(key - LISTENER_BASE);
         } else {
-            self.on_conn_readable(key);
+            self.on_conn_readable(ConnKey(key));
         }
+    }
+
+    /// Carries out what the core has decided, in order, until nothing is
+    /// left (what an action finds out may lead the core to decide more).
+    fn carry_out(&mut self) {
+        while let Some(action) = self.core.next_action() {
+            match action {
+                Action::Signal { worker, signal } => {
+                    let signal = match signal {
+                        core::Signal::Term => Signal::SIGTERM,
+                        core::Signal::Kill => Signal::SIGKILL,
+                    };
+                    if let Some(w) = self.core.worker(worker) {
+                        let _ = kill(w.io.pid, signal);
+                    }
+                }
+                Action::CloseChannel { worker } => {
+                    if let Some(ch) = self.core.worker_io_mut(worker).and_then(|w| w.channel.take()) {
+                        let _ = self.poller.delete(&ch);
+                    }
+                }
+                Action::Resume { conn } => self.resume_reading(conn),
+                Action::CloseAfterResponse { conn } => self.close_after_response(conn),
+                Action::Close { conn } => self.close_now(conn),
+                Action::HeadTimedOut { conn } => {
+                    self.reject(conn, Rejection { status: 408, reason: "request not received in time" })
+                }
+                Action::Claimed { conn } => {
+                    if let Some(c) = self.core.conn_io_mut(conn) {
+                        // The worker has it for sure: idle connections stay cheap.
+                        c.pending.release();
+                    }
+                }
+                Action::Drain => {
+                    for (_, w) in self.core.workers() {
+                        w.io.scoreboard.slot().set_draining();
+                    }
+                }
+                Action::Notify(Notice::Ready) => {
+                    let line = self.status_line();
+                    self.notifier.ready(line);
+                }
+                Action::Notify(Notice::Reloading) => self.notifier.reloading(),
+                Action::Notify(Notice::Stopping) => self.notifier.stopping(),
+                Action::ReloadFinished { generation, outcome } => self.reload_finished(generation, outcome),
+            }
+        }
+        self.update_accepting();
+    }
+}
+
+/// The core's [`Port`]: Assigns over the workers' channels, and the
+/// scoreboards' compare-and-swap.
+struct Wire<'a> {
+    /// The encoding buffer.
+    msg: &'a mut Vec<u8>,
+}
+
+impl Port<ConnIo, WorkerIo> for Wire<'_> {
+    fn assign(
+        &mut self,
+        worker: &WorkerIo,
+        conn: &mut ConnIo,
+        id: u64,
+        served: u32,
+        ahead: bool,
+    ) -> Result<(), SendError> {
+        let channel = worker.channel.as_ref().ok_or(SendError::Gone)?;
+        ToWorker::Assign { conn_id: id, served, peer: &conn.peer, data: conn.pending.bytes(), ahead }
+            .encode(self.msg);
+        match wire::send(channel.as_fd(), self.msg, Some(conn.fd.as_fd())) {
+            Ok(()) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET)) => {
+                return Err(SendError::Gone)
+            }
+            Err(e) => return Err(SendError::Failed(e.to_string())),
+        }
+        // Whether the worker wrote on it is told by the scoreboard
+        // (`wrote_on`); this count is only for workers too old to say, and
+        // for one sent ahead errs on the side of "close" rather than "502".
+        conn.written_before = worker.scoreboard.slot().written();
+        if !ahead {
+            // Idle connections must stay cheap: drop the buffer, not just
+            // clear it. One sent ahead keeps it until the worker has it for sure.
+            conn.pending.release();
+        }
+        Ok(())
+    }
+
+    fn offer_ahead(&mut self, worker: &WorkerIo, id: u64) -> bool {
+        worker.scoreboard.slot().offer_ahead(id)
+    }
+
+    fn revoke_ahead(&mut self, worker: &WorkerIo, id: u64) -> bool {
+        worker.scoreboard.slot().revoke_ahead(id)
+    }
+
+    fn request_age(&self, worker: &WorkerIo) -> Option<Duration> {
+        worker.scoreboard.slot().request_age_ms().map(Duration::from_millis)
+    }
+
+    fn wrote_on(&self, worker: &WorkerIo, conn: &ConnIo, id: u64) -> bool {
+        worker.scoreboard.slot().wrote_on(id, conn.written_before)
+    }
+
+    fn served(&self, worker: &WorkerIo) -> u64 {
+        worker.requests()
+    }
+
+    fn private_memory(&self, worker: &WorkerIo) -> Option<u64> {
+        status::smaps(worker.pid.as_raw()).map(|(private_kib, _)| private_kib.saturating_mul(1024))
     }
 }

@@ -1,21 +1,22 @@
-//! Generations: reloads (HUP, `monodon reload`) with the configuration
-//! they re-read, their success or abandonment, and scaling.
+//! A reload's part in the shell: the configuration re-read and the code
+//! resolved for the new generation, and that configuration adopted when
+//! the generation serves (the core decides when).
 
 use std::time::Instant;
 
 use log::{error, info, warn};
-use nix::sys::signal::{kill, Signal};
 
 use super::setup::open_access_log;
-use super::{Reload, Retirement, Stopping, Supervisor, WorkerKey, WorkerState};
+use super::{ReloadCode, Supervisor};
 use crate::config::Config;
+use crate::core::Settings;
 use crate::spawn::Code;
 
 impl Supervisor {
     /// Starts a new generation (after re-reading the config file, if there
     /// is one); the generation started, or why none was.
     pub(super) fn begin_reload(&mut self) -> Result<u64, String> {
-        if self.stopping != Stopping::No {
+        if self.core.stopping() != crate::core::Stopping::No {
             return Err("the supervisor is stopping".into());
         }
         let read = match self.config.source.clone() {
@@ -32,37 +33,23 @@ impl Supervisor {
             Ok((fresh, code)) => (self.settle_config(fresh), code),
             Err(e) => {
                 let message = format!("reload refused: {e}");
-                error!("{message}; generation {} keeps serving", self.serving_generation);
-                self.totals.failed_reloads += 1;
-                self.last_reload_failure = Some((message.clone(), Instant::now()));
+                error!("{message}; generation {} keeps serving", self.core.serving_generation());
+                self.core.reload_refused(message.clone(), Instant::now());
                 return Err(message);
             }
         };
-        if let Some(r) = self.reload.take() {
-            self.abandon_reload(r, "superseded by a newer reload");
-        }
         // A changed `workers` is the new size; otherwise the current target
         // (TTIN/TTOU and `monodon scale` may have moved it) carries over.
-        let workers = if fresh.workers != self.config.workers { fresh.workers } else { self.target_workers };
-        self.generation += 1;
-        self.totals.reloads += 1;
-        self.notifier.reloading();
-        let now = Instant::now();
+        let workers =
+            if fresh.workers != self.config.workers { fresh.workers } else { self.core.target_workers() };
+        let generation = self.core.begin_reload(Settings::from(&fresh), workers, Instant::now())?;
         info!(
-            "reload: starting generation {} ({workers} workers) from {:?}{}",
-            self.generation,
+            "reload: starting generation {generation} ({workers} workers) from {:?}{}",
             code.command,
             code.dir.as_ref().map(|d| format!(" in {}", d.display())).unwrap_or_default()
         );
-        self.reload = Some(Reload {
-            generation: self.generation,
-            code,
-            started: now,
-            deadline: now + fresh.reload_timeout,
-            config: fresh,
-            workers,
-        });
-        Ok(self.generation)
+        self.reload_code = Some(ReloadCode { generation, code, config: fresh });
+        Ok(generation)
     }
 
     /// Fresh settings for the next generation, less what only a new
@@ -85,14 +72,23 @@ impl Supervisor {
         fresh
     }
 
-    /// The new generation serves: its configuration becomes the supervisor's.
-    fn adopt_config(&mut self, fresh: Config, workers: usize) {
-        let old = &self.config;
-        if workers != self.target_workers {
-            info!("config: workers {} -> {workers}", self.target_workers);
+    /// A reload ended: on success its code and configuration become the
+    /// supervisor's; either way, the control clients waiting are answered.
+    pub(super) fn reload_finished(&mut self, generation: u64, outcome: Result<String, String>) {
+        let ours = self.reload_code.as_ref().is_some_and(|r| r.generation == generation);
+        if ours {
+            if let Some(reload) = self.reload_code.take().filter(|_| outcome.is_ok()) {
+                self.serving_code = reload.code;
+                self.adopt_config(reload.config);
+            }
         }
-        self.target_workers = workers;
-        self.dispatcher.set_capacity(fresh.queue_capacity);
+        self.answer_reload_waiters(generation, outcome);
+    }
+
+    /// The new generation serves: its configuration becomes the supervisor's
+    /// (the core has adopted its settings already).
+    fn adopt_config(&mut self, fresh: Config) {
+        let old = &self.config;
         if (&fresh.access_log, &fresh.access_log_format) != (&old.access_log, &old.access_log_format) {
             match open_access_log(&fresh) {
                 Ok(log) => self.access_log = log,
@@ -100,114 +96,5 @@ impl Supervisor {
             }
         }
         self.config = fresh;
-    }
-
-    /// Stops a reload's workers; the serving generation carries on.
-    /// The caller has taken `reload` out of `self.reload`.
-    pub(super) fn abandon_reload(&mut self, reload: Reload, reason: &str) {
-        error!(
-            "reload to generation {} failed: {reason}; generation {} keeps serving",
-            reload.generation, self.serving_generation
-        );
-        let doomed: Vec<WorkerKey> =
-            self.workers.iter().filter(|(_, w)| w.generation == reload.generation).map(|(k, _)| k).collect();
-        for wkey in doomed {
-            self.retire(wkey, Retirement::ReloadFailed);
-            let _ = kill(self.workers[wkey].pid, Signal::SIGTERM);
-        }
-        let message = format!("reload to generation {} failed: {reason}", reload.generation);
-        self.totals.failed_reloads += 1;
-        self.last_reload_failure = Some((message.clone(), Instant::now()));
-        self.reload_finished(reload.generation, Err(message));
-        if self.stopping == Stopping::No {
-            let line = self.status_line();
-            self.notifier.ready(line);
-        }
-    }
-
-    /// Switches dispatch to the new generation once all of it is ready.
-    pub(super) fn maybe_finish_reload(&mut self) {
-        let Some(reload) = self.reload.as_ref() else { return };
-        let ready: Vec<WorkerKey> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| {
-                w.generation == reload.generation && w.retiring.is_none() && w.state == WorkerState::Idle
-            })
-            .map(|(k, _)| k)
-            .collect();
-        if ready.len() < reload.workers {
-            return;
-        }
-        let Some(reload) = self.reload.take() else { return };
-        let old = self.serving_generation;
-        self.serving_generation = reload.generation;
-        self.serving_code = reload.code.clone();
-        self.adopt_config(reload.config, reload.workers);
-        let outgoing: Vec<WorkerKey> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| w.generation != reload.generation && w.retiring.is_none())
-            .map(|(k, _)| k)
-            .collect();
-        let retired = outgoing.len();
-        for wkey in outgoing {
-            self.retire(wkey, Retirement::Reloaded);
-        }
-        for wkey in ready {
-            self.worker_idle(wkey);
-        }
-        let message = format!(
-            "generation {} serving after {:.1?}; retiring {retired} workers of generation {old}",
-            reload.generation,
-            reload.started.elapsed()
-        );
-        info!("reload: {message}");
-        self.reload_finished(reload.generation, Ok(message));
-        let line = self.status_line();
-        self.notifier.ready(line);
-    }
-
-    /// SIGTTIN / SIGTTOU: one worker more or less.
-    pub(super) fn scale(&mut self, delta: i32) {
-        if self.stopping != Stopping::No {
-            return;
-        }
-        if delta < 0 && self.target_workers <= 1 {
-            warn!("SIGTTOU ignored: already down to one worker");
-            return;
-        }
-        let target = if delta > 0 { self.target_workers + 1 } else { self.target_workers - 1 };
-        self.set_target_workers(target.min(4096));
-    }
-
-    /// Sets the number of workers per generation; surplus workers retire,
-    /// idle ones first.
-    pub(super) fn set_target_workers(&mut self, target: usize) {
-        let serving = self.serving_generation;
-        self.target_workers = target;
-        // The operator's word holds for a generation on its way in too.
-        if let Some(r) = &mut self.reload {
-            r.workers = target;
-        }
-        let mut candidates: Vec<(u8, WorkerKey)> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| w.generation == serving && w.retiring.is_none())
-            .map(|(k, w)| {
-                let rank = match w.state {
-                    WorkerState::Idle => 0,
-                    WorkerState::Starting => 1,
-                    WorkerState::Busy(_) => 2,
-                };
-                (rank, k)
-            })
-            .collect();
-        candidates.sort();
-        let surplus = candidates.len().saturating_sub(target);
-        for &(_, wkey) in candidates.iter().take(surplus) {
-            self.retire(wkey, Retirement::ScaledDown);
-        }
-        info!("scaled to {target} workers");
     }
 }

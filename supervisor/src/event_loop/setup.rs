@@ -14,12 +14,11 @@ use signal_hook::iterator::backend::SignalDelivery;
 use signal_hook::iterator::exfiltrator::SignalOnly;
 use slab::Slab;
 
-use super::{control, Stopping, Supervisor, CONTROL_KEY, LISTENER_BASE, READ_CHUNK, SIGNAL_KEY};
+use super::{control, Core, Supervisor, CONTROL_KEY, LISTENER_BASE, READ_CHUNK, SIGNAL_KEY};
 use crate::config::Config;
-use crate::control::Totals;
+use crate::core::Settings;
 use crate::listener::Listener;
 use crate::notify::Notifier;
-use crate::sched::{Backoff, Dispatcher};
 use crate::spawn::Code;
 
 impl Supervisor {
@@ -102,9 +101,9 @@ impl Supervisor {
         };
         let now = Instant::now();
         Ok(Supervisor {
-            target_workers: config.workers,
+            core: Core::new(Settings::from(&config), config.workers, now, fastrand::u64(..)),
             serving_code: Code::resolve(&config.worker_command, config.chdir.as_deref())?,
-            dispatcher: Dispatcher::new(config.queue_capacity),
+            reload_code: None,
             config,
             poller,
             events: Events::new(),
@@ -112,27 +111,14 @@ impl Supervisor {
             accepting: true,
             accept_paused_until: None,
             signals,
-            conns: Slab::new(),
-            workers: Slab::new(),
-            backoff: Backoff::default(),
-            next_spawn_at: now,
-            generation: 1,
-            serving_generation: 1,
-            reload: None,
-            rng: fastrand::Rng::new(),
-            next_conn_id: 1,
             scratch: vec![0; READ_CHUNK],
             channel_buf: Vec::new(),
             msg: Vec::with_capacity(READ_CHUNK),
             next_sweep: now,
-            stopping: Stopping::No,
             control,
             control_conns: Slab::new(),
             started: now,
-            totals: Totals::default(),
-            last_reload_failure: None,
             notifier: Notifier::from_env(),
-            ready_notified: false,
             others_waiting: false,
             max_connections,
             rate_sample: (now, 0),

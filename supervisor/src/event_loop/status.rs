@@ -3,8 +3,9 @@
 
 use std::time::Instant;
 
-use super::{ConnState, Stopping, Supervisor, WorkerState};
+use super::Supervisor;
 use crate::control::{ConnectionCounts, GenerationStatus, ReloadStatus, Status, WorkerCounts, WorkerStatus};
+use crate::core::{Activity, Place, Stopping};
 use crate::spawn::{Code, FileIdentity};
 
 impl Supervisor {
@@ -18,29 +19,32 @@ impl Supervisor {
     /// STATUS= line, which shows neither.
     fn snapshot(&self, detail: bool) -> Status {
         let now = Instant::now();
-        let mut connections = ConnectionCounts { total: self.conns.len(), ..Default::default() };
-        for (_, c) in &self.conns {
-            match c.state {
-                ConnState::Reading if c.pending.is_empty() => connections.idle += 1,
-                ConnState::Reading => connections.reading_head += 1,
-                ConnState::Queued => connections.queued += 1,
-                ConnState::InWorker { .. } => connections.in_workers += 1,
-                ConnState::Lingering => connections.lingering += 1,
+        let mut connections = ConnectionCounts { total: self.core.conn_count(), ..Default::default() };
+        for (_, c) in self.core.conns() {
+            match c.place {
+                Place::Reading { .. } if c.io.pending.is_empty() => connections.idle += 1,
+                Place::Reading { .. } => connections.reading_head += 1,
+                Place::Queued => connections.queued += 1,
+                Place::InWorker { .. } => connections.in_workers += 1,
+                Place::Lingering { .. } => connections.lingering += 1,
             }
         }
-        let mut workers =
-            WorkerCounts { target: self.target_workers, total: self.workers.len(), ..Default::default() };
-        let mut worker_list = Vec::with_capacity(self.workers.len());
+        let mut workers = WorkerCounts {
+            target: self.core.target_workers(),
+            total: self.core.worker_count(),
+            ..Default::default()
+        };
+        let mut worker_list = Vec::with_capacity(self.core.worker_count());
         let mut live_requests = 0;
-        for (_, w) in &self.workers {
-            let slot = w.scoreboard.slot();
+        for (_, w) in self.core.workers() {
+            let slot = w.io.scoreboard.slot();
             let requests = slot.requests.load(std::sync::atomic::Ordering::Relaxed);
             live_requests += requests;
-            let state = match (w.retiring, w.state) {
+            let state = match (w.retiring(), w.activity) {
                 (Some(_), _) => "retiring",
-                (None, WorkerState::Starting) => "starting",
-                (None, WorkerState::Idle) => "idle",
-                (None, WorkerState::Busy(_)) => "busy",
+                (None, Activity::Starting) => "starting",
+                (None, Activity::Idle) => "idle",
+                (None, Activity::Busy { .. }) => "busy",
             };
             match state {
                 "retiring" => workers.retiring += 1,
@@ -48,29 +52,28 @@ impl Supervisor {
                 "idle" => workers.idle += 1,
                 _ => workers.busy += 1,
             }
-            let (request, request_secs, response_started) = match w.state {
-                WorkerState::Busy(ckey) => {
-                    let started = match self.conns.get(ckey).map(|c| c.state) {
-                        Some(ConnState::InWorker { written_before, .. }) => {
-                            self.conns.get(ckey).map(|c| slot.wrote_on(c.id, written_before))
-                        }
-                        _ => None,
-                    };
+            let (request, request_secs, response_started) = match w.current() {
+                Some(ckey) => {
+                    let started = self
+                        .core
+                        .conn(ckey)
+                        .filter(|c| matches!(c.place, Place::InWorker { .. }))
+                        .map(|c| slot.wrote_on(c.id, c.io.written_before));
                     let secs = slot.request_age_ms().map(|ms| ms as f64 / 1000.0);
                     let request = slot.current_request().unwrap_or_else(|| "(not started yet)".to_owned());
                     (Some(request), secs, started)
                 }
-                _ => (None, None, None),
+                None => (None, None, None),
             };
-            let mem = if detail { smaps(w.pid.as_raw()) } else { None };
+            let mem = if detail { smaps(w.io.pid.as_raw()) } else { None };
             worker_list.push(WorkerStatus {
-                pid: w.pid.as_raw() as u32,
+                pid: w.io.pid.as_raw() as u32,
                 generation: w.generation,
                 state: state.to_owned(),
                 requests,
                 age_secs: now.duration_since(w.started).as_secs_f64(),
-                rss_kib: rss_kib(w.pid.as_raw()),
-                retiring_because: w.retiring.map(|r| r.as_str().to_owned()),
+                rss_kib: rss_kib(w.io.pid.as_raw()),
+                retiring_because: w.retiring().map(|r| r.as_str().to_owned()),
                 private_kib: mem.map(|m| m.0),
                 shared_kib: mem.map(|m| m.1),
                 request,
@@ -79,30 +82,29 @@ impl Supervisor {
             });
         }
         worker_list.sort_by_key(|w| (w.generation, w.pid));
-        let mut totals = self.totals.clone();
+        let mut totals = self.core.totals().clone();
         totals.requests += live_requests;
+        let reload_started = self.core.reload().map(|r| r.started);
+        let last_failure = self.core.last_reload_failure();
         let reload = ReloadStatus {
-            state: if self.stopping != Stopping::No {
+            state: if self.core.stopping() != Stopping::No {
                 "stopping"
-            } else if self.reload.is_some() {
+            } else if self.core.reload().is_some() {
                 "reloading"
             } else {
                 "idle"
             }
             .to_owned(),
-            generation: self.reload.as_ref().map(|r| r.generation),
-            for_secs: self.reload.as_ref().map(|r| now.duration_since(r.started).as_secs_f64()),
-            last_failure: self.last_reload_failure.as_ref().map(|(why, _)| why.clone()),
-            last_failure_ago_secs: self
-                .last_reload_failure
-                .as_ref()
-                .map(|(_, at)| now.duration_since(*at).as_secs_f64()),
+            generation: self.core.reload().map(|r| r.generation),
+            for_secs: reload_started.map(|at| now.duration_since(at).as_secs_f64()),
+            last_failure: last_failure.map(|(why, _)| why.clone()),
+            last_failure_ago_secs: last_failure.map(|(_, at)| now.duration_since(*at).as_secs_f64()),
         };
         Status {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             pid: std::process::id(),
             uptime_secs: now.duration_since(self.started).as_secs_f64(),
-            generation: self.serving_generation,
+            generation: self.core.serving_generation(),
             listeners: self.listeners.iter().map(|l| l.addr.to_string()).collect(),
             control: self.control.as_ref().map(|c| c.path.display().to_string()).unwrap_or_default(),
             reload,
@@ -111,8 +113,8 @@ impl Supervisor {
             totals,
             requests_per_sec: self.requests_per_sec,
             generations: if detail {
-                std::iter::once(generation_status(self.serving_generation, true, &self.serving_code))
-                    .chain(self.reload.iter().map(|r| generation_status(r.generation, false, &r.code)))
+                std::iter::once(generation_status(self.core.serving_generation(), true, &self.serving_code))
+                    .chain(self.reload_code.iter().map(|r| generation_status(r.generation, false, &r.code)))
                     .collect()
             } else {
                 Vec::new()
@@ -123,12 +125,8 @@ impl Supervisor {
 
     /// Requests completed, by live and departed workers.
     pub(super) fn total_requests(&self) -> u64 {
-        let live: u64 = self
-            .workers
-            .iter()
-            .map(|(_, w)| w.scoreboard.slot().requests.load(std::sync::atomic::Ordering::Relaxed))
-            .sum();
-        self.totals.requests + live
+        let live: u64 = self.core.workers().map(|(_, w)| w.io.requests()).sum();
+        self.core.totals().requests + live
     }
 
     /// A one-line summary for systemd's `STATUS=`.

@@ -1,14 +1,13 @@
-//! Signals, stopping (graceful and fast), and the periodic sweep of
-//! timeouts.
+//! Signals, the listeners' part of a stop, and the periodic sweep.
 
 use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
-use monodon_proto::http::Rejection;
+use log::{debug, info};
 use nix::sys::signal::{kill, Signal};
 use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1};
 
-use super::{ConnKey, ConnState, Stopping, Supervisor, WorkerKey, WorkerState, MEMORY_CHECK_INTERVAL};
+use super::{Supervisor, Wire, MEMORY_CHECK_INTERVAL};
+use crate::core::Activity;
 
 impl Supervisor {
     pub(super) fn on_signals(&mut self) {
@@ -21,42 +20,23 @@ impl Supervisor {
                 SIGHUP => {
                     let _ = self.begin_reload();
                 }
-                SIGTTIN => self.scale(1),
-                SIGTTOU => self.scale(-1),
+                SIGTTIN => self.core.scale(1, &mut Wire { msg: &mut self.msg }, Instant::now()),
+                SIGTTOU => self.core.scale(-1, &mut Wire { msg: &mut self.msg }, Instant::now()),
                 SIGUSR1 => self.reopen_logs(),
                 other => debug!("ignoring signal {other}"),
             }
+            self.carry_out();
         }
     }
 
     pub(super) fn begin_graceful_stop(&mut self) {
-        if self.stopping != Stopping::No {
-            return;
-        }
-        info!(
-            "graceful stop: finishing {} busy and {} queued connections",
-            self.conns.iter().filter(|(_, c)| matches!(c.state, ConnState::InWorker { .. })).count(),
-            self.dispatcher.queued()
-        );
-        self.stopping = Stopping::Graceful { deadline: Instant::now() + self.config.graceful_timeout };
-        self.notifier.stopping();
-        if let Some(r) = self.reload.take() {
-            self.abandon_reload(r, "the supervisor is stopping");
-        }
-        // Responses still being produced say `Connection: close`.
-        for (_, w) in &self.workers {
-            w.scoreboard.slot().set_draining();
-        }
+        self.core.stop_gracefully(Instant::now());
         self.close_listeners();
-        // Idle keep-alive connections close now; a request on its way (part
-        // of a head, or a new connection whose first request has not arrived:
-        // inherited listeners may lack TCP_DEFER_ACCEPT) is let in, bounded by
-        // the head timeout, and served.
-        let idle: Vec<ConnKey> = self.conns.iter().filter(|(_, c)| c.is_idle()).map(|(k, _)| k).collect();
-        for key in idle {
-            self.close_now(key);
-        }
-        self.release_idle_workers();
+    }
+
+    pub(super) fn begin_fast_stop(&mut self) {
+        self.core.stop_fast(Instant::now());
+        self.close_listeners();
     }
 
     /// SIGUSR1: the supervisor and its workers reopen the access log (after
@@ -67,25 +47,15 @@ impl Supervisor {
             log.reopen();
         }
         let mut told = 0;
-        for (_, w) in &self.workers {
-            if w.state != WorkerState::Starting && kill(w.pid, Signal::SIGUSR1).is_ok() {
+        for (_, w) in self.core.workers() {
+            if w.activity != Activity::Starting && kill(w.io.pid, Signal::SIGUSR1).is_ok() {
                 told += 1;
             }
         }
         info!("SIGUSR1: {told} workers reopen their access log");
     }
 
-    pub(super) fn begin_fast_stop(&mut self) {
-        info!("fast stop: killing {} workers", self.workers.len());
-        self.stopping = Stopping::Fast;
-        self.notifier.stopping();
-        self.close_listeners();
-        for (_, w) in &self.workers {
-            let _ = kill(w.pid, Signal::SIGKILL);
-        }
-    }
-
-    pub(super) fn close_listeners(&mut self) {
+    fn close_listeners(&mut self) {
         for l in &self.listeners {
             let _ = self.poller.delete(l.fd());
         }
@@ -96,61 +66,21 @@ impl Supervisor {
         self.listeners.clear();
     }
 
-    /// While stopping, a worker with nothing left to do gets its channel
-    /// closed, which tells it to exit.
-    pub(super) fn release_idle_workers(&mut self) {
-        if self.stopping == Stopping::No || self.requests_pending() {
-            return;
-        }
-        let done: Vec<WorkerKey> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| {
-                w.channel.is_some() && matches!(w.state, WorkerState::Idle | WorkerState::Starting)
-            })
-            .map(|(k, _)| k)
-            .collect();
-        for wkey in done {
-            self.release(wkey);
-        }
-    }
-
-    /// Requests not yet handed to a worker: queued, or with part of a head.
-    pub(super) fn requests_pending(&self) -> bool {
-        self.dispatcher.queued() > 0
-            || self.conns.iter().any(|(_, c)| c.state == ConnState::Reading && !c.is_idle())
-    }
-
-    pub(super) fn finished(&mut self) -> bool {
-        match self.stopping {
-            Stopping::No => false,
-            Stopping::Fast => self.workers.is_empty(),
-            Stopping::Graceful { deadline } => {
-                if Instant::now() >= deadline && !self.workers.is_empty() {
-                    warn!("graceful stop timed out: killing {} workers", self.workers.len());
-                    for (_, w) in &self.workers {
-                        let _ = kill(w.pid, Signal::SIGKILL);
-                    }
-                    self.stopping = Stopping::Fast;
-                }
-                self.workers.is_empty()
-            }
-        }
-    }
-
     /// Tells the workers whether connections wait for one of them, so that
     /// none lingers on its own keep-alive client meanwhile (read-ahead).
     pub(super) fn publish_queue_state(&mut self) {
-        let waiting = self.dispatcher.queued() > 0;
+        let waiting = self.core.queued() > 0;
         if waiting != self.others_waiting {
             self.others_waiting = waiting;
-            for (_, w) in &self.workers {
-                w.scoreboard.slot().set_others_waiting(waiting);
+            for (_, w) in self.core.workers() {
+                w.io.scoreboard.slot().set_others_waiting(waiting);
             }
         }
     }
 
-    /// Closes connections whose head, idle or linger time is up.
+    /// The periodic work: the request rate, systemd's watchdog and status,
+    /// a paused accept resumed, and the core's tick (timeouts, stuck
+    /// workers, recycling by age and memory).
     pub(super) fn sweep(&mut self, now: Instant) {
         let elapsed = now.duration_since(self.rate_sample.0);
         if elapsed >= Duration::from_secs(1) {
@@ -158,53 +88,19 @@ impl Supervisor {
             self.requests_per_sec = total.saturating_sub(self.rate_sample.1) as f64 / elapsed.as_secs_f64();
             self.rate_sample = (now, total);
         }
-        if self.ready_notified && self.notifier.enabled() {
+        if self.core.ready_notified() && self.notifier.enabled() {
             // The status line reads /proc for every worker: only when due.
             let line = self.notifier.status_due(now).then(|| self.status_line());
             self.notifier.tick(now, line);
-        }
-        let expired: Vec<(ConnKey, bool)> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| {
-                matches!(c.state, ConnState::Reading | ConnState::Lingering) && c.deadline <= now
-            })
-            .map(|(k, c)| (k, c.state == ConnState::Reading && !c.pending.is_empty()))
-            .collect();
-        for (key, mid_head) in expired {
-            if mid_head {
-                self.reject(key, Rejection { status: 408, reason: "request not received in time" });
-            } else {
-                self.close_now(key);
-            }
         }
         if self.accept_paused_until.is_some_and(|t| now >= t) {
             self.accept_paused_until = None;
             self.update_accepting();
         }
-        if matches!(self.stopping, Stopping::Graceful { .. }) {
-            self.release_idle_workers();
-        }
-        if self.reload.as_ref().is_some_and(|r| now >= r.deadline) {
-            let reload = self.reload.take().expect("checked above");
-            let ready = self
-                .workers
-                .iter()
-                .filter(|(_, w)| w.generation == reload.generation && w.state == WorkerState::Idle)
-                .count();
-            let reason = format!(
-                "only {ready} of {} workers ready after --reload-timeout {:?}",
-                reload.workers, reload.config.reload_timeout
-            );
-            self.abandon_reload(reload, &reason);
-        }
-        self.check_stuck_workers(now);
         let read_memory = now >= self.next_memory_check;
         if read_memory {
             self.next_memory_check = now + MEMORY_CHECK_INTERVAL;
         }
-        if self.stopping == Stopping::No {
-            self.retire_aged_and_grown(now, read_memory);
-        }
+        self.core.tick(now, read_memory, &mut Wire { msg: &mut self.msg });
     }
 }

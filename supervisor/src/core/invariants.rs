@@ -1,0 +1,129 @@
+//! The core's invariants, written as code. The shell checks them after
+//! every event in debug builds (so every integration test runs under
+//! them) and the simulation after every step; a violation names what broke.
+
+use std::collections::{HashMap, HashSet};
+
+use super::{Activity, ConnKey, Core, Named, Peer, Place, Stopping, WorkerKey};
+
+/// Who holds a connection (how many of them is checked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holder {
+    Queue,
+    Busy(WorkerKey),
+    Ahead(WorkerKey),
+}
+
+impl<C: Peer, W: Named> Core<C, W> {
+    /// Every invariant, or the first that does not hold.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        self.check_conns()?;
+        self.check_idle_workers()?;
+        self.check_generations()
+    }
+
+    /// Each connection is in exactly one place, and its place says which.
+    fn check_conns(&self) -> Result<(), String> {
+        // Who holds each connection, seen from the workers and the queue:
+        // how many, and the first (no allocation per holder: this runs
+        // after every event).
+        let mut holders: HashMap<ConnKey, (usize, Holder)> = HashMap::new();
+        let mut hold = |conn: ConnKey, by: Holder| holders.entry(conn).or_insert((0, by)).0 += 1;
+        for (wkey, w) in self.workers() {
+            if w.skips_pending > 1 {
+                return Err(format!("worker {wkey} owes {} Skipped", w.skips_pending));
+            }
+            let Activity::Busy { conn, ahead, .. } = w.activity else { continue };
+            hold(conn, Holder::Busy(wkey));
+            if let Some(next) = ahead {
+                hold(next, Holder::Ahead(wkey));
+                if next == conn {
+                    return Err(format!("worker {wkey} has connection {conn} both current and ahead"));
+                }
+                // At most two messages of ours in its channel: the current
+                // Assign (maybe unread) and this one; none while a Skipped is due.
+                if w.skips_pending > 0 {
+                    return Err(format!("worker {wkey} was sent ahead with a Skipped still due"));
+                }
+            }
+        }
+        for ckey in self.dispatcher.waiting() {
+            hold(*ckey, Holder::Queue);
+        }
+        for (ckey, conn) in self.conns() {
+            let held = holders.remove(&ckey);
+            let expected = match conn.place {
+                Place::Queued => Some(Holder::Queue),
+                Place::InWorker { worker, ahead: false } => Some(Holder::Busy(worker)),
+                Place::InWorker { worker, ahead: true } => Some(Holder::Ahead(worker)),
+                Place::Reading { .. } | Place::Lingering { .. } => None,
+            };
+            let as_expected = match (held, expected) {
+                (None, None) => true,
+                (Some((1, by)), Some(want)) => by == want,
+                _ => false,
+            };
+            if !as_expected {
+                return Err(format!("connection {ckey} ({:?}) is held by {held:?}", conn.place));
+            }
+        }
+        if let Some((ckey, held)) = holders.into_iter().next() {
+            return Err(format!("{held:?} hold connection {ckey}, which does not exist"));
+        }
+        Ok(())
+    }
+
+    /// Idle workers: of the serving generation, in service, reachable, each
+    /// listed once; and no connection waits while one of them is free.
+    fn check_idle_workers(&self) -> Result<(), String> {
+        let idle = self.dispatcher.idle();
+        for &wkey in idle {
+            let Some(w) = self.worker(wkey) else {
+                return Err(format!("idle worker {wkey} does not exist"));
+            };
+            let usable = w.activity == Activity::Idle && w.reachable() && w.generation == self.serving;
+            if !usable {
+                return Err(format!(
+                    "worker {wkey} is offered as idle but is {:?} (generation {}, {:?}, channel {:?})",
+                    w.activity, w.generation, w.service, w.channel
+                ));
+            }
+            if self.dispatcher.queued() > 0 {
+                return Err(format!(
+                    "{} connections wait while worker {wkey} is idle",
+                    self.dispatcher.queued()
+                ));
+            }
+        }
+        if idle.len() != idle.iter().collect::<HashSet<_>>().len() {
+            return Err(format!("a worker is offered as idle twice: {idle:?}"));
+        }
+        Ok(())
+    }
+
+    /// Generations: a reload starts the newest one, newer than the one
+    /// serving; only the serving generation (and older ones finishing)
+    /// ever has a connection; nothing reloads while stopping.
+    fn check_generations(&self) -> Result<(), String> {
+        if let Some(r) = &self.reload {
+            if r.generation <= self.serving || r.generation != self.newest {
+                return Err(format!(
+                    "reload to generation {} with generation {} serving, {} the newest",
+                    r.generation, self.serving, self.newest
+                ));
+            }
+            if self.stopping != Stopping::No {
+                return Err(format!("reload to generation {} while stopping", r.generation));
+            }
+        }
+        for (wkey, w) in self.workers() {
+            if w.generation > self.serving && w.current().is_some() {
+                return Err(format!(
+                    "worker {wkey} of generation {} serves before its generation",
+                    w.generation
+                ));
+            }
+        }
+        Ok(())
+    }
+}

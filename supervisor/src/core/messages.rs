@@ -1,0 +1,209 @@
+//! What workers say (Ready, Done, Retiring, Skipped), their channels
+//! closing, and their exits: what their connection is answered, back-off,
+//! and what an exit does to a reload.
+
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+
+use super::{
+    Action, Activity, Channel, ConnKey, Core, Named, Peer, Place, Port, Retirement, Service, Stopping,
+    WorkerKey,
+};
+
+/// A message the worker had no business sending; it has been killed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Misbehaviour(pub &'static str);
+
+/// A worker has exited: its part, and what became of its connection.
+pub struct Exit<W> {
+    pub io: W,
+    pub generation: u64,
+    pub lived: Duration,
+    /// The connection it was serving, now lingering, and the status to
+    /// answer first (502 died, 504 killed for --timeout) unless it had
+    /// already written a response byte.
+    pub conn: Option<(ConnKey, Option<u16>)>,
+    /// How long it had been on that connection.
+    pub busy_for: Option<Duration>,
+    /// It was retiring or the supervisor is stopping: no alarm, no back-off.
+    pub expected: bool,
+    /// It had been killed for --timeout.
+    pub killed: bool,
+}
+
+impl<C: Peer, W: Named> Core<C, W> {
+    /// Ready: its app is up; `accepts_ahead` if it takes connections sent ahead.
+    pub fn worker_ready(
+        &mut self,
+        wkey: WorkerKey,
+        accepts_ahead: bool,
+        port: &mut impl Port<C, W>,
+        now: Instant,
+    ) -> Result<(), Misbehaviour> {
+        let w = self.workers.get_mut(wkey.0).ok_or(Misbehaviour("no such worker"))?;
+        if w.activity != Activity::Starting {
+            return Err(self.misbehaving(wkey, "unexpected Ready"));
+        }
+        w.accepts_ahead = accepts_ahead;
+        debug!("worker {} ready", w.io.pid());
+        self.worker_idle(wkey, port, now);
+        Ok(())
+    }
+
+    /// Retiring: its last request has started (max requests); its
+    /// replacement starts at once.
+    pub fn worker_retiring(&mut self, wkey: WorkerKey, port: &mut impl Port<C, W>, now: Instant) {
+        let Some(w) = self.workers.get_mut(wkey.0) else { return };
+        info!("worker {} reached its {} requests; starting its replacement", w.io.pid(), w.max_requests);
+        w.service = Service::Retiring(Retirement::MaxRequests);
+        self.count_recycle(Retirement::MaxRequests);
+        self.dispatcher.remove_worker(wkey);
+        // It exits after this request: it will never read the next one.
+        self.take_back_ahead(wkey, port, now);
+    }
+
+    /// Skipped: it found a connection we had taken back.
+    pub fn worker_skipped(&mut self, wkey: WorkerKey) -> Result<(), Misbehaviour> {
+        let w = self.workers.get_mut(wkey.0).ok_or(Misbehaviour("no such worker"))?;
+        if w.skips_pending == 0 {
+            return Err(self.misbehaving(wkey, "Skipped a connection it was not sent ahead"));
+        }
+        w.skips_pending -= 1;
+        Ok(())
+    }
+
+    /// Done with connection `conn_id` after `served` requests on it, kept
+    /// alive or not. The connection's key, for the shell to put what the
+    /// worker left over in its buffer (before it carries out `Resume`).
+    pub fn worker_done(
+        &mut self,
+        wkey: WorkerKey,
+        conn_id: u64,
+        served: u32,
+        keep: bool,
+        port: &mut impl Port<C, W>,
+        now: Instant,
+    ) -> Result<ConnKey, Misbehaviour> {
+        let w = self.workers.get_mut(wkey.0).ok_or(Misbehaviour("no such worker"))?;
+        let Activity::Busy { conn: ckey, ahead, .. } = w.activity else {
+            return Err(self.misbehaving(wkey, "Done while not busy"));
+        };
+        if self.conns.get(ckey.0).map(|c| c.id) != Some(conn_id) {
+            return Err(self.misbehaving(wkey, "Done for a connection it does not hold"));
+        }
+        // The worker first: free now, or on to the connection sent ahead (it
+        // claims that one as soon as it has sent this Done, and nothing takes
+        // it back any more).
+        match ahead {
+            Some(next) => {
+                w.activity = Activity::Busy { conn: next, since: now, ahead: None };
+                if let Some(c) = self.conns.get_mut(next.0) {
+                    c.place = Place::InWorker { worker: wkey, ahead: false };
+                }
+                self.act(Action::Claimed { conn: next });
+            }
+            None => w.activity = Activity::Idle,
+        }
+        let keepalive = self.settings.keepalive_timeout;
+        let conn = &mut self.conns[ckey.0];
+        conn.served = served;
+        conn.place = Place::Reading { deadline: now + keepalive, partial: false };
+        if ahead.is_none() {
+            // Before the connection may queue again: the free worker takes
+            // what waited before it (and nothing sent ahead elsewhere
+            // meanwhile needs taking back).
+            self.worker_idle(wkey, port, now);
+        }
+        if keep && self.stopping == Stopping::No {
+            self.act(Action::Resume { conn: ckey });
+        } else {
+            self.act(Action::CloseAfterResponse { conn: ckey });
+        }
+        if ahead.is_some() {
+            self.send_ahead(wkey, port, now);
+        }
+        Ok(ckey)
+    }
+
+    /// Kills a misbehaving worker and names what it did.
+    fn misbehaving(&mut self, wkey: WorkerKey, what: &'static str) -> Misbehaviour {
+        self.misbehaved(wkey, what);
+        Misbehaviour(what)
+    }
+
+    /// The worker's end of the channel is gone (the shell read EOF and
+    /// dropped its end): it is exiting, and its exit will tell how; one
+    /// that lives on anyway is killed by the tick.
+    pub fn channel_closed(&mut self, wkey: WorkerKey, now: Instant) {
+        self.dispatcher.remove_worker(wkey);
+        if let Some(w) = self.workers.get_mut(wkey.0) {
+            if w.channel == Channel::Open {
+                w.channel = Channel::Lost { at: now };
+            } else if let Channel::Lost { .. } = w.channel {
+                // Seen gone by a failed send first: the grace runs from then.
+            }
+        }
+    }
+
+    /// The worker has exited (`how`, for the log), after the shell handled
+    /// everything it had said on its channel.
+    pub fn worker_exited(
+        &mut self,
+        wkey: WorkerKey,
+        how: &str,
+        port: &mut impl Port<C, W>,
+        now: Instant,
+    ) -> Option<Exit<W>> {
+        // A connection sent ahead and never claimed was not started: it is
+        // served by another worker, not answered 502.
+        self.take_back_ahead(wkey, port, now);
+        let w = self.workers.try_remove(wkey.0)?;
+        self.dispatcher.remove_worker(wkey);
+        let lived = now.saturating_duration_since(w.started);
+        let mut conn = None;
+        let mut busy_for = None;
+        if let Activity::Busy { conn: ckey, since, ahead } = w.activity {
+            debug_assert!(ahead.is_none(), "taken back above, or claimed");
+            busy_for = Some(now.saturating_duration_since(since));
+            if let Some(c) = self.conns.get_mut(ckey.0) {
+                if matches!(c.place, Place::InWorker { worker, .. } if worker == wkey) {
+                    let wrote = port.wrote_on(&w.io, &c.io, c.id);
+                    let status = if w.killed.is_some() { 504 } else { 502 };
+                    c.place = Place::Lingering { deadline: now + self.settings.linger_timeout };
+                    conn = Some((ckey, (!wrote).then_some(status)));
+                }
+            }
+        }
+        // A claimed connection the Done never came for (the worker died
+        // between its Done and serving the next) is in its hands too: the
+        // `Busy` above names it, as the Done made it current.
+        let expected = w.retiring().is_some() || self.stopping != Stopping::No;
+        let exit = Exit {
+            generation: w.generation,
+            lived,
+            conn,
+            busy_for,
+            expected,
+            killed: w.killed.is_some(),
+            io: w.io,
+        };
+        if expected {
+            return Some(exit);
+        }
+        if self.reload.as_ref().is_some_and(|r| r.generation == exit.generation) {
+            let when =
+                if w.activity == Activity::Starting { "before it was ready" } else { "during the reload" };
+            self.abandon_reload(&format!("worker {} {how} {when}", exit.io.pid()), now);
+            return Some(exit);
+        }
+        self.totals.respawns += 1;
+        let delay =
+            if exit.killed { Duration::ZERO } else { self.backoff.on_death(lived, port.served(&exit.io)) };
+        if delay > Duration::ZERO {
+            warn!("workers keep dying young ({} in a row); next start in {delay:?}", self.backoff.failures());
+        }
+        self.next_spawn_at = self.next_spawn_at.max(now + delay);
+        Some(exit)
+    }
+}

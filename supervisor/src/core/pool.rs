@@ -1,0 +1,345 @@
+//! The workers: each one's lifecycle, how many are wanted, starting them,
+//! and taking them out of service (release, retire).
+
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+
+use super::{Action, ConnKey, Core, Named, Notice, Peer, Port, Signal, Stopping, WorkerKey};
+
+/// What a worker is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activity {
+    /// Spawned; its app is still initialising.
+    Starting,
+    Idle,
+    /// Serving `conn` since `since`; `ahead`: a connection sent to it to
+    /// serve next, ours to take back until it claims it.
+    Busy {
+        conn: ConnKey,
+        since: Instant,
+        ahead: Option<ConnKey>,
+    },
+}
+
+/// Whether a worker takes new connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    InService,
+    /// Takes nothing new, and why; exits after its current connection.
+    Retiring(Retirement),
+}
+
+/// The supervisor's end of a worker's channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    Open,
+    /// We closed it (released, or the worker broke the protocol).
+    Closed,
+    /// The worker closed its end at `at`: it should be exiting.
+    Lost {
+        at: Instant,
+    },
+}
+
+/// A worker being killed: SIGTERM at `at`, and whether SIGKILL followed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kill {
+    pub at: Instant,
+    pub escalated: bool,
+}
+
+/// Why a worker leaves service (status shows it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retirement {
+    /// It served its --max-requests-per-child.
+    MaxRequests,
+    /// It passed its --max-worker-age.
+    MaxAge,
+    /// Its private memory passed --max-worker-memory.
+    MaxMemory,
+    /// A newer generation serves.
+    Reloaded,
+    /// Its generation's reload failed.
+    ReloadFailed,
+    /// The worker count went down.
+    ScaledDown,
+    /// Its generation no longer serves or starts.
+    Outdated,
+}
+
+impl Retirement {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Retirement::MaxRequests => "max-requests",
+            Retirement::MaxAge => "max-worker-age",
+            Retirement::MaxMemory => "max-worker-memory",
+            Retirement::Reloaded => "reload",
+            Retirement::ReloadFailed => "reload failed",
+            Retirement::ScaledDown => "scale",
+            Retirement::Outdated => "old generation",
+        }
+    }
+
+    fn is_recycling(self) -> bool {
+        matches!(self, Retirement::MaxRequests | Retirement::MaxAge | Retirement::MaxMemory)
+    }
+}
+
+/// A worker process.
+pub struct Worker<W> {
+    /// The shell's part: pid, channel, scoreboard.
+    pub io: W,
+    pub generation: u64,
+    pub started: Instant,
+    pub activity: Activity,
+    pub service: Service,
+    pub channel: Channel,
+    /// Sent SIGTERM for running past `--timeout`.
+    pub killed: Option<Kill>,
+    /// Its max-requests draw (0: none).
+    pub max_requests: u64,
+    /// Its --max-worker-age draw: retired once older.
+    pub age_limit: Option<Duration>,
+    /// It said in Ready that it takes connections sent ahead.
+    pub accepts_ahead: bool,
+    /// Connections sent ahead and taken back whose Skipped has not come
+    /// yet: while any is unread in its channel nothing more is sent ahead,
+    /// so the channel never holds more than two messages from us.
+    pub skips_pending: u32,
+}
+
+impl<W> Worker<W> {
+    pub fn retiring(&self) -> Option<Retirement> {
+        match self.service {
+            Service::InService => None,
+            Service::Retiring(why) => Some(why),
+        }
+    }
+
+    pub fn current(&self) -> Option<ConnKey> {
+        match self.activity {
+            Activity::Busy { conn, .. } => Some(conn),
+            _ => None,
+        }
+    }
+
+    pub fn ahead(&self) -> Option<ConnKey> {
+        match self.activity {
+            Activity::Busy { ahead, .. } => ahead,
+            _ => None,
+        }
+    }
+
+    /// When its current connection was handed to it.
+    pub fn busy_since(&self) -> Option<Instant> {
+        match self.activity {
+            Activity::Busy { since, .. } => Some(since),
+            _ => None,
+        }
+    }
+
+    /// In service with its channel open: it may be handed connections.
+    pub fn reachable(&self) -> bool {
+        self.service == Service::InService && self.channel == Channel::Open
+    }
+}
+
+/// A worker to start: the shell spawns it and reports back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpawnOrder {
+    pub generation: u64,
+    /// Its max-requests draw (0: none).
+    pub max_requests: u64,
+    pub age_limit: Option<Duration>,
+}
+
+impl<C: Peer, W: Named> Core<C, W> {
+    /// Workers wanted in `generation`: the serving one's target, or the
+    /// size a reload's generation needs.
+    pub(super) fn wanted_workers(&self, generation: u64) -> usize {
+        match &self.reload {
+            _ if self.stopping == Stopping::Fast => 0,
+            // A graceful stop serves what has arrived: a worker that retires
+            // meanwhile (max requests) is replaced while requests wait.
+            _ if self.stopping != Stopping::No && !self.requests_pending() => 0,
+            Some(r) if r.generation == generation => r.workers,
+            _ => self.target,
+        }
+    }
+
+    /// Workers of `generation` that take new connections (or will, once ready).
+    pub(super) fn active_workers(&self, generation: u64) -> usize {
+        self.workers.iter().filter(|(_, w)| w.generation == generation && w.retiring().is_none()).count()
+    }
+
+    /// The next worker to start now, if one is missing: the serving
+    /// generation's first (unless backing off), then a reload's.
+    pub fn next_spawn(&mut self, now: Instant) -> Option<SpawnOrder> {
+        let serving = self.serving;
+        let generation =
+            if self.active_workers(serving) < self.wanted_workers(serving) && now >= self.next_spawn_at {
+                serving
+            } else {
+                let g = self.reload.as_ref()?.generation;
+                if self.active_workers(g) >= self.wanted_workers(g) {
+                    return None;
+                }
+                g
+            };
+        let settings = match &self.reload {
+            Some(r) if r.generation == generation => &r.settings,
+            _ => &self.settings,
+        };
+        // Drawn from [80%, 100%] of the limit, so workers started together
+        // do not all leave together.
+        let age_limit = settings.max_worker_age.map(|max| max.mul_f64(0.8 + 0.2 * self.rng.f64()));
+        let max_requests = match (settings.min_requests, settings.max_requests) {
+            (_, 0) => 0,
+            (min, max) => self.rng.u64(min.clamp(1, max)..=max),
+        };
+        Some(SpawnOrder { generation, max_requests, age_limit })
+    }
+
+    /// The shell started the worker of `order`.
+    pub fn spawned(&mut self, order: SpawnOrder, io: W, now: Instant) -> WorkerKey {
+        WorkerKey(self.workers.insert(Worker {
+            io,
+            generation: order.generation,
+            started: now,
+            activity: Activity::Starting,
+            service: Service::InService,
+            channel: Channel::Open,
+            killed: None,
+            max_requests: order.max_requests,
+            age_limit: order.age_limit,
+            accepts_ahead: false,
+            skips_pending: 0,
+        }))
+    }
+
+    /// The worker of `order` could not be started: the serving generation
+    /// backs off; a reload is abandoned.
+    pub fn spawn_failed(&mut self, order: SpawnOrder, why: &str, now: Instant) {
+        if self.reload.as_ref().is_some_and(|r| r.generation == order.generation) {
+            self.abandon_reload(why, now);
+        } else {
+            let delay = self.backoff.on_spawn_failure();
+            warn!("next worker start in {delay:?}");
+            self.next_spawn_at = now + delay;
+        }
+    }
+
+    /// A worker has nothing to do: it takes a connection that waits, or
+    /// joins the idle list; one leaving service is let go.
+    pub(super) fn worker_idle(&mut self, wkey: WorkerKey, port: &mut impl Port<C, W>, now: Instant) {
+        let Some(w) = self.workers.get_mut(wkey.0) else { return };
+        w.activity = Activity::Idle;
+        if w.channel != Channel::Open {
+            // Exiting, or being killed: nothing more for it.
+            return;
+        }
+        if w.retiring().is_some() {
+            self.release(wkey);
+            return;
+        }
+        if w.generation != self.serving {
+            if self.reload.as_ref().is_some_and(|r| r.generation == w.generation) {
+                self.maybe_finish_reload(port, now);
+            } else {
+                self.retire(wkey, Retirement::Outdated, port, now);
+            }
+            return;
+        }
+        if !self.ready_notified && self.ready_workers(self.serving) >= self.target {
+            self.ready_notified = true;
+            info!("generation {} ready: {} workers", self.serving, self.target);
+            self.act(Action::Notify(Notice::Ready));
+        }
+        // A connection sent ahead to a worker that is still on a long request
+        // has waited longer than any in the queue: it goes first.
+        let any = self.dispatcher.queued() == 0;
+        if let Some(ckey) = self.take_back_waiting_ahead(wkey, any, port, now) {
+            self.hand_over(wkey, ckey, port, now);
+        } else if let Some(ckey) = self.dispatcher.worker_idle(wkey) {
+            self.hand_over(wkey, ckey, port, now);
+        } else {
+            self.release_idle_workers();
+        }
+    }
+
+    /// In-service workers of `generation` past their start.
+    pub(super) fn ready_workers(&self, generation: u64) -> usize {
+        self.workers
+            .iter()
+            .filter(|(_, w)| w.generation == generation && w.reachable() && w.activity != Activity::Starting)
+            .count()
+    }
+
+    /// Closes a worker's channel: it exits when it next waits for work.
+    pub(super) fn release(&mut self, wkey: WorkerKey) {
+        // Nothing may be handed to it any more.
+        self.dispatcher.remove_worker(wkey);
+        let Some(w) = self.workers.get_mut(wkey.0) else { return };
+        if w.channel == Channel::Open {
+            w.channel = Channel::Closed;
+            self.actions.push_back(Action::CloseChannel { worker: wkey });
+        }
+        if w.activity == Activity::Starting {
+            // Its app may be stuck initialising: it has nothing to finish.
+            self.actions.push_back(Action::Signal { worker: wkey, signal: Signal::Term });
+        }
+    }
+
+    /// Takes a worker out of service; it exits after its current connection.
+    pub(super) fn retire(
+        &mut self,
+        wkey: WorkerKey,
+        why: Retirement,
+        port: &mut impl Port<C, W>,
+        now: Instant,
+    ) {
+        self.take_back_ahead(wkey, port, now);
+        self.leave_service(wkey, why);
+    }
+
+    /// Takes a worker out of service, leaving what was sent ahead to it
+    /// where it is (taken back already, or claimed by the worker, whose
+    /// Done will make it current).
+    pub(super) fn leave_service(&mut self, wkey: WorkerKey, why: Retirement) {
+        let Some(w) = self.workers.get_mut(wkey.0) else { return };
+        w.service = Service::Retiring(why);
+        let busy = matches!(w.activity, Activity::Busy { .. });
+        self.count_recycle(why);
+        self.dispatcher.remove_worker(wkey);
+        if !busy {
+            self.release(wkey);
+        }
+    }
+
+    /// Counts a worker leaving for one of the recycling limits.
+    pub(super) fn count_recycle(&mut self, why: Retirement) {
+        if why.is_recycling() {
+            *self.totals.recycled.entry(why.as_str().to_owned()).or_default() += 1;
+        }
+    }
+
+    /// While stopping, a worker with nothing left to do gets its channel
+    /// closed, which tells it to exit.
+    pub(super) fn release_idle_workers(&mut self) {
+        if self.stopping == Stopping::No || self.requests_pending() {
+            return;
+        }
+        let done: Vec<WorkerKey> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| {
+                w.channel == Channel::Open && matches!(w.activity, Activity::Idle | Activity::Starting)
+            })
+            .map(|(k, _)| WorkerKey(k))
+            .collect();
+        for wkey in done {
+            self.release(wkey);
+        }
+    }
+}

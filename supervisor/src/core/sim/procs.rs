@@ -1,0 +1,274 @@
+//! Simulated worker processes: started as the core orders, ready or not,
+//! reading their channel (claiming what was sent ahead), serving, crashing,
+//! exiting, and the shell's part: reading what they said, reaping them.
+
+use std::collections::VecDeque;
+
+use super::world::{Last, Proc, ProcLife, Said, SimWorker};
+use super::{Deploy, Exit, Sim};
+
+impl Sim {
+    pub(super) fn spawn_missing(&mut self) {
+        while let Some(order) = self.core.next_spawn(self.world.now) {
+            let deploy = self.deploys.get(&order.generation).copied().unwrap_or(Deploy::Good);
+            if deploy == Deploy::ExecFails {
+                note!(self, "spawn of generation {} fails", order.generation);
+                self.core.spawn_failed(order, "exec failed", self.world.now);
+                continue;
+            }
+            let pid = self.world.next_pid;
+            self.world.next_pid += 1;
+            let proc_index = self.world.procs.len();
+            let key = self.core.spawned(order, SimWorker { proc_index, pid }, self.world.now);
+            note!(self, "spawned worker {pid} as {key} (generation {}, {deploy:?})", order.generation);
+            self.world.procs.push(Proc {
+                pid,
+                key,
+                generation: order.generation,
+                life: ProcLife::Starting,
+                inbox: VecDeque::new(),
+                outbox: VecDeque::new(),
+                cells: [0; 2],
+                served: 0,
+                max_requests: order.max_requests,
+                released: false,
+                eof_told: false,
+                stuck: false,
+                ignores_term: false,
+                broken: false,
+                memory: 100,
+                written: 0,
+                conn_id: 0,
+                conn_written_base: 0,
+                last: None,
+                ready_told: false,
+            });
+        }
+        self.carry_out();
+    }
+
+    pub(super) fn random_proc(&mut self, pred: impl Fn(&Proc) -> bool) -> Option<usize> {
+        let some: Vec<usize> = (0..self.world.procs.len()).filter(|&i| pred(&self.world.procs[i])).collect();
+        (!some.is_empty()).then(|| some[self.rng.usize(..some.len())])
+    }
+
+    pub(super) fn say(&mut self, p: usize, said: Said) {
+        let proc_ = &mut self.world.procs[p];
+        // Sent after the supervisor closed its end: lost (EPIPE).
+        if !proc_.released {
+            proc_.outbox.push_back(said);
+        }
+    }
+
+    pub(super) fn proc_step(&mut self) {
+        let Some(p) = self.random_proc(Proc::alive) else { return self.advance() };
+        let deploy = self.deploys.get(&self.world.procs[p].generation).copied().unwrap_or(Deploy::Good);
+        match self.world.procs[p].life {
+            ProcLife::Starting => match deploy {
+                Deploy::DiesStarting => self.exit(p, "died starting"),
+                Deploy::NeverReady => {}
+                Deploy::Good | Deploy::ExecFails => {
+                    self.world.procs[p].life = ProcLife::Waiting;
+                    self.say(p, Said::Ready);
+                }
+            },
+            ProcLife::Waiting => self.take_assign(p),
+            ProcLife::Serving { .. } => self.serve(p),
+            ProcLife::Exited => {}
+        }
+    }
+
+    /// The worker reads its channel: an Assign (claimed if sent ahead), or EOF.
+    pub(super) fn take_assign(&mut self, p: usize) {
+        let now = self.world.now;
+        let proc_ = &mut self.world.procs[p];
+        let Some(a) = proc_.inbox.pop_front() else {
+            if proc_.released {
+                self.exit(p, "exits on EOF");
+            }
+            return;
+        };
+        if a.ahead {
+            let claimed = match proc_.cells.iter_mut().find(|c| **c == a.id) {
+                Some(cell) => {
+                    *cell = 0;
+                    true
+                }
+                None => false,
+            };
+            if !claimed {
+                let pid = proc_.pid;
+                note!(self, "worker {pid} skips connection {} (taken back)", a.id);
+                if self.world.procs[p].released {
+                    return self.exit(p, "exits: released while skipping");
+                }
+                return self.say(p, Said::Skipped);
+            }
+        }
+        let pid = proc_.pid;
+        if let Some(other) = self.world.serving.insert(a.id, pid) {
+            self.world.violate(format!("connection {} served by workers {other} and {pid} at once", a.id));
+        }
+        let proc_ = &mut self.world.procs[p];
+        proc_.last = Some(Last { id: a.id, finished: false });
+        proc_.conn_written_base = proc_.written;
+        proc_.conn_id = a.id;
+        proc_.life = ProcLife::Serving { conn: a.conn, id: a.id, served: a.served, started: now };
+        let last_request = proc_.max_requests > 0 && proc_.served + 1 >= proc_.max_requests;
+        note!(
+            self,
+            "worker {pid} begins connection {} {} ({}ahead)",
+            a.id,
+            a.conn,
+            if a.ahead { "" } else { "not " }
+        );
+        if last_request {
+            self.say(p, Said::Retiring);
+        }
+    }
+
+    /// The worker on its request: finishes it, or crashes, or hangs.
+    pub(super) fn serve(&mut self, p: usize) {
+        let ProcLife::Serving { conn, id, served, .. } = self.world.procs[p].life else { return };
+        if self.world.procs[p].stuck {
+            return;
+        }
+        if self.chaos && self.rng.u8(..20) == 0 {
+            let wrote = self.rng.bool();
+            if wrote {
+                self.world.procs[p].written += 1;
+            }
+            return self.exit(p, if wrote { "crashes mid-response" } else { "crashes before responding" });
+        }
+        let Some(client) = self.client_of(conn) else {
+            return self.world.violate(format!("worker serves connection {id}, which the core has closed"));
+        };
+        let c = &mut self.world.clients[client];
+        c.answered += 1;
+        let (sent, answered, wants_more, eager) = (c.sent, c.answered, c.sent < c.wants, c.eager);
+        if answered > sent {
+            self.world.violate(format!("client {client} got response {answered} for {sent} requests"));
+        }
+        self.world.serving.remove(&id);
+        let draining = self.world.draining;
+        let proc_ = &mut self.world.procs[p];
+        proc_.served += 1;
+        proc_.memory += 30;
+        proc_.written += 10;
+        proc_.last = Some(Last { id, finished: true });
+        proc_.life = ProcLife::Waiting;
+        let last_request = proc_.max_requests > 0 && proc_.served >= proc_.max_requests;
+        let keep = wants_more && !draining && !last_request;
+        let pid = proc_.pid;
+        note!(self, "worker {pid} done with connection {id} {conn} of client {client} (keep {keep})");
+        self.say(p, Said::Done { id, served: served + 1, keep });
+        if keep && eager {
+            // Its next request came with this one (it is in the leftover).
+            self.world.clients[client].partial = true;
+        }
+        if last_request {
+            self.exit(p, "exits after its last request");
+        }
+    }
+
+    pub(super) fn exit(&mut self, p: usize, how: &str) {
+        let proc_ = &mut self.world.procs[p];
+        if let ProcLife::Serving { id, .. } = proc_.life {
+            self.world.serving.remove(&id);
+        }
+        proc_.life = ProcLife::Exited;
+        proc_.inbox.clear();
+        let pid = proc_.pid;
+        self.unreaped.push(p);
+        note!(self, "worker {pid} {how}");
+    }
+
+    /// The shell reads one message from a worker's channel.
+    pub(super) fn deliver(&mut self) {
+        let Some(p) = self.random_proc(|p| !p.outbox.is_empty() && !p.released) else {
+            return self.advance();
+        };
+        self.deliver_from(p);
+        self.carry_out();
+    }
+
+    pub(super) fn deliver_from(&mut self, p: usize) {
+        let Some(said) = self.world.procs[p].outbox.pop_front() else { return };
+        let (key, pid) = (self.world.procs[p].key, self.world.procs[p].pid);
+        let now = self.world.now;
+        note!(self, "worker {pid} says {said:?}");
+        let outcome = match said {
+            Said::Ready => {
+                self.world.procs[p].ready_told = true;
+                self.core.worker_ready(key, true, &mut self.world, now)
+            }
+            Said::Retiring => {
+                self.core.worker_retiring(key, &mut self.world, now);
+                Ok(())
+            }
+            Said::Skipped => self.core.worker_skipped(key),
+            Said::Done { id, served, keep } => {
+                self.core.worker_done(key, id, served, keep, &mut self.world, now).map(|_| ())
+            }
+        };
+        if let Err(m) = outcome {
+            self.world.violate(format!("the core found worker {pid}'s {said:?} misbehaving: {}", m.0));
+        }
+    }
+
+    /// SIGCHLD: what the worker said is read first, then its exit handled.
+    pub(super) fn reap(&mut self) {
+        if self.unreaped.is_empty() {
+            return self.advance();
+        }
+        let p = self.unreaped.swap_remove(self.rng.usize(..self.unreaped.len()));
+        while !self.world.procs[p].released && !self.world.procs[p].outbox.is_empty() {
+            self.deliver_from(p);
+        }
+        let (key, pid) = (self.world.procs[p].key, self.world.procs[p].pid);
+        note!(self, "worker {pid} reaped");
+        let now = self.world.now;
+        let Some(exit) = self.core.worker_exited(key, "exited", &mut self.world, now) else {
+            return self.world.violate(format!("the core did not know worker {pid}"));
+        };
+        self.on_exit(p, exit);
+        self.carry_out();
+    }
+
+    pub(super) fn on_exit(&mut self, p: usize, exit: Exit<SimWorker>) {
+        let Some((conn, answer)) = exit.conn else { return };
+        let Some(client) = self.client_of(conn) else {
+            return self
+                .world
+                .violate(format!("the exit of worker {} names a closed connection", exit.io.pid));
+        };
+        let finished = self.world.procs[p].last.is_some_and(|l| l.finished);
+        let c = &mut self.world.clients[client];
+        match answer {
+            Some(status) => {
+                c.errors.push(status);
+                c.answered += 1;
+            }
+            // A close mid-response is its answer; a full one was counted.
+            None if !finished => c.answered += 1,
+            None => {}
+        };
+        let (sent, answered) = (c.sent, c.answered);
+        if answered > sent {
+            self.world.violate(format!("client {client} answered {answered} times for {sent} requests"));
+        }
+    }
+
+    /// The worker's end of the channel closed (it exited): EOF.
+    pub(super) fn eof(&mut self) {
+        let Some(p) = self.random_proc(|p| !p.alive() && p.outbox.is_empty() && !p.released && !p.eof_told)
+        else {
+            return self.advance();
+        };
+        if !self.unreaped.contains(&p) {
+            return;
+        }
+        self.world.procs[p].eof_told = true;
+        self.core.channel_closed(self.world.procs[p].key, self.world.now);
+    }
+}

@@ -1,0 +1,204 @@
+//! What happens next: the chaos steps (time, the operator, faults), the
+//! calm ones, and the phases of a schedule with their end-to-end checks.
+
+use std::time::Duration;
+
+use super::world::{Proc, ProcLife, Said};
+use super::{settings, Deploy, Sim, Stop, Stopping};
+
+impl Sim {
+    pub(super) fn advance(&mut self) {
+        let jump = match self.rng.u8(..50) {
+            // Settling: time creeps to the next timer, so that recycling by
+            // age does not keep the pool churning between two looks.
+            _ if !self.chaos => Duration::from_millis(self.rng.u64(50..500)),
+            0 => Duration::from_millis(self.rng.u64(5_000..15_000)),
+            1..=5 => Duration::from_millis(self.rng.u64(500..3_000)),
+            _ => Duration::from_millis(self.rng.u64(0..100)),
+        };
+        self.world.now += jump;
+        let read_memory = self.rng.bool();
+        self.core.tick(self.world.now, read_memory, &mut self.world);
+        self.carry_out();
+    }
+
+    pub(super) fn fault(&mut self) {
+        let now = self.world.now;
+        match self.rng.u8(..10) {
+            0 | 1 => {
+                let deploy =
+                    [Deploy::Good, Deploy::Good, Deploy::ExecFails, Deploy::DiesStarting, Deploy::NeverReady]
+                        [self.rng.usize(..5)];
+                let settings = settings(&mut self.rng);
+                let workers = self.core.target_workers();
+                if let Ok(generation) = self.core.begin_reload(settings, workers, now) {
+                    note!(self, "HUP: generation {generation} ({deploy:?})");
+                    self.deploys.insert(generation, deploy);
+                }
+            }
+            2 => {
+                let delta = if self.rng.bool() { 1 } else { -1 };
+                note!(self, "scale {delta:+}");
+                self.core.scale(delta, &mut self.world, now);
+            }
+            3 => {
+                let target = self.rng.usize(1..=4);
+                note!(self, "scale to {target}");
+                self.core.set_target_workers(target, &mut self.world, now);
+            }
+            4 | 5 => {
+                if let Some(p) = self.random_proc(Proc::alive) {
+                    self.exit(p, "killed by SIGKILL (operator)");
+                }
+            }
+            6 => {
+                if let Some(p) = self.random_proc(|p| p.alive() && !p.stuck) {
+                    self.world.procs[p].stuck = true;
+                    self.world.procs[p].ignores_term = self.rng.bool();
+                    note!(self, "worker {} hangs", self.world.procs[p].pid);
+                }
+            }
+            7 => {
+                if let Some(p) = self.random_proc(|p| p.alive() && !p.broken) {
+                    self.world.procs[p].broken = self.rng.u8(..4) == 0;
+                    self.world.procs[p].memory += 400;
+                }
+            }
+            _ => self.advance(),
+        }
+        self.carry_out();
+    }
+
+    /// Without faults: one of the things that can happen now, or, when
+    /// nothing can, time passes to the next timer.
+    pub(super) fn calm_step(&mut self) {
+        let moves = |p: &Proc, deploy: Deploy| match p.life {
+            ProcLife::Starting => deploy != Deploy::NeverReady,
+            ProcLife::Waiting => !p.inbox.is_empty() || p.released,
+            ProcLife::Serving { .. } => !p.stuck,
+            ProcLife::Exited => false,
+        };
+        let deploys = &self.deploys;
+        let deploy_of = |p: &Proc| deploys.get(&p.generation).copied().unwrap_or(Deploy::Good);
+        let procs: Vec<usize> = (0..self.world.procs.len())
+            .filter(|&i| moves(&self.world.procs[i], deploy_of(&self.world.procs[i])))
+            .collect();
+        let talking = self.world.procs.iter().any(|p| !p.outbox.is_empty() && !p.released);
+        let clients = self.world.clients.iter().any(|c| !c.closed && !c.in_flight());
+        let mut choices: Vec<u8> = Vec::new();
+        if !procs.is_empty() {
+            choices.push(0);
+        }
+        if talking {
+            choices.push(1);
+        }
+        if !self.unreaped.is_empty() {
+            choices.push(2);
+        }
+        if clients {
+            choices.push(3);
+        }
+        match choices.get(self.rng.usize(..choices.len().max(1))) {
+            Some(0) => {
+                let p = procs[self.rng.usize(..procs.len())];
+                match self.world.procs[p].life {
+                    ProcLife::Starting => {
+                        self.world.procs[p].life = ProcLife::Waiting;
+                        if deploy_of(&self.world.procs[p]) == Deploy::DiesStarting {
+                            self.exit(p, "died starting");
+                        } else {
+                            self.say(p, Said::Ready);
+                        }
+                    }
+                    ProcLife::Waiting => self.take_assign(p),
+                    _ => self.serve(p),
+                }
+            }
+            Some(1) => self.deliver(),
+            Some(2) => self.reap(),
+            Some(3) => self.client_step(),
+            _ => self.advance(),
+        }
+    }
+
+    /// Everything that can still happen has happened.
+    pub(super) fn quiet(&self) -> bool {
+        let busy_proc = self.world.procs.iter().any(|p| {
+            (p.alive() && (p.life != ProcLife::Waiting || !p.inbox.is_empty() || p.released))
+                || (!p.outbox.is_empty() && !p.released)
+        });
+        let busy_client = self.world.clients.iter().any(|c| !c.closed);
+        !busy_proc
+            && !busy_client
+            && self.unreaped.is_empty()
+            && self.core.reload().is_none()
+            && self.core.spawn_wake().is_none()
+    }
+
+    /// No new faults; run until quiet, then the pool must have converged.
+    pub(super) fn settle(&mut self) -> Result<(), String> {
+        self.chaos = false;
+        for p in &mut self.world.procs {
+            p.broken = false;
+        }
+        for _ in 0..5000 {
+            if self.quiet() {
+                return self.converged();
+            }
+            self.step()?;
+        }
+        Err("did not settle in 5000 steps".into())
+    }
+
+    pub(super) fn converged(&self) -> Result<(), String> {
+        let serving = self.core.serving_generation();
+        let in_service =
+            self.core.workers().filter(|(_, w)| w.generation == serving && w.retiring().is_none()).count();
+        if in_service != self.core.target_workers() {
+            return Err(format!("{in_service} workers serve, {} wanted", self.core.target_workers()));
+        }
+        if let Some((_, w)) = self.core.workers().find(|(_, w)| w.generation != serving) {
+            return Err(format!("worker {} of generation {} still runs", w.io.pid, w.generation));
+        }
+        let alive = self.world.procs.iter().filter(|p| p.alive()).count();
+        if alive != in_service {
+            return Err(format!("{alive} worker processes alive, {in_service} known to serve"));
+        }
+        Ok(())
+    }
+
+    pub(super) fn stop(&mut self, how: Stop) -> Result<(), String> {
+        note!(self, "stop: {how:?}");
+        match how {
+            Stop::Graceful => self.core.stop_gracefully(self.world.now),
+            Stop::Fast => self.core.stop_fast(self.world.now),
+        }
+        self.carry_out();
+        self.check()?;
+        for _ in 0..5000 {
+            if self.core.finished(self.world.now) {
+                self.carry_out();
+                return self.check_end(how);
+            }
+            self.carry_out();
+            self.step()?;
+        }
+        Err("did not stop in 5000 steps".into())
+    }
+
+    pub(super) fn check_end(&self, how: Stop) -> Result<(), String> {
+        if let Some(p) = self.world.procs.iter().find(|p| p.alive()) {
+            return Err(format!("worker {} outlived the stop", p.pid));
+        }
+        let graceful = how == Stop::Graceful && self.core.stopping() != Stopping::Fast;
+        if graceful {
+            if let Some((i, c)) = self.world.clients.iter().enumerate().find(|(_, c)| c.in_flight()) {
+                return Err(format!(
+                    "client {i}: {} requests, {} answered, at a graceful stop",
+                    c.sent, c.answered
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,266 @@
+//! The simulated world the core runs against: worker processes that follow
+//! PROTOCOL.md (or break in the ways real ones do), clients, and the
+//! scoreboard's two ahead cells with their compare-and-swap.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use monodon_proto::scoreboard::{wrote_since_handover, WriteCounters};
+
+use crate::core::{ConnKey, Named, Peer, Port, SendError, WorkerKey};
+
+/// The core's part of a simulated connection: which client it is.
+pub struct SimConn {
+    pub client: usize,
+    /// The worker's byte count at the last hand-over (as the shell keeps it).
+    pub written_before: u64,
+}
+
+impl Peer for SimConn {
+    fn peer(&self) -> &str {
+        "sim"
+    }
+}
+
+/// The core's part of a simulated worker: which process it is.
+pub struct SimWorker {
+    pub proc_index: usize,
+    pub pid: u32,
+}
+
+impl Named for SimWorker {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn request_line(&self) -> Option<String> {
+        None
+    }
+}
+
+/// What a deploy does when its workers start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deploy {
+    Good,
+    /// The program cannot be started at all.
+    ExecFails,
+    /// Workers die before they are ready.
+    DiesStarting,
+    /// Workers never become ready (the reload times out).
+    NeverReady,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcLife {
+    Starting,
+    Waiting,
+    Serving { conn: ConnKey, id: u64, served: u32, started: Instant },
+    Exited,
+}
+
+/// An Assign in a worker's channel.
+#[derive(Debug, Clone, Copy)]
+pub struct Assign {
+    pub conn: ConnKey,
+    pub id: u64,
+    pub served: u32,
+    pub ahead: bool,
+}
+
+/// A message in the supervisor's end of a worker's channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Said {
+    Ready,
+    Retiring,
+    Skipped,
+    Done { id: u64, served: u32, keep: bool },
+}
+
+/// A simulated worker process.
+pub struct Proc {
+    pub pid: u32,
+    pub key: WorkerKey,
+    pub generation: u64,
+    pub life: ProcLife,
+    pub inbox: VecDeque<Assign>,
+    pub outbox: VecDeque<Said>,
+    /// The scoreboard's ahead cells.
+    pub cells: [u64; 2],
+    pub served: u64,
+    pub max_requests: u64,
+    /// The supervisor closed its end: what we send is lost, and we see EOF
+    /// once the inbox is read.
+    pub released: bool,
+    /// The core has been told the channel closed (EOF after our exit).
+    pub eof_told: bool,
+    /// Hangs on its next request until killed.
+    pub stuck: bool,
+    /// Does not die of SIGTERM.
+    pub ignores_term: bool,
+    /// Sends to it fail as if its buffer were full (broken).
+    pub broken: bool,
+    pub memory: u64,
+    /// Its scoreboard's counters: bytes written in all, the connection it
+    /// began last, and the count when it began it.
+    pub written: u64,
+    pub conn_id: u64,
+    pub conn_written_base: u64,
+    /// The connection it began last, and whether all of its response went out.
+    pub last: Option<Last>,
+    /// The core has been told it is ready.
+    pub ready_told: bool,
+}
+
+/// What a worker's scoreboard says about the connection it began last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Last {
+    pub id: u64,
+    pub finished: bool,
+}
+
+impl Proc {
+    pub fn alive(&self) -> bool {
+        self.life != ProcLife::Exited
+    }
+}
+
+/// A simulated client: one connection, `wants` requests on it, one at a time.
+pub struct Client {
+    pub key: ConnKey,
+    pub wants: u32,
+    /// Requests whose head the supervisor has complete.
+    pub sent: u32,
+    /// Responses (or 502/504, or a close mid-response) it has had.
+    pub answered: u32,
+    /// Part of its next head has arrived.
+    pub partial: bool,
+    /// Sends its next request at once (it is in the leftover).
+    pub eager: bool,
+    pub closed: bool,
+    /// Errors the supervisor answered it with.
+    pub errors: Vec<u16>,
+}
+
+impl Client {
+    /// Waiting for a response.
+    pub fn in_flight(&self) -> bool {
+        self.sent > self.answered
+    }
+}
+
+/// Everything outside the core.
+pub struct World {
+    pub now: Instant,
+    pub procs: Vec<Proc>,
+    pub clients: Vec<Client>,
+    /// Who serves each connection id right now: never two at once.
+    pub serving: HashMap<u64, u32>,
+    /// Scoreboard draining flag (a graceful stop).
+    pub draining: bool,
+    /// A deliberate bug for the simulation to find: the take-back always
+    /// wins, even over a worker that has claimed the connection.
+    pub broken_revoke: bool,
+    /// The first thing that went wrong outside the core's own invariants.
+    pub violation: Option<String>,
+    pub next_pid: u32,
+    /// What the core did through the port, for the trace (when tracing).
+    pub notes: Vec<String>,
+    pub tracing: bool,
+}
+
+impl World {
+    pub fn violate(&mut self, what: String) {
+        self.violation.get_or_insert(what);
+    }
+
+    fn proc_of(&self, worker: &SimWorker) -> &Proc {
+        &self.procs[worker.proc_index]
+    }
+}
+
+impl Port<SimConn, SimWorker> for World {
+    fn assign(
+        &mut self,
+        worker: &SimWorker,
+        conn: &mut SimConn,
+        id: u64,
+        served: u32,
+        ahead: bool,
+    ) -> Result<(), SendError> {
+        let p = &self.procs[worker.proc_index];
+        if !p.alive() {
+            return Err(SendError::Gone);
+        }
+        if p.released {
+            // The core never sends on a channel it has closed.
+            self.violate(format!("Assign to worker {} on a channel the core closed", p.pid));
+            return Err(SendError::Gone);
+        }
+        if p.broken {
+            return Err(SendError::Failed("no buffer space".into()));
+        }
+        if p.inbox.len() >= 2 {
+            self.violate(format!("a third message for worker {} (PROTOCOL.md allows two)", p.pid));
+        }
+        let key = self.clients[conn.client].key;
+        let pid = self.procs[worker.proc_index].pid;
+        conn.written_before = self.procs[worker.proc_index].written;
+        if self.tracing {
+            self.notes.push(format!("assign connection {id} {key} to worker {pid} (ahead: {ahead})"));
+        }
+        self.procs[worker.proc_index].inbox.push_back(Assign { conn: key, id, served, ahead });
+        Ok(())
+    }
+
+    fn offer_ahead(&mut self, worker: &SimWorker, id: u64) -> bool {
+        let cells = &mut self.procs[worker.proc_index].cells;
+        match cells.iter_mut().find(|c| **c == 0) {
+            Some(cell) => {
+                *cell = id;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn revoke_ahead(&mut self, worker: &SimWorker, id: u64) -> bool {
+        let broken = self.broken_revoke;
+        let cells = &mut self.procs[worker.proc_index].cells;
+        match cells.iter_mut().find(|c| **c == id) {
+            Some(cell) => {
+                *cell = 0;
+                if self.tracing {
+                    self.notes.push(format!("took back connection {id}"));
+                }
+                true
+            }
+            None => broken,
+        }
+    }
+
+    fn request_age(&self, worker: &SimWorker) -> Option<Duration> {
+        match self.proc_of(worker).life {
+            ProcLife::Serving { started, .. } => Some(self.now.saturating_duration_since(started)),
+            _ => None,
+        }
+    }
+
+    fn wrote_on(&self, worker: &SimWorker, conn: &SimConn, id: u64) -> bool {
+        let p = self.proc_of(worker);
+        wrote_since_handover(WriteCounters {
+            current_conn: p.conn_id,
+            written: p.written,
+            conn_written_base: p.conn_written_base,
+            conn_id: id,
+            written_at_handover: conn.written_before,
+        })
+    }
+
+    fn served(&self, worker: &SimWorker) -> u64 {
+        self.proc_of(worker).served
+    }
+
+    fn private_memory(&self, worker: &SimWorker) -> Option<u64> {
+        Some(self.proc_of(worker).memory)
+    }
+}

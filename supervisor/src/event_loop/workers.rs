@@ -1,0 +1,266 @@
+//! Worker processes in the shell: spawning what the core orders, reading
+//! their channels, reaping their exits and answering for a worker that
+//! died mid-request.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::time::Instant;
+
+use log::{debug, error, info, warn};
+use monodon_proto::access_log::{Entry, RawRequestLine};
+use monodon_proto::env::WorkerEnv;
+use monodon_proto::http::error_response;
+use monodon_proto::wire::{self, FromWorker, Received};
+use nix::errno::Errno;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use polling::{Event, PollMode};
+
+use super::{Supervisor, Wire, WorkerIo, WORKER_BASE};
+use crate::core::{Exit, Misbehaviour, SpawnOrder, WorkerKey};
+use crate::spawn::{spawn_worker, WorkerSpec};
+
+impl Supervisor {
+    /// Starts the workers the core says are missing.
+    pub(super) fn spawn_missing_workers(&mut self) {
+        while let Some(order) = self.core.next_spawn(Instant::now()) {
+            match self.spawn(order) {
+                Ok(io) => {
+                    let key = self.core.spawned(order, io, Instant::now());
+                    self.watch_channel(key);
+                }
+                Err(e) => self.core.spawn_failed(order, &e.to_string(), Instant::now()),
+            }
+        }
+        self.carry_out();
+    }
+
+    /// Starts a worker of the order's generation (the serving one or the
+    /// one a reload is starting), with that generation's code and configuration.
+    fn spawn(&mut self, order: SpawnOrder) -> io::Result<WorkerIo> {
+        let (code, config) = match &self.reload_code {
+            Some(r) if r.generation == order.generation => (&r.code, &r.config),
+            _ => (&self.serving_code, &self.config),
+        };
+        let spec = WorkerSpec {
+            code,
+            env: WorkerEnv {
+                supervisor_pid: std::process::id(),
+                generation: order.generation,
+                limits: config.limits,
+                io_timeout: config.io_timeout,
+                max_requests: order.max_requests,
+                access_log: config.access_log.clone(),
+                access_log_format: config.access_log_format,
+                read_ahead: config.read_ahead,
+                min_body_rate: config.min_body_rate,
+            },
+        };
+        let max_message = wire::max_message(&config.limits);
+        let s = spawn_worker(&spec).inspect_err(|e| error!("{e}"))?;
+        info!(
+            "spawned worker {} (generation {}, max requests {})",
+            s.pid, order.generation, order.max_requests
+        );
+        s.scoreboard.slot().set_others_waiting(self.others_waiting);
+        Ok(WorkerIo { pid: s.pid, channel: Some(s.channel), scoreboard: s.scoreboard, max_message })
+    }
+
+    fn watch_channel(&mut self, key: WorkerKey) {
+        let Some(w) = self.core.worker(key) else { return };
+        let Some(channel) = &w.io.channel else { return };
+        // SAFETY: the channel is deleted from the poller before it is
+        // dropped (`Action::CloseChannel`, `channel_gone`, `on_worker_exit`).
+        let added = unsafe {
+            self.poller.add_with_mode(
+                channel.as_raw_fd(),
+                Event::readable(WORKER_BASE + key.0),
+                PollMode::Level,
+            )
+        };
+        if let Err(e) = added {
+            error!("cannot watch worker {} channel: {e}", w.io.pid);
+            let _ = kill(w.io.pid, Signal::SIGKILL);
+        }
+    }
+
+    pub(super) fn on_channel_readable(&mut self, wkey: WorkerKey) {
+        // One message per readiness event: a worker rarely has more than one
+        // queued, and the channel is level-triggered, so a second message
+        // raises the event again; reading on to EAGAIN would cost a recvmsg
+        // per request for nothing.
+        self.receive_from(wkey);
+    }
+
+    /// Handles every message a worker has sent (it is exiting).
+    fn drain_channel(&mut self, wkey: WorkerKey) {
+        while self.receive_from(wkey) {}
+    }
+
+    /// Receives and handles one message; false when there was none, or the
+    /// channel is gone.
+    fn receive_from(&mut self, wkey: WorkerKey) -> bool {
+        let mut buf = std::mem::take(&mut self.channel_buf);
+        let Some(w) = self.core.worker(wkey) else {
+            self.channel_buf = buf;
+            return false;
+        };
+        if buf.len() < w.io.max_message {
+            buf.resize(w.io.max_message, 0);
+        }
+        let Some(channel) = &w.io.channel else {
+            self.channel_buf = buf;
+            return false;
+        };
+        let more = match wire::recv(channel.as_fd(), &mut buf) {
+            Ok(Received::Message(_, Some(_))) => {
+                self.core.misbehaved(wkey, "sent a descriptor");
+                false
+            }
+            Ok(Received::Message(n, None)) => match FromWorker::decode(&buf[..n]) {
+                Ok(msg) => {
+                    self.on_worker_message(wkey, msg);
+                    true
+                }
+                Err(e) => {
+                    self.core.misbehaved(wkey, &e.to_string());
+                    false
+                }
+            },
+            // The worker is exiting.
+            Ok(Received::Closed) => {
+                self.channel_gone(wkey);
+                false
+            }
+            // The worker exited with a message from us unread (a connection
+            // sent ahead, or any, if it was killed). The kernel reports that
+            // once, before what the worker sent: read on to EOF.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            Err(e) => {
+                self.core.misbehaved(wkey, &e.to_string());
+                false
+            }
+        };
+        self.channel_buf = buf;
+        more
+    }
+
+    /// The worker's end of the channel is gone: it is exiting.
+    fn channel_gone(&mut self, wkey: WorkerKey) {
+        if let Some(ch) = self.core.worker_io_mut(wkey).and_then(|w| w.channel.take()) {
+            let _ = self.poller.delete(&ch);
+        }
+        self.core.channel_closed(wkey, Instant::now());
+    }
+
+    fn on_worker_message(&mut self, wkey: WorkerKey, msg: FromWorker<'_>) {
+        let now = Instant::now();
+        let mut port = Wire { msg: &mut self.msg };
+        let outcome: Result<(), Misbehaviour> = match msg {
+            FromWorker::Ready { pid, features } => {
+                if self.core.worker(wkey).is_some_and(|w| w.io.pid.as_raw() as u32 != pid) {
+                    self.core.misbehaved(wkey, "Ready from another process");
+                    return;
+                }
+                self.core.worker_ready(wkey, features & wire::FEATURE_AHEAD != 0, &mut port, now)
+            }
+            FromWorker::Retiring => {
+                self.core.worker_retiring(wkey, &mut port, now);
+                Ok(())
+            }
+            FromWorker::Skipped { .. } => self.core.worker_skipped(wkey),
+            FromWorker::Done { conn_id, served, keep, leftover } => {
+                self.core.worker_done(wkey, conn_id, served, keep, &mut port, now).map(|ckey| {
+                    // Read on from here, when the core's Resume comes.
+                    if let Some(c) = self.core.conn_io_mut(ckey) {
+                        c.pending.reset_to(leftover);
+                    }
+                })
+            }
+        };
+        if let Err(Misbehaviour(what)) = outcome {
+            debug!("worker message refused: {what}");
+        }
+    }
+
+    pub(super) fn reap_children(&mut self) {
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
+                Ok(status) => {
+                    let Some(pid) = status.pid() else { continue };
+                    let found = self.core.workers().find(|(_, w)| w.io.pid == pid).map(|(k, _)| k);
+                    match found {
+                        Some(wkey) => self.on_worker_exit(wkey, status),
+                        None => debug!("reaped unknown child {pid}: {status:?}"),
+                    }
+                }
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    error!("waitpid: {e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    fn on_worker_exit(&mut self, wkey: WorkerKey, status: WaitStatus) {
+        // Whatever it said before dying comes first (typically the Done of a
+        // worker that retired on purpose): SIGCHLD may overtake the channel.
+        self.drain_channel(wkey);
+        let how = match status {
+            WaitStatus::Exited(_, code) => format!("exited with status {code}"),
+            WaitStatus::Signaled(_, sig, _) => format!("was killed by {sig}"),
+            other => format!("{other:?}"),
+        };
+        let now = Instant::now();
+        let Some(exit) = self.core.worker_exited(wkey, &how, &mut Wire { msg: &mut self.msg }, now) else {
+            return;
+        };
+        let Exit { io: w, generation, lived, conn, busy_for, expected, killed } = exit;
+        self.core.totals_mut().requests += w.requests();
+        if let Some(ch) = &w.channel {
+            let _ = self.poller.delete(ch);
+        }
+        if let Some((ckey, answer)) = conn {
+            let request = w.scoreboard.slot().current_request().unwrap_or_default();
+            let (conn_id, peer) = match self.core.conn(ckey) {
+                Some(c) => (c.id, c.io.peer.clone()),
+                None => (0, String::new()),
+            };
+            warn!(
+                "worker {} {how} while serving {request:?} on connection {conn_id} from {peer}{}",
+                w.pid,
+                match answer {
+                    Some(status) => format!("; answering {status}"),
+                    None => "; closing it".to_owned(),
+                }
+            );
+            if let Some(status) = answer {
+                let why = if status == 504 {
+                    "the request took longer than the server's timeout"
+                } else {
+                    "the worker serving this request died"
+                };
+                let sent = self.send_error(ckey, error_response(status, why));
+                if let Some(log) = &mut self.access_log {
+                    let line = RawRequestLine::from_bytes(request.as_bytes());
+                    log.write(&Entry {
+                        duration: busy_for.unwrap_or_default(),
+                        pid: w.pid.as_raw() as u32,
+                        generation,
+                        ..Entry::refused(&peer, line.parts(), status, sent)
+                    });
+                }
+            }
+            self.linger(ckey);
+        }
+        if expected {
+            info!("worker {} (generation {generation}) {how}", w.pid);
+        } else if !killed {
+            warn!("worker {} (generation {generation}) {how} after {lived:.1?}", w.pid);
+        }
+    }
+}
