@@ -377,6 +377,49 @@ fn sigterm_lets_the_request_in_flight_finish_with_connection_close() {
     }
 }
 
+/// Found by the core's simulation: the only worker reaches its last request
+/// after the stop began, so it retires; what still waits is served by a
+/// replacement, not dropped when the last worker exits.
+#[test]
+fn a_graceful_stop_serves_what_waits_after_the_last_worker_retires() {
+    let mut server = Server::start(
+        &[
+            "--app",
+            "echo",
+            "--workers",
+            "1",
+            "--max-requests-per-child",
+            "2",
+            "--min-requests-per-child",
+            "2",
+        ],
+        1,
+    );
+    let mut slow = server.connect();
+    slow.send(b"GET /?sleep_ms=800 HTTP/1.1\r\nHost: x\r\n\r\n");
+    common::wait_until_a_worker_sleeps(&server);
+    // Its last request (sent ahead or queued), and one more that only a
+    // replacement can serve.
+    let mut waiting: Vec<_> = (0..2).map(|_| server.connect()).collect();
+    for c in &mut waiting {
+        c.send(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n");
+    }
+    server.wait_status(Duration::from_secs(10), "both waiting for the worker", |s| {
+        s["connections"]["queued"].as_u64().unwrap_or(0)
+            + s["connections"]["in_workers"].as_u64().unwrap_or(0)
+            == 3
+    });
+    server.signal(libc::SIGTERM);
+    assert_eq!(slow.response().unwrap().status, 200);
+    for (i, c) in waiting.iter_mut().enumerate() {
+        let r = c.response().unwrap_or_else(|e| panic!("request {i} waiting at the stop was dropped: {e}"));
+        assert_eq!(r.status, 200, "request {i}");
+        assert_eq!(r.header("Connection"), Some("close"));
+    }
+    let status = server.wait_exit(Duration::from_secs(10)).expect("exits once all is served");
+    assert!(status.success());
+}
+
 #[test]
 fn graceful_timeout_bounds_a_stop() {
     let mut server = Server::start(&["--app", "echo", "--workers", "1", "--graceful-timeout", "1s"], 1);

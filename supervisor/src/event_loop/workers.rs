@@ -18,7 +18,7 @@ use nix::unistd::Pid;
 use polling::{Event, PollMode};
 
 use super::{Supervisor, Wire, WorkerIo, WORKER_BASE};
-use crate::core::{Exit, Misbehaviour, SpawnOrder, WorkerKey};
+use crate::core::{Exit, Misbehaviour, SpawnOrder, Stopping, WorkerKey};
 use crate::spawn::{spawn_worker, WorkerSpec};
 
 impl Supervisor {
@@ -64,6 +64,11 @@ impl Supervisor {
             s.pid, order.generation, order.max_requests
         );
         s.scoreboard.slot().set_others_waiting(self.others_waiting);
+        if self.core.stopping() != Stopping::No {
+            // Started during a graceful stop, to serve what waits: its
+            // responses say `Connection: close` like everyone's.
+            s.scoreboard.slot().set_draining();
+        }
         Ok(WorkerIo { pid: s.pid, channel: Some(s.channel), scoreboard: s.scoreboard, max_message })
     }
 
