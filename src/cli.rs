@@ -255,6 +255,16 @@ pub struct ServeArgs {
           default_value_t = false, default_missing_value = "true")]
     pub proxy_protocol: bool,
 
+    /// How workers are made. `template`: each generation starts one template
+    /// process from the worker command, which loads the app once and forks
+    /// every worker of that generation, so a generation keeps running the
+    /// code it started with whatever changes on disk, and recycling a
+    /// worker costs a fork. `exec`: every worker is started from the
+    /// command as it is on disk (for apps that cannot fork once loaded,
+    /// e.g. because loading starts threads) [default: template].
+    #[arg(long, value_name = "MODE", value_parser = ["template", "exec"], default_value = "template")]
+    pub spawn: String,
+
     /// The control socket for `monodon status|reload|stop|scale` (owner-only)
     /// [default: $RUNTIME_DIRECTORY/control.sock under systemd, else derived
     /// from the first --listen, e.g. /tmp/monodon-127.0.0.1-8080.sock].
@@ -376,6 +386,8 @@ impl ServeArgs {
         config.control = self.control.clone();
         config.chdir = self.chdir.clone();
         config.proxy_protocol = self.proxy_protocol;
+        // clap has checked it is one of the two.
+        config.spawn = self.spawn.parse().unwrap_or_default();
         config.read_ahead = self.read_ahead.0;
         config.run_as = self
             .user

@@ -62,6 +62,7 @@ struct Settings {
     control: Option<String>,
     chdir: Option<String>,
     proxy_protocol: Option<bool>,
+    spawn: Option<String>,
     access_log: Option<String>,
     access_log_format: Option<String>,
     user: Option<String>,
@@ -105,6 +106,7 @@ impl Settings {
         one("--control", self.control.clone());
         one("--chdir", self.chdir.clone());
         one("--proxy-protocol", self.proxy_protocol.map(|b| b.to_string()));
+        one("--spawn", self.spawn.clone());
         one("--access-log", self.access_log.clone());
         one("--access-log-format", self.access_log_format.clone());
         one("--user", self.user.clone());

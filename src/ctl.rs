@@ -130,11 +130,27 @@ pub fn render(s: &Status) -> String {
     push(&mut out, format!("reload: {reload}"));
     for g in &s.generations {
         let dir = g.dir.as_deref().map(|d| format!(" in {d}")).unwrap_or_default();
-        let changed = if g.program_changed { " (CHANGED on disk since it started)" } else { "" };
+        let changed = match (g.program_changed, g.template.is_some()) {
+            (false, _) => "",
+            (true, true) => " (CHANGED on disk since it started; its template keeps the code it loaded)",
+            (true, false) => " (CHANGED on disk since it started: new workers run the new file)",
+        };
         let role = if g.serving { "serving" } else { "starting" };
+        let template = match &g.template {
+            Some(t) => {
+                let pid = t.pid.map(|p| format!(" {p}")).unwrap_or_default();
+                let restarts =
+                    if t.restarts > 0 { format!(", restarted {} times", t.restarts) } else { String::new() };
+                let degraded =
+                    if t.state == "down" { "; DEGRADED: no new workers until it is back" } else { "" };
+                format!("\n  template{pid} ({}{restarts}){degraded}", t.state)
+            }
+            None if g.spawn == "exec" => "\n  every worker exec'd (--spawn exec)".to_owned(),
+            None => String::new(),
+        };
         push(
             &mut out,
-            format!("generation {} ({role}): {}{dir}{changed}", g.generation, g.command.join(" ")),
+            format!("generation {} ({role}): {}{dir}{changed}{template}", g.generation, g.command.join(" ")),
         );
     }
     let c = &s.connections;

@@ -176,14 +176,19 @@ fn bad_deploy(name: &str, broken: &str, extra: &[&str]) {
     let failure = server.wait_reload_failed(Duration::from_secs(30));
     let stats = load.stop();
     assert_no_failures(&stats);
-    // The new generation's workers are gone; old ones may have recycled
-    // meanwhile (max-requests), from the command as resolved for generation 1.
-    let doomed: Vec<u32> = server
-        .logs()
+    // The new generation's processes are gone (its template, and any worker
+    // it got to fork); old ones may have recycled meanwhile (max-requests),
+    // from generation 1's template.
+    let logs = server.logs();
+    let workers = logs
         .lines()
         .filter(|l| l.contains("(generation 2,"))
-        .filter_map(|l| l.split("spawned worker ").nth(1)?.split(' ').next()?.parse().ok())
-        .collect();
+        .filter_map(|l| l.split("spawned worker ").nth(1)?.split(' ').next()?.parse().ok());
+    let templates = logs
+        .lines()
+        .filter(|l| l.contains("for generation 2"))
+        .filter_map(|l| l.split("started template ").nth(1)?.split(' ').next()?.parse().ok());
+    let doomed: Vec<u32> = workers.chain(templates).collect();
     assert!(!doomed.is_empty(), "generation 2 was started");
     for pid in &doomed {
         assert!(eventually(Duration::from_secs(10), || !alive(*pid)), "generation 2 worker {pid} stopped");

@@ -34,6 +34,10 @@ pub const READ_AHEAD_US: &str = "MONODON_READ_AHEAD_US";
 pub const MIN_BODY_RATE: &str = "MONODON_MIN_BODY_RATE";
 /// Seconds a worker waits on a client's body or on a slow reader.
 pub const IO_TIMEOUT: &str = "MONODON_IO_TIMEOUT";
+/// `template`: the process is its generation's template, not a worker: it
+/// loads the app and forks workers when asked (PROTOCOL.md, "Templates").
+/// Absent in a worker.
+pub const ROLE: &str = "MONODON_ROLE";
 
 /// Every variable the supervisor sets for a worker.
 pub const ALL: [&str; 11] = [
@@ -204,7 +208,7 @@ mod tests {
     #[test]
     fn protocol_md_names_every_variable() {
         let protocol = include_str!("../../PROTOCOL.md");
-        for variable in ALL {
+        for variable in ALL.iter().chain([&ROLE]) {
             assert!(protocol.contains(&format!("| `{variable}` |")), "PROTOCOL.md's table lacks {variable}");
         }
     }

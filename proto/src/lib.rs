@@ -12,6 +12,8 @@
 //! - [`proxy`]: the PROXY protocol header a load balancer sends first.
 //! - [`wire`]: the supervisor↔worker messages and the descriptor passing that
 //!   carries client connections across (see PROTOCOL.md).
+//! - [`template`]: the messages between the supervisor and a generation's
+//!   template process, which forks that generation's workers.
 //! - [`scoreboard`]: one shared-memory page per worker where the worker
 //!   publishes what it is doing, so the supervisor can read it without a
 //!   message round trip (and after the worker has died).
@@ -21,4 +23,5 @@ pub mod env;
 pub mod http;
 pub mod proxy;
 pub mod scoreboard;
+pub mod template;
 pub mod wire;

@@ -163,13 +163,13 @@ impl FromWorker<'_> {
     }
 }
 
-struct Cursor<'a> {
-    kind: u8,
+pub(crate) struct Cursor<'a> {
+    pub(crate) kind: u8,
     rest: &'a [u8],
 }
 
 impl<'a> Cursor<'a> {
-    fn new(msg: &'a [u8]) -> Result<Self, WireError> {
+    pub(crate) fn new(msg: &'a [u8]) -> Result<Self, WireError> {
         match msg {
             [VERSION, kind, rest @ ..] => Ok(Cursor { kind: *kind, rest }),
             [_, _, ..] => Err(WireError("unsupported protocol version")),
@@ -177,7 +177,7 @@ impl<'a> Cursor<'a> {
         }
     }
 
-    fn bytes(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+    pub(crate) fn bytes(&mut self, n: usize) -> Result<&'a [u8], WireError> {
         if self.rest.len() < n {
             return Err(WireError("message truncated"));
         }
@@ -186,23 +186,23 @@ impl<'a> Cursor<'a> {
         Ok(head)
     }
 
-    fn u16(&mut self) -> Result<u16, WireError> {
+    pub(crate) fn u16(&mut self) -> Result<u16, WireError> {
         let b = self.bytes(2)?;
         Ok(u16::from_le_bytes([b[0], b[1]]))
     }
 
-    fn u32(&mut self) -> Result<u32, WireError> {
+    pub(crate) fn u32(&mut self) -> Result<u32, WireError> {
         let b = self.bytes(4)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
 
-    fn u64(&mut self) -> Result<u64, WireError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, WireError> {
         let mut a = [0u8; 8];
         a.copy_from_slice(self.bytes(8)?);
         Ok(u64::from_le_bytes(a))
     }
 
-    fn rest(self) -> &'a [u8] {
+    pub(crate) fn rest(self) -> &'a [u8] {
         self.rest
     }
 }
@@ -210,17 +210,19 @@ impl<'a> Cursor<'a> {
 /// Sends one message, with `pass` attached as SCM_RIGHTS if given.
 /// Never raises SIGPIPE; on a non-blocking socket a full buffer is `EAGAIN`.
 pub fn send(channel: BorrowedFd<'_>, msg: &[u8], pass: Option<BorrowedFd<'_>>) -> io::Result<()> {
+    match pass {
+        Some(fd) => send_fds(channel, msg, &[fd]),
+        None => send_fds(channel, msg, &[]),
+    }
+}
+
+/// Sends one message with any number of fds attached (a template's Fork
+/// carries two).
+pub fn send_fds(channel: BorrowedFd<'_>, msg: &[u8], pass: &[BorrowedFd<'_>]) -> io::Result<()> {
     let iov = [IoSlice::new(msg)];
-    let fds;
-    let rights;
-    let cmsgs: &[ControlMessage] = match pass {
-        Some(fd) => {
-            fds = [fd.as_raw_fd()];
-            rights = [ControlMessage::ScmRights(&fds)];
-            &rights
-        }
-        None => &[],
-    };
+    let fds: Vec<RawFd> = pass.iter().map(|fd| fd.as_raw_fd()).collect();
+    let rights = [ControlMessage::ScmRights(&fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
     loop {
         match socket::sendmsg::<()>(channel.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
             Ok(n) if n == msg.len() => return Ok(()),
@@ -245,6 +247,20 @@ pub enum Received {
 /// message that was cut short, or carried more than one fd, is an error
 /// (any extra fds are closed).
 pub fn recv(channel: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
+    match recv_fds(channel, buf, 1)? {
+        None => Ok(Received::Closed),
+        Some((n, mut fds)) => Ok(Received::Message(n, fds.pop())),
+    }
+}
+
+/// Receives one message into `buf` with up to `max_fds` fds (close-on-exec);
+/// `None` when the other side has closed the channel. A message cut short,
+/// or with more fds than that, is an error (the extras are closed).
+pub fn recv_fds(
+    channel: BorrowedFd<'_>,
+    buf: &mut [u8],
+    max_fds: usize,
+) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
     // Room for several fds, so that a misbehaving peer's extras are seen
     // (and closed) instead of silently truncated.
     let mut cmsg_space = nix::cmsg_space!([RawFd; 8]);
@@ -271,13 +287,13 @@ pub fn recv(channel: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
         if truncated {
             return Err(WireError("message or its descriptors were truncated").into());
         }
-        if fds.len() > 1 {
-            return Err(WireError("more than one descriptor in a message").into());
+        if fds.len() > max_fds {
+            return Err(WireError("too many descriptors in a message").into());
         }
         if n == 0 && fds.is_empty() {
-            return Ok(Received::Closed);
+            return Ok(None);
         }
-        return Ok(Received::Message(n, fds.pop()));
+        return Ok(Some((n, fds)));
     }
 }
 

@@ -1,12 +1,20 @@
 //! `echo`: answers every request with a JSON description of it, like
-//! httpbin. Query parameters: `sleep_ms=N` waits before answering,
-//! `status=N` answers with that status.
+//! httpbin, and of the worker serving it (its pid and parent, and where
+//! its app was loaded and initialised). Query parameters: `sleep_ms=N`
+//! waits before answering, `status=N` answers with that status.
 
 use base64::Engine;
 use monodon_worker::{App, Request, Response};
 use serde_json::json;
 
-pub struct Echo;
+#[derive(Default)]
+pub struct Echo {
+    /// The process `preload` ran in: the generation's template (or, with
+    /// `--spawn exec`, the worker itself).
+    preloaded_in: u32,
+    /// The process `init_worker` ran in.
+    initialised_in: u32,
+}
 
 /// Bytes as a string, one char per byte (ISO-8859-1), so that any header
 /// value round-trips exactly through JSON.
@@ -15,6 +23,14 @@ fn latin1(bytes: &[u8]) -> String {
 }
 
 impl App for Echo {
+    fn preload(&mut self) {
+        self.preloaded_in = std::process::id();
+    }
+
+    fn init_worker(&mut self) {
+        self.initialised_in = std::process::id();
+    }
+
     fn call(&mut self, req: &mut Request<'_>) -> Response {
         let body = match req.read_body() {
             Ok(b) => b,
@@ -44,6 +60,9 @@ impl App for Echo {
                 "pid": req.worker.pid,
                 "generation": req.worker.generation,
                 "requests": req.worker.requests,
+                "ppid": std::os::unix::process::parent_id(),
+                "preloaded_in": self.preloaded_in,
+                "initialised_in": self.initialised_in,
             },
         });
         let mut text = doc.to_string();

@@ -46,7 +46,7 @@ impl BuiltIn {
         Ok(match name {
             AppName::Static => BuiltIn::Static(StaticFiles::new(root)?),
             AppName::Hello => BuiltIn::Hello,
-            AppName::Echo => BuiltIn::Echo(Echo),
+            AppName::Echo => BuiltIn::Echo(Echo::default()),
         })
     }
 }
@@ -57,6 +57,18 @@ impl App for BuiltIn {
             BuiltIn::Static(s) => s.call(req),
             BuiltIn::Hello => hello(req),
             BuiltIn::Echo(e) => e.call(req),
+        }
+    }
+
+    fn preload(&mut self) {
+        if let BuiltIn::Echo(e) = self {
+            e.preload();
+        }
+    }
+
+    fn init_worker(&mut self) {
+        if let BuiltIn::Echo(e) = self {
+            e.init_worker();
         }
     }
 }

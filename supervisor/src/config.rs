@@ -46,6 +46,31 @@ impl fmt::Display for ListenAddr {
     }
 }
 
+/// How a generation makes its workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SpawnMode {
+    /// One template process per generation loads the app once and forks
+    /// every worker of it: a generation runs the code it started with for
+    /// its whole life, and a replacement costs a fork.
+    #[default]
+    Template,
+    /// Every worker is started from the command on disk (for apps that
+    /// cannot fork once loaded, e.g. because they start threads).
+    Exec,
+}
+
+impl FromStr for SpawnMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "template" => Ok(SpawnMode::Template),
+            "exec" => Ok(SpawnMode::Exec),
+            _ => Err(format!("{s:?}: the spawn mode is `template` or `exec`")),
+        }
+    }
+}
+
 /// The default of every setting that has a fixed one: [`Config::new`] and
 /// the command line (its `--help` too) both take them from here.
 #[derive(Debug, Clone, Copy)]
@@ -142,6 +167,8 @@ pub struct Config {
     /// Every connection starts with a PROXY protocol header (v1 or v2)
     /// naming the client; one without is closed.
     pub proxy_protocol: bool,
+    /// Workers forked from their generation's template, or each exec'd.
+    pub spawn: SpawnMode,
     /// Where workers write the access log (`-`: stdout; `None`: nowhere).
     pub access_log: Option<String>,
     pub access_log_format: Format,
@@ -193,6 +220,7 @@ impl Config {
             control: None,
             chdir: None,
             proxy_protocol: false,
+            spawn: SpawnMode::default(),
             access_log: None,
             access_log_format: Format::Combined,
             source: None,

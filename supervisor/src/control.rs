@@ -88,7 +88,19 @@ pub struct Status {
     /// The serving generation's code, and the incoming one's while reloading.
     #[serde(default)]
     pub generations: Vec<GenerationStatus>,
+    /// How long workers took from being started (exec'd or forked) to
+    /// Ready, over the last starts.
+    #[serde(default)]
+    pub worker_start: StartTimes,
     pub worker_list: Vec<WorkerStatus>,
+}
+
+/// Worker start times, over the last (up to 1,024) starts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StartTimes {
+    pub samples: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
 }
 
 /// What one generation runs.
@@ -105,9 +117,27 @@ pub struct GenerationStatus {
     pub program_inode: Option<u64>,
     pub program_mtime_secs: Option<i64>,
     /// The program file on disk is no longer the one the generation
-    /// started from (replaced or rewritten): its new workers run the new
-    /// file (until templates keep a generation's code in memory).
+    /// started from (replaced or rewritten). With templates its workers
+    /// still run the code loaded when it started; with `--spawn exec` its
+    /// new workers run the new file.
     pub program_changed: bool,
+    /// `template` or `exec`.
+    #[serde(default)]
+    pub spawn: String,
+    /// Its template process (with `--spawn template`).
+    #[serde(default)]
+    pub template: Option<TemplateStatus>,
+}
+
+/// A generation's template, as the status shows it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TemplateStatus {
+    pub pid: Option<u32>,
+    /// `starting`, `ready`, or `down` (being started again after a back-off:
+    /// the generation is degraded, serving with the workers it has).
+    pub state: String,
+    /// Times it has been started again after dying.
+    pub restarts: u32,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -159,9 +159,18 @@ impl Server {
         }
     }
 
-    /// Pids of the supervisor's child processes.
+    /// Pids of the supervisor's worker processes (its children, less the
+    /// generations' templates).
     pub fn children(&self) -> Vec<u32> {
-        children_of(self.pid)
+        let templates = self.templates();
+        children_of(self.pid).into_iter().filter(|p| !templates.contains(p)).collect()
+    }
+
+    /// Pids of the generations' template processes, from the status.
+    pub fn templates(&self) -> Vec<u32> {
+        let Ok(s) = self.status() else { return Vec::new() };
+        let generations = s["generations"].as_array().cloned().unwrap_or_default();
+        generations.iter().filter_map(|g| g["template"]["pid"].as_u64()).map(|p| p as u32).collect()
     }
 
     /// Number of open descriptors of the supervisor.

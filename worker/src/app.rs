@@ -10,6 +10,17 @@ use std::io::{self, Read};
 /// A request handler. Called for one request at a time; may block freely.
 pub trait App {
     fn call(&mut self, req: &mut Request<'_>) -> Response;
+
+    /// Loads what every worker of a generation shares, once per
+    /// generation: in the template, before any worker is forked, so that
+    /// its memory is shared copy-on-write (with `--spawn exec`, once in each
+    /// worker). Code and data loaded here are the generation's own: a file
+    /// replaced on disk later does not reach it.
+    fn preload(&mut self) {}
+
+    /// Per-process set-up, in each worker after the fork and before it says
+    /// Ready: connections, random seeds, anything that must not be shared.
+    fn init_worker(&mut self) {}
 }
 
 impl<F> App for F

@@ -1,7 +1,8 @@
 //! The monodon worker runtime.
 //!
-//! A worker process is started by the supervisor with its channel on fd 3
-//! and its scoreboard page on fd 4. It initialises its app, says `Ready`,
+//! A worker process is started by the supervisor (or forked by its
+//! generation's template: `template`) with its channel on fd 3 and its
+//! scoreboard page on fd 4. It initialises its app, says `Ready`,
 //! then serves the connections it is handed, one at a time, with plain
 //! blocking code, handing each back when it is done. It exits when the
 //! supervisor closes the channel.
@@ -17,6 +18,7 @@ mod serve;
 #[cfg(test)]
 mod serve_tests;
 mod stream;
+mod template;
 #[cfg(test)]
 mod test_support;
 
@@ -39,10 +41,19 @@ pub fn is_worker() -> bool {
     std::env::var_os(env::CHANNEL_FD).is_some()
 }
 
-/// Runs the worker role with `app` until the supervisor lets it go.
+/// Runs the role the supervisor started this process in (a worker, or its
+/// generation's template, which forks workers) with `app`, until the
+/// supervisor lets it go.
 pub fn run(app: impl App) -> ExitCode {
     let mut app = app;
-    match serve_forever(&mut app) {
+    let outcome = match std::env::var(env::ROLE).as_deref() {
+        Ok("template") => template::serve_as_template(&mut app).and_then(|role| match role {
+            template::Role::Worker => serve_forever(&mut app, true),
+            template::Role::Done => Ok(()),
+        }),
+        _ => serve_forever(&mut app, false),
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("worker {}: {e}", std::process::id());
@@ -84,12 +95,17 @@ fn die_with_supervisor(supervisor: u32) -> std::io::Result<()> {
     Ok(())
 }
 
-fn serve_forever(app: &mut dyn App) -> std::io::Result<()> {
+/// `preloaded`: forked from a template, which ran `App::preload` already.
+fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
     let settings =
         WorkerEnv::from_process().map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     die_with_supervisor(settings.supervisor_pid)?;
     let channel = inherited_fd(env::CHANNEL_FD)?;
     let scoreboard = Scoreboard::map(inherited_fd(env::SCOREBOARD_FD)?)?;
+    if !preloaded {
+        app.preload();
+    }
+    app.init_worker();
     let WorkerEnv { generation, limits, io_timeout, max_requests, read_ahead, min_body_rate, .. } = settings;
     let mut remaining = (max_requests > 0).then_some(max_requests);
     let pid = std::process::id();

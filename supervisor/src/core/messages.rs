@@ -47,6 +47,8 @@ impl<C: Peer, W: Named> Core<C, W> {
         }
         w.accepts_ahead = accepts_ahead;
         debug!("worker {} ready", w.io.pid());
+        let took = now.saturating_duration_since(w.started);
+        self.record_start(took);
         self.worker_idle(wkey, port, now);
         Ok(())
     }

@@ -262,7 +262,12 @@ pub struct Core<C, W> {
     next_conn_id: u64,
     rng: fastrand::Rng,
     actions: VecDeque<Action>,
+    /// How long the last workers took from start to Ready (for status).
+    start_times: VecDeque<Duration>,
 }
+
+/// Start times kept for the status.
+const START_TIMES_KEPT: usize = 1024;
 
 impl<C: Peer, W: Named> Core<C, W> {
     /// Generation 1, with `workers` wanted; `seed` drives the per-worker draws.
@@ -285,6 +290,7 @@ impl<C: Peer, W: Named> Core<C, W> {
             next_conn_id: 1,
             rng: fastrand::Rng::with_seed(seed),
             actions: VecDeque::new(),
+            start_times: VecDeque::new(),
         }
     }
 
@@ -370,6 +376,18 @@ impl<C: Peer, W: Named> Core<C, W> {
 
     pub fn ready_notified(&self) -> bool {
         self.ready_notified
+    }
+
+    /// How long the last workers took from start to Ready, oldest first.
+    pub fn start_times(&self) -> impl Iterator<Item = Duration> + '_ {
+        self.start_times.iter().copied()
+    }
+
+    fn record_start(&mut self, took: Duration) {
+        if self.start_times.len() == START_TIMES_KEPT {
+            self.start_times.pop_front();
+        }
+        self.start_times.push_back(took);
     }
 
     /// When the shell must wake to start a missing worker, if one is missing.

@@ -221,9 +221,16 @@ impl<C: Peer, W: Named> Core<C, W> {
     /// The worker of `order` could not be started: the serving generation
     /// backs off; a reload is abandoned.
     pub fn spawn_failed(&mut self, order: SpawnOrder, why: &str, now: Instant) {
-        if self.reload.as_ref().is_some_and(|r| r.generation == order.generation) {
+        self.generation_failed(order.generation, why, now);
+    }
+
+    /// Workers of `generation` cannot be made now (its program fails to
+    /// start, or its template died before it was ready): a reload's is
+    /// abandoned; the serving generation backs off.
+    pub fn generation_failed(&mut self, generation: u64, why: &str, now: Instant) {
+        if self.reload.as_ref().is_some_and(|r| r.generation == generation) {
             self.abandon_reload(why, now);
-        } else {
+        } else if generation == self.serving {
             let delay = self.backoff.on_spawn_failure();
             warn!("next worker start in {delay:?}");
             self.next_spawn_at = now + delay;

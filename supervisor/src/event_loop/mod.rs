@@ -57,6 +57,7 @@ mod reload;
 mod setup;
 mod status;
 mod stopping;
+mod templates;
 mod workers;
 
 use crate::notify::Notifier;
@@ -67,6 +68,8 @@ const CONTROL_KEY: usize = usize::MAX - 2;
 const CONTROL_BASE: usize = 1 << 42;
 const LISTENER_BASE: usize = 1 << 40;
 const WORKER_BASE: usize = 1 << 41;
+/// Plus the generation number.
+const TEMPLATE_BASE: usize = 1 << 43;
 // Connections use their slab index as key: below every other range.
 
 /// How often workers' private memory is read for --max-worker-memory.
@@ -161,6 +164,8 @@ pub struct Supervisor {
     /// same release.
     serving_code: Code,
     reload_code: Option<ReloadCode>,
+    /// Each generation's template (`--spawn template`).
+    templates: templates::Templates,
     /// Client reads land here first (idle connections hold no buffer).
     scratch: Vec<u8>,
     /// Messages from workers are received here.
@@ -209,7 +214,7 @@ impl Supervisor {
             if let Some(t) = self.notifier.next_wake() {
                 wake = wake.min(t);
             }
-            if let Some(t) = self.core.spawn_wake() {
+            if let Some(t) = self.core.spawn_wake().and_then(|t| self.template_wake(t)) {
                 wake = wake.min(t);
             }
             let timeout = wake.saturating_duration_since(now).min(SWEEP_INTERVAL);
@@ -219,6 +224,9 @@ impl Supervisor {
             for key in keys {
                 self.on_event(key);
                 self.carry_out();
+                // A worker that retires or dies is replaced before the next
+                // event (a status request would otherwise see the gap).
+                self.spawn_missing_workers();
                 self.debug_check_invariants();
             }
             self.publish_queue_state();
@@ -245,6 +253,8 @@ impl Supervisor {
             self.on_signals();
         } else if key == CONTROL_KEY {
             self.on_control_listener_readable();
+        } else if key >= TEMPLATE_BASE {
+            self.on_template_readable((key - TEMPLATE_BASE) as u64);
         } else if key >= CONTROL_BASE {
             self.on_control_event(key - CONTROL_BASE);
         } else if key >= WORKER_BASE {
@@ -298,7 +308,10 @@ impl Supervisor {
                 }
                 Action::Notify(Notice::Reloading) => self.notifier.reloading(),
                 Action::Notify(Notice::Stopping) => self.notifier.stopping(),
-                Action::ReloadFinished { generation, outcome } => self.reload_finished(generation, outcome),
+                Action::ReloadFinished { generation, outcome } => {
+                    self.reload_finished(generation, outcome);
+                    self.retire_templates();
+                }
             }
         }
         self.update_accepting();

@@ -30,6 +30,10 @@ impl Supervisor {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         raise_fd_limit();
         let poller = Poller::new()?;
+        // Workers forked by a template (forked twice) are re-parented to us,
+        // so they are our children like exec'd ones: reaped, signalled,
+        // and their PDEATHSIG set against us.
+        nix::sys::prctl::set_child_subreaper(true)?;
         mark_inherited_fds_cloexec();
         let max_connections = match config.max_connections {
             0 => default_max_connections(config.workers),
@@ -104,6 +108,7 @@ impl Supervisor {
             core: Core::new(Settings::from(&config), config.workers, now, fastrand::u64(..)),
             serving_code: Code::resolve(&config.worker_command, config.chdir.as_deref())?,
             reload_code: None,
+            templates: Default::default(),
             config,
             poller,
             events: Events::new(),

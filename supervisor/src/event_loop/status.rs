@@ -3,8 +3,13 @@
 
 use std::time::Instant;
 
+use super::templates::TemplateState;
 use super::Supervisor;
-use crate::control::{ConnectionCounts, GenerationStatus, ReloadStatus, Status, WorkerCounts, WorkerStatus};
+use crate::config::SpawnMode;
+use crate::control::{
+    ConnectionCounts, GenerationStatus, ReloadStatus, StartTimes, Status, TemplateStatus, WorkerCounts,
+    WorkerStatus,
+};
 use crate::core::{Activity, Place, Stopping};
 use crate::spawn::{Code, FileIdentity};
 
@@ -113,12 +118,32 @@ impl Supervisor {
             totals,
             requests_per_sec: self.requests_per_sec,
             generations: if detail {
-                std::iter::once(generation_status(self.core.serving_generation(), true, &self.serving_code))
-                    .chain(self.reload_code.iter().map(|r| generation_status(r.generation, false, &r.code)))
+                std::iter::once((self.core.serving_generation(), true, &self.serving_code, &self.config))
+                    .chain(self.reload_code.iter().map(|r| (r.generation, false, &r.code, &r.config)))
+                    .map(|(generation, serving, code, config)| {
+                        let mut g = generation_status(generation, serving, code);
+                        g.spawn = match config.spawn {
+                            SpawnMode::Template => "template",
+                            SpawnMode::Exec => "exec",
+                        }
+                        .to_owned();
+                        g.template = self.templates.by_generation.get(&generation).map(|t| TemplateStatus {
+                            pid: t.pid.map(|p| p.as_raw() as u32),
+                            state: match t.state {
+                                TemplateState::Starting => "starting",
+                                TemplateState::Ready => "ready",
+                                TemplateState::Down { .. } => "down",
+                            }
+                            .to_owned(),
+                            restarts: t.restarts,
+                        });
+                        g
+                    })
                     .collect()
             } else {
                 Vec::new()
             },
+            worker_start: start_times(self.core.start_times()),
             worker_list,
         }
     }
@@ -146,6 +171,14 @@ impl Supervisor {
     }
 }
 
+/// The median and 99th percentile of worker start times.
+fn start_times(times: impl Iterator<Item = std::time::Duration>) -> StartTimes {
+    let mut ms: Vec<f64> = times.map(|d| d.as_secs_f64() * 1000.0).collect();
+    ms.sort_by(f64::total_cmp);
+    let at = |q: f64| ms.get(((ms.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0.0);
+    StartTimes { samples: ms.len(), p50_ms: at(0.5), p99_ms: at(0.99) }
+}
+
 /// What a generation runs, as the status shows it.
 fn generation_status(generation: u64, serving: bool, code: &Code) -> GenerationStatus {
     let program = code.command.first().map(std::path::Path::new);
@@ -158,6 +191,8 @@ fn generation_status(generation: u64, serving: bool, code: &Code) -> GenerationS
         program_inode: code.program.map(|p| p.inode),
         program_mtime_secs: code.program.map(|p| p.mtime_secs),
         program_changed: code.program.is_some() && now != code.program,
+        spawn: String::new(),
+        template: None,
     }
 }
 

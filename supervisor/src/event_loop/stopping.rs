@@ -32,11 +32,13 @@ impl Supervisor {
     pub(super) fn begin_graceful_stop(&mut self) {
         self.core.stop_gracefully(Instant::now());
         self.close_listeners();
+        self.retire_templates();
     }
 
     pub(super) fn begin_fast_stop(&mut self) {
         self.core.stop_fast(Instant::now());
         self.close_listeners();
+        self.retire_templates();
     }
 
     /// SIGUSR1: the supervisor and its workers reopen the access log (after
@@ -102,5 +104,6 @@ impl Supervisor {
             self.next_memory_check = now + MEMORY_CHECK_INTERVAL;
         }
         self.core.tick(now, read_memory, &mut Wire { msg: &mut self.msg });
+        self.check_templates(now);
     }
 }

@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use log::{debug, error, info, warn};
 use monodon_proto::access_log::{Entry, RawRequestLine};
-use monodon_proto::env::WorkerEnv;
 use monodon_proto::http::error_response;
 use monodon_proto::wire::{self, FromWorker, Received};
 use nix::errno::Errno;
@@ -17,59 +16,67 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use polling::{Event, PollMode};
 
+use super::templates::Maker;
 use super::{Supervisor, Wire, WorkerIo, WORKER_BASE};
+use crate::config::{Config, SpawnMode};
 use crate::core::{Exit, Misbehaviour, SpawnOrder, Stopping, WorkerKey};
-use crate::spawn::{spawn_worker, WorkerSpec};
+use crate::spawn::{spawn_worker, Code, WorkerSpec};
 
 impl Supervisor {
-    /// Starts the workers the core says are missing.
+    /// Starts the workers the core says are missing: forked from their
+    /// generation's template, or exec'd (`--spawn exec`).
     pub(super) fn spawn_missing_workers(&mut self) {
         while let Some(order) = self.core.next_spawn(Instant::now()) {
-            match self.spawn(order) {
+            let made = match self.code_of(order.generation).1.spawn {
+                SpawnMode::Exec => self.spawn(order),
+                SpawnMode::Template => match self.template_for(order) {
+                    Ok(Maker::Ready) => self.fork_worker(order),
+                    // Its Ready (or the back-off's end) comes back here.
+                    Ok(Maker::Wait) => break,
+                    Err(e) => Err(std::io::Error::other(e)),
+                },
+            };
+            match made {
                 Ok(io) => {
+                    info!(
+                        "spawned worker {} (generation {}, max requests {})",
+                        io.pid, order.generation, order.max_requests
+                    );
+                    io.scoreboard.slot().set_others_waiting(self.others_waiting);
+                    if self.core.stopping() != Stopping::No {
+                        // Started during a graceful stop, to serve what waits:
+                        // its responses say `Connection: close` like everyone's.
+                        io.scoreboard.slot().set_draining();
+                    }
                     let key = self.core.spawned(order, io, Instant::now());
                     self.watch_channel(key);
                 }
-                Err(e) => self.core.spawn_failed(order, &e.to_string(), Instant::now()),
+                Err(e) => {
+                    error!("{e}");
+                    self.core.spawn_failed(order, &e.to_string(), Instant::now());
+                }
             }
         }
         self.carry_out();
     }
 
-    /// Starts a worker of the order's generation (the serving one or the
-    /// one a reload is starting), with that generation's code and configuration.
+    /// Starts a worker of the order's generation from its command on disk,
+    /// with that generation's configuration.
     fn spawn(&mut self, order: SpawnOrder) -> io::Result<WorkerIo> {
-        let (code, config) = match &self.reload_code {
-            Some(r) if r.generation == order.generation => (&r.code, &r.config),
-            _ => (&self.serving_code, &self.config),
-        };
-        let spec = WorkerSpec {
-            code,
-            env: WorkerEnv {
-                supervisor_pid: std::process::id(),
-                generation: order.generation,
-                limits: config.limits,
-                io_timeout: config.io_timeout,
-                max_requests: order.max_requests,
-                access_log: config.access_log.clone(),
-                access_log_format: config.access_log_format,
-                read_ahead: config.read_ahead,
-                min_body_rate: config.min_body_rate,
-            },
-        };
+        let (code, config) = self.code_of(order.generation);
+        let spec = WorkerSpec { code, env: self.worker_env(order.generation, order.max_requests, config) };
         let max_message = wire::max_message(&config.limits);
-        let s = spawn_worker(&spec).inspect_err(|e| error!("{e}"))?;
-        info!(
-            "spawned worker {} (generation {}, max requests {})",
-            s.pid, order.generation, order.max_requests
-        );
-        s.scoreboard.slot().set_others_waiting(self.others_waiting);
-        if self.core.stopping() != Stopping::No {
-            // Started during a graceful stop, to serve what waits: its
-            // responses say `Connection: close` like everyone's.
-            s.scoreboard.slot().set_draining();
-        }
+        let s = spawn_worker(&spec)?;
         Ok(WorkerIo { pid: s.pid, channel: Some(s.channel), scoreboard: s.scoreboard, max_message })
+    }
+
+    /// The code and configuration of `generation`: the serving one's, or
+    /// the one a reload is starting.
+    pub(super) fn code_of(&self, generation: u64) -> (&Code, &Config) {
+        match &self.reload_code {
+            Some(r) if r.generation == generation => (&r.code, &r.config),
+            _ => (&self.serving_code, &self.config),
+        }
     }
 
     fn watch_channel(&mut self, key: WorkerKey) {
@@ -199,6 +206,8 @@ impl Supervisor {
                     let found = self.core.workers().find(|(_, w)| w.io.pid == pid).map(|(k, _)| k);
                     match found {
                         Some(wkey) => self.on_worker_exit(wkey, status),
+                        None if self.template_exited(pid, &describe(status)) => {}
+                        // An orphan of a worker's (the supervisor is a subreaper).
                         None => debug!("reaped unknown child {pid}: {status:?}"),
                     }
                 }
@@ -215,11 +224,7 @@ impl Supervisor {
         // Whatever it said before dying comes first (typically the Done of a
         // worker that retired on purpose): SIGCHLD may overtake the channel.
         self.drain_channel(wkey);
-        let how = match status {
-            WaitStatus::Exited(_, code) => format!("exited with status {code}"),
-            WaitStatus::Signaled(_, sig, _) => format!("was killed by {sig}"),
-            other => format!("{other:?}"),
-        };
+        let how = describe(status);
         let now = Instant::now();
         let Some(exit) = self.core.worker_exited(wkey, &how, &mut Wire { msg: &mut self.msg }, now) else {
             return;
@@ -267,5 +272,14 @@ impl Supervisor {
         } else if !killed {
             warn!("worker {} (generation {generation}) {how} after {lived:.1?}", w.pid);
         }
+    }
+}
+
+/// How a child ended, for the log.
+fn describe(status: WaitStatus) -> String {
+    match status {
+        WaitStatus::Exited(_, code) => format!("exited with status {code}"),
+        WaitStatus::Signaled(_, sig, _) => format!("was killed by {sig}"),
+        other => format!("{other:?}"),
     }
 }
