@@ -74,6 +74,7 @@ impl<C: Peer, W: Named> Core<C, W> {
         self.totals.failed_reloads += 1;
         self.last_reload_failure = Some((message.clone(), now));
         self.act(Action::ReloadFinished { generation: reload.generation, outcome: Err(message) });
+        self.release_templates();
         if self.stopping == Stopping::No {
             self.act(Action::Notify(Notice::Ready));
         }
@@ -122,6 +123,7 @@ impl<C: Peer, W: Named> Core<C, W> {
         );
         info!("reload: {message}");
         self.act(Action::ReloadFinished { generation: reload.generation, outcome: Ok(message) });
+        self.release_templates();
         self.act(Action::Notify(Notice::Ready));
     }
 

@@ -116,6 +116,15 @@ impl<C: Peer, W: Named> Core<C, W> {
                 return Err(format!("reload to generation {} while stopping", r.generation));
             }
         }
+        for &generation in self.templates.keys() {
+            let live = generation == self.serving
+                || self.reload.as_ref().is_some_and(|r| r.generation == generation);
+            if !live || self.stopping == Stopping::Fast {
+                return Err(format!(
+                    "the template of generation {generation} is kept, which neither serves nor starts"
+                ));
+            }
+        }
         for (wkey, w) in self.workers() {
             if w.generation > self.serving && w.current().is_some() {
                 return Err(format!(

@@ -46,11 +46,13 @@ mod pool;
 #[cfg(test)]
 mod sim;
 mod stopping;
+mod templates;
 
 pub use clients::{Conn, Place};
 pub use generations::Reload;
 pub use messages::{Exit, Misbehaviour};
 pub use pool::{Activity, Channel, Kill, Retirement, Service, SpawnOrder, Worker};
+pub use templates::{Make, TemplateLife};
 
 /// How long a connection sent ahead may wait behind its worker's current
 /// request before a worker that comes free takes it instead.
@@ -94,6 +96,9 @@ pub struct Settings {
     pub max_requests: u64,
     pub max_worker_age: Option<Duration>,
     pub max_worker_memory: Option<u64>,
+    /// Workers are forked from the generation's template (`--spawn
+    /// template`), else each exec'd.
+    pub templates: bool,
 }
 
 impl From<&crate::Config> for Settings {
@@ -111,6 +116,7 @@ impl From<&crate::Config> for Settings {
             max_requests: c.max_requests,
             max_worker_age: c.max_worker_age,
             max_worker_memory: c.max_worker_memory,
+            templates: c.spawn == crate::config::SpawnMode::Template,
         }
     }
 }
@@ -174,6 +180,11 @@ pub enum Action {
     ReloadFinished {
         generation: u64,
         outcome: Result<String, String>,
+    },
+    /// The template of a generation that is over: close its channel (it
+    /// exits) and let it go.
+    ReleaseTemplate {
+        generation: u64,
     },
 }
 
@@ -264,6 +275,7 @@ pub struct Core<C, W> {
     actions: VecDeque<Action>,
     /// How long the last workers took from start to Ready (for status).
     start_times: VecDeque<Duration>,
+    templates: templates::Templates,
 }
 
 /// Start times kept for the status.
@@ -291,6 +303,7 @@ impl<C: Peer, W: Named> Core<C, W> {
             rng: fastrand::Rng::with_seed(seed),
             actions: VecDeque::new(),
             start_times: VecDeque::new(),
+            templates: Default::default(),
         }
     }
 
@@ -304,6 +317,11 @@ impl<C: Peer, W: Named> Core<C, W> {
     }
 
     // ---- what the shell may read -------------------------------------------
+
+    #[cfg(test)]
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
 
     pub fn conn(&self, key: ConnKey) -> Option<&Conn<C>> {
         self.conns.get(key.0)
@@ -392,6 +410,12 @@ impl<C: Peer, W: Named> Core<C, W> {
 
     /// When the shell must wake to start a missing worker, if one is missing.
     pub fn spawn_wake(&self) -> Option<Instant> {
-        (self.active_workers(self.serving) < self.wanted_workers(self.serving)).then_some(self.next_spawn_at)
+        let worker = (self.active_workers(self.serving) < self.wanted_workers(self.serving))
+            .then_some(self.next_spawn_at)
+            .and_then(|due| self.template_wake(due));
+        match (worker, self.template_retry_at()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 }

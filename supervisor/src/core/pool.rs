@@ -149,6 +149,8 @@ impl<W> Worker<W> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpawnOrder {
     pub generation: u64,
+    /// Exec it, fork it, or start the generation's template first.
+    pub make: super::Make,
     /// Its max-requests draw (0: none).
     pub max_requests: u64,
     pub age_limit: Option<Duration>,
@@ -174,35 +176,57 @@ impl<C: Peer, W: Named> Core<C, W> {
     }
 
     /// The next worker to start now, if one is missing: the serving
-    /// generation's first (unless backing off), then a reload's.
+    /// generation's first (unless backing off), then a reload's; each only
+    /// when it can be made (a template still loading makes none).
     pub fn next_spawn(&mut self, now: Instant) -> Option<SpawnOrder> {
+        if let Some(generation) = self.template_due(now) {
+            // A template that died is started again at once (after its
+            // back-off), not when a worker is next needed: that worker
+            // would wait for the app to load.
+            return Some(SpawnOrder {
+                generation,
+                make: super::Make::StartTemplate,
+                max_requests: 0,
+                age_limit: None,
+            });
+        }
         let serving = self.serving;
-        let generation =
-            if self.active_workers(serving) < self.wanted_workers(serving) && now >= self.next_spawn_at {
-                serving
-            } else {
-                let g = self.reload.as_ref()?.generation;
-                if self.active_workers(g) >= self.wanted_workers(g) {
-                    return None;
-                }
-                g
-            };
-        let settings = match &self.reload {
-            Some(r) if r.generation == generation => &r.settings,
-            _ => &self.settings,
-        };
+        let serving_due =
+            self.active_workers(serving) < self.wanted_workers(serving) && now >= self.next_spawn_at;
+        let reloading = self
+            .reload
+            .as_ref()
+            .map(|r| r.generation)
+            .filter(|&g| self.active_workers(g) < self.wanted_workers(g));
+        let due = [serving_due.then_some(serving), reloading];
+        let (generation, make) = due.into_iter().flatten().find_map(|g| {
+            let templates = self.settings_of(g).templates;
+            Some((g, self.make_for(g, templates, now)?))
+        })?;
+        let settings = self.settings_of(generation);
+        let (max_worker_age, limits) =
+            (settings.max_worker_age, (settings.min_requests, settings.max_requests));
         // Drawn from [80%, 100%] of the limit, so workers started together
         // do not all leave together.
-        let age_limit = settings.max_worker_age.map(|max| max.mul_f64(0.8 + 0.2 * self.rng.f64()));
-        let max_requests = match (settings.min_requests, settings.max_requests) {
+        let age_limit = max_worker_age.map(|max| max.mul_f64(0.8 + 0.2 * self.rng.f64()));
+        let max_requests = match limits {
             (_, 0) => 0,
             (min, max) => self.rng.u64(min.clamp(1, max)..=max),
         };
-        Some(SpawnOrder { generation, max_requests, age_limit })
+        Some(SpawnOrder { generation, make, max_requests, age_limit })
+    }
+
+    /// The settings `generation` runs with: a reload's own, or the core's.
+    fn settings_of(&self, generation: u64) -> &super::Settings {
+        match &self.reload {
+            Some(r) if r.generation == generation => &r.settings,
+            _ => &self.settings,
+        }
     }
 
     /// The shell started the worker of `order`.
     pub fn spawned(&mut self, order: SpawnOrder, io: W, now: Instant) -> WorkerKey {
+        debug_assert_ne!(order.make, super::Make::StartTemplate, "a template is not a worker");
         WorkerKey(self.workers.insert(Worker {
             io,
             generation: order.generation,

@@ -42,7 +42,9 @@ impl<C: Peer, W: Named> Core<C, W> {
         self.kill_all();
     }
 
+    /// Every worker is killed, and every template let go.
     fn kill_all(&mut self) {
+        self.release_templates();
         let all: Vec<WorkerKey> = self.workers.iter().map(|(k, _)| WorkerKey(k)).collect();
         for worker in all {
             self.act(Action::Signal { worker, signal: Signal::Kill });

@@ -214,7 +214,7 @@ impl Supervisor {
             if let Some(t) = self.notifier.next_wake() {
                 wake = wake.min(t);
             }
-            if let Some(t) = self.core.spawn_wake().and_then(|t| self.template_wake(t)) {
+            if let Some(t) = self.core.spawn_wake() {
                 wake = wake.min(t);
             }
             let timeout = wake.saturating_duration_since(now).min(SWEEP_INTERVAL);
@@ -244,6 +244,7 @@ impl Supervisor {
         if let Some(control) = &self.control {
             control.remove();
         }
+        self.drop_all_templates();
         info!("supervisor {} stopped", std::process::id());
         Ok(())
     }
@@ -308,10 +309,8 @@ impl Supervisor {
                 }
                 Action::Notify(Notice::Reloading) => self.notifier.reloading(),
                 Action::Notify(Notice::Stopping) => self.notifier.stopping(),
-                Action::ReloadFinished { generation, outcome } => {
-                    self.reload_finished(generation, outcome);
-                    self.retire_templates();
-                }
+                Action::ReloadFinished { generation, outcome } => self.reload_finished(generation, outcome),
+                Action::ReleaseTemplate { generation } => self.drop_template(generation, Signal::SIGTERM),
             }
         }
         self.update_accepting();

@@ -3,14 +3,13 @@
 
 use std::time::Instant;
 
-use super::templates::TemplateState;
 use super::Supervisor;
 use crate::config::SpawnMode;
 use crate::control::{
     ConnectionCounts, GenerationStatus, ReloadStatus, StartTimes, Status, TemplateStatus, WorkerCounts,
     WorkerStatus,
 };
-use crate::core::{Activity, Place, Stopping};
+use crate::core::{Activity, Place, Stopping, TemplateLife};
 use crate::spawn::{Code, FileIdentity};
 
 impl Supervisor {
@@ -127,12 +126,16 @@ impl Supervisor {
                             SpawnMode::Exec => "exec",
                         }
                         .to_owned();
-                        g.template = self.templates.by_generation.get(&generation).map(|t| TemplateStatus {
-                            pid: t.pid.map(|p| p.as_raw() as u32),
-                            state: match t.state {
-                                TemplateState::Starting => "starting",
-                                TemplateState::Ready => "ready",
-                                TemplateState::Down { .. } => "down",
+                        g.template = self.core.template(generation).map(|t| TemplateStatus {
+                            pid: self
+                                .templates
+                                .by_generation
+                                .get(&generation)
+                                .map(|io| io.pid.as_raw() as u32),
+                            state: match t.life {
+                                TemplateLife::Starting => "starting",
+                                TemplateLife::Ready => "ready",
+                                TemplateLife::Down { .. } => "down",
                             }
                             .to_owned(),
                             restarts: t.restarts,

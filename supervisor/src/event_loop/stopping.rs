@@ -32,13 +32,11 @@ impl Supervisor {
     pub(super) fn begin_graceful_stop(&mut self) {
         self.core.stop_gracefully(Instant::now());
         self.close_listeners();
-        self.retire_templates();
     }
 
     pub(super) fn begin_fast_stop(&mut self) {
         self.core.stop_fast(Instant::now());
         self.close_listeners();
-        self.retire_templates();
     }
 
     /// SIGUSR1: the supervisor and its workers reopen the access log (after

@@ -16,10 +16,11 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use polling::{Event, PollMode};
 
-use super::templates::Maker;
+use monodon_proto::env::WorkerEnv;
+
 use super::{Supervisor, Wire, WorkerIo, WORKER_BASE};
-use crate::config::{Config, SpawnMode};
-use crate::core::{Exit, Misbehaviour, SpawnOrder, Stopping, WorkerKey};
+use crate::config::Config;
+use crate::core::{Exit, Make, Misbehaviour, SpawnOrder, Stopping, WorkerKey};
 use crate::spawn::{spawn_worker, Code, WorkerSpec};
 
 impl Supervisor {
@@ -27,14 +28,22 @@ impl Supervisor {
     /// generation's template, or exec'd (`--spawn exec`).
     pub(super) fn spawn_missing_workers(&mut self) {
         while let Some(order) = self.core.next_spawn(Instant::now()) {
-            let made = match self.code_of(order.generation).1.spawn {
-                SpawnMode::Exec => self.spawn(order),
-                SpawnMode::Template => match self.template_for(order) {
-                    Ok(Maker::Ready) => self.fork_worker(order),
-                    // Its Ready (or the back-off's end) comes back here.
-                    Ok(Maker::Wait) => break,
-                    Err(e) => Err(std::io::Error::other(e)),
+            let made = match order.make {
+                Make::Exec => self.spawn(order),
+                Make::Fork => match self.fork_worker(order) {
+                    // The template broke: the core has it down, and orders
+                    // this worker again once a new one is ready.
+                    Err(e) if e.kind() != io::ErrorKind::Other => {
+                        error!("{e}");
+                        continue;
+                    }
+                    made => made,
                 },
+                Make::StartTemplate => {
+                    // The worker is ordered again once the template is ready.
+                    self.start_template(order.generation);
+                    continue;
+                }
             };
             match made {
                 Ok(io) => {
@@ -68,6 +77,21 @@ impl Supervisor {
         let max_message = wire::max_message(&config.limits);
         let s = spawn_worker(&spec)?;
         Ok(WorkerIo { pid: s.pid, channel: Some(s.channel), scoreboard: s.scoreboard, max_message })
+    }
+
+    /// The environment a worker (or the template) of `generation` starts with.
+    pub(super) fn worker_env(&self, generation: u64, max_requests: u64, config: &Config) -> WorkerEnv {
+        WorkerEnv {
+            supervisor_pid: std::process::id(),
+            generation,
+            limits: config.limits,
+            io_timeout: config.io_timeout,
+            max_requests,
+            access_log: config.access_log.clone(),
+            access_log_format: config.access_log_format,
+            read_ahead: config.read_ahead,
+            min_body_rate: config.min_body_rate,
+        }
     }
 
     /// The code and configuration of `generation`: the serving one's, or

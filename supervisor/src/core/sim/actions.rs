@@ -46,6 +46,17 @@ impl Sim {
                 Action::ReloadFinished { generation, outcome } => {
                     self.reload_finished(generation, outcome.is_ok())
                 }
+                Action::ReleaseTemplate { generation } => {
+                    if let Some(p) = self.templates.remove(&generation) {
+                        // Its channel closes and it gets SIGTERM (one still
+                        // loading is not listening).
+                        self.world.procs[p].released = true;
+                        self.world.procs[p].outbox.clear();
+                        if self.world.procs[p].alive() {
+                            self.exit(p, "dies of SIGTERM: its generation is over");
+                        }
+                    }
+                }
             }
         }
     }

@@ -50,13 +50,14 @@ fn settings(rng: &mut fastrand::Rng) -> Settings {
         linger_timeout: Duration::from_secs(1),
         timeout: Duration::from_secs(10),
         kill_grace: Duration::from_secs(1),
-        graceful_timeout: Duration::from_secs(20),
+        graceful_timeout: Duration::from_secs(rng.u64(3..30)),
         reload_timeout: Duration::from_secs(5),
         queue_capacity: 6,
         min_requests: (max_requests * 4 / 5).max(1),
         max_requests,
         max_worker_age: rng.bool().then(|| Duration::from_secs(rng.u64(20..120))),
         max_worker_memory: rng.bool().then_some(600),
+        templates: rng.bool(),
     }
 }
 
@@ -72,6 +73,8 @@ struct Sim {
     world: World,
     rng: fastrand::Rng,
     deploys: HashMap<u64, Deploy>,
+    /// Each generation's template process (an index into the world's).
+    templates: HashMap<u64, usize>,
     /// Faults may be injected (the chaos phase).
     chaos: bool,
     /// Exited processes the core has not been told about yet.
@@ -105,6 +108,7 @@ impl Sim {
             world,
             rng,
             deploys: HashMap::from([(1, Deploy::Good)]),
+            templates: HashMap::new(),
             chaos: true,
             unreaped: Vec::new(),
             trace: VecDeque::new(),

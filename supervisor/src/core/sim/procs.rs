@@ -6,45 +6,119 @@ use std::collections::VecDeque;
 
 use super::world::{Last, Proc, ProcLife, Said, SimWorker};
 use super::{Deploy, Exit, Sim};
+use crate::core::{Make, WorkerKey};
 
 impl Sim {
     pub(super) fn spawn_missing(&mut self) {
         while let Some(order) = self.core.next_spawn(self.world.now) {
-            let deploy = self.deploys.get(&order.generation).copied().unwrap_or(Deploy::Good);
-            if deploy == Deploy::ExecFails {
-                note!(self, "spawn of generation {} fails", order.generation);
-                self.core.spawn_failed(order, "exec failed", self.world.now);
-                continue;
+            let now = self.world.now;
+            let generation = order.generation;
+            let deploy = self.deploys.get(&generation).copied().unwrap_or(Deploy::Good);
+            match order.make {
+                Make::StartTemplate => {
+                    if deploy == Deploy::ExecFails {
+                        note!(self, "the template of generation {generation} cannot start");
+                        self.core.template_down(generation, "exec failed", now);
+                    } else {
+                        let p = self.new_proc(generation, WorkerKey(usize::MAX), 0);
+                        self.world.procs[p].template = true;
+                        self.templates.insert(generation, p);
+                        note!(
+                            self,
+                            "template {} of generation {generation} starts ({deploy:?})",
+                            self.world.procs[p].pid
+                        );
+                        self.core.template_started(generation);
+                    }
+                    continue;
+                }
+                Make::Fork => {
+                    let template = self.templates.get(&generation).map(|&t| &self.world.procs[t]);
+                    match template {
+                        Some(t) if !t.ready_told => {
+                            let what =
+                                format!("a fork ordered from generation {generation}'s template, not ready");
+                            return self.world.violate(what);
+                        }
+                        // Dead but not yet reaped: the fork fails, as the
+                        // shell's would (no answer), and it is taken down.
+                        Some(t) if !t.alive() => {
+                            self.templates.remove(&generation);
+                            self.core.template_down(generation, "a fork failed", now);
+                            continue;
+                        }
+                        Some(t) if t.refuses => {
+                            note!(self, "template of generation {generation} refuses to fork");
+                            self.core.spawn_failed(order, "threads", now);
+                            continue;
+                        }
+                        Some(_) => {}
+                        None => {
+                            return self.world.violate(format!(
+                                "a fork ordered from generation {generation}, which has no template"
+                            ))
+                        }
+                    }
+                }
+                Make::Exec if deploy == Deploy::ExecFails => {
+                    note!(self, "spawn of generation {generation} fails");
+                    self.core.spawn_failed(order, "exec failed", now);
+                    continue;
+                }
+                Make::Exec => {}
             }
-            let pid = self.world.next_pid;
-            self.world.next_pid += 1;
-            let proc_index = self.world.procs.len();
-            let key = self.core.spawned(order, SimWorker { proc_index, pid }, self.world.now);
-            note!(self, "spawned worker {pid} as {key} (generation {}, {deploy:?})", order.generation);
-            self.world.procs.push(Proc {
-                pid,
-                key,
-                generation: order.generation,
-                life: ProcLife::Starting,
-                inbox: VecDeque::new(),
-                outbox: VecDeque::new(),
-                cells: [0; 2],
-                served: 0,
-                max_requests: order.max_requests,
-                released: false,
-                eof_told: false,
-                stuck: false,
-                ignores_term: false,
-                broken: false,
-                memory: 100,
-                written: 0,
-                conn_id: 0,
-                conn_written_base: 0,
-                last: None,
-                ready_told: false,
-            });
+            let (pid, proc_index) = (self.world.next_pid, self.world.procs.len());
+            let key = self.core.spawned(order, SimWorker { proc_index, pid }, now);
+            let p = self.new_proc(generation, key, order.max_requests);
+            self.world.procs[p].forked = order.make == Make::Fork;
+            note!(
+                self,
+                "spawned worker {pid} as {key} (generation {generation}, {:?}, {deploy:?})",
+                order.make
+            );
         }
         self.carry_out();
+    }
+
+    fn new_proc(&mut self, generation: u64, key: WorkerKey, max_requests: u64) -> usize {
+        let pid = self.world.next_pid;
+        self.world.next_pid += 1;
+        self.world.procs.push(Proc {
+            pid,
+            key,
+            generation,
+            life: ProcLife::Starting,
+            inbox: VecDeque::new(),
+            outbox: VecDeque::new(),
+            cells: [0; 2],
+            served: 0,
+            max_requests,
+            released: false,
+            eof_told: false,
+            stuck: false,
+            ignores_term: false,
+            broken: false,
+            memory: 100,
+            written: 0,
+            conn_id: 0,
+            conn_written_base: 0,
+            last: None,
+            ready_told: false,
+            template: false,
+            forked: false,
+            refuses: false,
+        });
+        self.world.procs.len() - 1
+    }
+
+    /// A generation's deploy, as a process of it meets it: a forked worker
+    /// runs what its template loaded.
+    pub(super) fn deploy_of(&self, p: usize) -> Deploy {
+        let proc_ = &self.world.procs[p];
+        if proc_.forked {
+            return Deploy::Good;
+        }
+        self.deploys.get(&proc_.generation).copied().unwrap_or(Deploy::Good)
     }
 
     pub(super) fn random_proc(&mut self, pred: impl Fn(&Proc) -> bool) -> Option<usize> {
@@ -62,16 +136,28 @@ impl Sim {
 
     pub(super) fn proc_step(&mut self) {
         let Some(p) = self.random_proc(Proc::alive) else { return self.advance() };
-        let deploy = self.deploys.get(&self.world.procs[p].generation).copied().unwrap_or(Deploy::Good);
+        self.step_proc(p);
+    }
+
+    /// One step of process `p`'s life.
+    pub(super) fn step_proc(&mut self, p: usize) {
+        let deploy = self.deploy_of(p);
+        let template = self.world.procs[p].template;
         match self.world.procs[p].life {
             ProcLife::Starting => match deploy {
                 Deploy::DiesStarting => self.exit(p, "died starting"),
                 Deploy::NeverReady => {}
                 Deploy::Good | Deploy::ExecFails => {
                     self.world.procs[p].life = ProcLife::Waiting;
-                    self.say(p, Said::Ready);
+                    self.say(p, if template { Said::TemplateReady } else { Said::Ready });
                 }
             },
+            // A template waits for forks; it exits once let go.
+            ProcLife::Waiting if template => {
+                if self.world.procs[p].released {
+                    self.exit(p, "exits: its generation is over");
+                }
+            }
             ProcLife::Waiting => self.take_assign(p),
             ProcLife::Serving { .. } => self.serve(p),
             ProcLife::Exited => {}
@@ -198,6 +284,11 @@ impl Sim {
         let now = self.world.now;
         note!(self, "worker {pid} says {said:?}");
         let outcome = match said {
+            Said::TemplateReady => {
+                self.world.procs[p].ready_told = true;
+                self.core.template_ready(self.world.procs[p].generation);
+                Ok(())
+            }
             Said::Ready => {
                 self.world.procs[p].ready_told = true;
                 self.core.worker_ready(key, true, &mut self.world, now)
@@ -226,6 +317,15 @@ impl Sim {
             self.deliver_from(p);
         }
         let (key, pid) = (self.world.procs[p].key, self.world.procs[p].pid);
+        if self.world.procs[p].template {
+            let generation = self.world.procs[p].generation;
+            note!(self, "template {pid} reaped");
+            if self.templates.get(&generation) == Some(&p) {
+                self.templates.remove(&generation);
+                self.core.template_down(generation, "it exited", self.world.now);
+            }
+            return self.carry_out();
+        }
         note!(self, "worker {pid} reaped");
         let now = self.world.now;
         let Some(exit) = self.core.worker_exited(key, "exited", &mut self.world, now) else {

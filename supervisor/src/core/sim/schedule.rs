@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::world::{Proc, ProcLife, Said};
+use super::world::{Proc, ProcLife};
 use super::{settings, Deploy, Sim, Stop, Stopping};
 
 impl Sim {
@@ -72,16 +72,16 @@ impl Sim {
     /// Without faults: one of the things that can happen now, or, when
     /// nothing can, time passes to the next timer.
     pub(super) fn calm_step(&mut self) {
-        let moves = |p: &Proc, deploy: Deploy| match p.life {
-            ProcLife::Starting => deploy != Deploy::NeverReady,
-            ProcLife::Waiting => !p.inbox.is_empty() || p.released,
-            ProcLife::Serving { .. } => !p.stuck,
-            ProcLife::Exited => false,
-        };
-        let deploys = &self.deploys;
-        let deploy_of = |p: &Proc| deploys.get(&p.generation).copied().unwrap_or(Deploy::Good);
         let procs: Vec<usize> = (0..self.world.procs.len())
-            .filter(|&i| moves(&self.world.procs[i], deploy_of(&self.world.procs[i])))
+            .filter(|&i| {
+                let p = &self.world.procs[i];
+                match p.life {
+                    ProcLife::Starting => self.deploy_of(i) != Deploy::NeverReady,
+                    ProcLife::Waiting => p.released || (!p.template && !p.inbox.is_empty()),
+                    ProcLife::Serving { .. } => !p.stuck,
+                    ProcLife::Exited => false,
+                }
+            })
             .collect();
         let talking = self.world.procs.iter().any(|p| !p.outbox.is_empty() && !p.released);
         let clients = self.world.clients.iter().any(|c| !c.closed && !c.in_flight());
@@ -101,18 +101,7 @@ impl Sim {
         match choices.get(self.rng.usize(..choices.len().max(1))) {
             Some(0) => {
                 let p = procs[self.rng.usize(..procs.len())];
-                match self.world.procs[p].life {
-                    ProcLife::Starting => {
-                        self.world.procs[p].life = ProcLife::Waiting;
-                        if deploy_of(&self.world.procs[p]) == Deploy::DiesStarting {
-                            self.exit(p, "died starting");
-                        } else {
-                            self.say(p, Said::Ready);
-                        }
-                    }
-                    ProcLife::Waiting => self.take_assign(p),
-                    _ => self.serve(p),
-                }
+                self.step_proc(p);
             }
             Some(1) => self.deliver(),
             Some(2) => self.reap(),
@@ -147,7 +136,29 @@ impl Sim {
             }
             self.step()?;
         }
-        Err("did not settle in 5000 steps".into())
+        let procs: Vec<String> = self
+            .world
+            .procs
+            .iter()
+            .filter(|p| p.alive() || !p.outbox.is_empty())
+            .map(|p| {
+                format!(
+                    "{}{} g{} {:?} released {}",
+                    if p.template { "template " } else { "" },
+                    p.pid,
+                    p.generation,
+                    p.life,
+                    p.released
+                )
+            })
+            .collect();
+        Err(format!(
+            "did not settle in 5000 steps: processes {procs:?}, reload {:?}, spawn wake {:?}, templates {:?}, unreaped {}",
+            self.core.reload().map(|r| r.generation),
+            self.core.spawn_wake(),
+            self.core.template(self.core.serving_generation()).map(|t| t.life),
+            self.unreaped.len()
+        ))
     }
 
     pub(super) fn converged(&self) -> Result<(), String> {
@@ -160,9 +171,23 @@ impl Sim {
         if let Some((_, w)) = self.core.workers().find(|(_, w)| w.generation != serving) {
             return Err(format!("worker {} of generation {} still runs", w.io.pid, w.generation));
         }
-        let alive = self.world.procs.iter().filter(|p| p.alive()).count();
+        let alive = self.world.procs.iter().filter(|p| p.alive() && !p.template).count();
         if alive != in_service {
             return Err(format!("{alive} worker processes alive, {in_service} known to serve"));
+        }
+        // With templates: the serving generation's is up, and no other lives.
+        let templates: Vec<&super::world::Proc> =
+            self.world.procs.iter().filter(|p| p.alive() && p.template).collect();
+        if self.core.settings().templates {
+            let ready = self.core.template(serving).map(|t| t.life) == Some(crate::core::TemplateLife::Ready);
+            if !ready || templates.len() != 1 || templates[0].generation != serving {
+                let pids: Vec<(u32, u64)> = templates.iter().map(|p| (p.pid, p.generation)).collect();
+                return Err(format!(
+                    "serving generation {serving}'s template ready: {ready}; alive: {pids:?}"
+                ));
+            }
+        } else if let Some(t) = templates.iter().find(|t| t.generation != serving) {
+            return Err(format!("template {} of generation {} still runs", t.pid, t.generation));
         }
         Ok(())
     }
@@ -178,6 +203,7 @@ impl Sim {
         for _ in 0..5000 {
             if self.core.finished(self.world.now) {
                 self.carry_out();
+                self.check()?;
                 return self.check_end(how);
             }
             self.carry_out();
@@ -187,7 +213,8 @@ impl Sim {
     }
 
     pub(super) fn check_end(&self, how: Stop) -> Result<(), String> {
-        if let Some(p) = self.world.procs.iter().find(|p| p.alive()) {
+        // Templates die with the supervisor (PDEATHSIG); workers must be gone.
+        if let Some(p) = self.world.procs.iter().find(|p| p.alive() && !p.template) {
             return Err(format!("worker {} outlived the stop", p.pid));
         }
         let graceful = how == Stop::Graceful && self.core.stopping() != Stopping::Fast;

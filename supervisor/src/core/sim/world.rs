@@ -70,10 +70,16 @@ pub struct Assign {
 /// A message in the supervisor's end of a worker's channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Said {
+    /// A template has loaded its app.
+    TemplateReady,
     Ready,
     Retiring,
     Skipped,
-    Done { id: u64, served: u32, keep: bool },
+    Done {
+        id: u64,
+        served: u32,
+        keep: bool,
+    },
 }
 
 /// A simulated worker process.
@@ -109,6 +115,12 @@ pub struct Proc {
     pub last: Option<Last>,
     /// The core has been told it is ready.
     pub ready_told: bool,
+    /// A generation's template, not a worker (it has no key in the core).
+    pub template: bool,
+    /// Forked from its generation's template (its deploy was loaded there).
+    pub forked: bool,
+    /// A template that has started threads: it refuses to fork.
+    pub refuses: bool,
 }
 
 /// What a worker's scoreboard says about the connection it began last.
