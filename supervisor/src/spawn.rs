@@ -1,7 +1,7 @@
 //! Starting worker processes: posix_spawn of the worker command as it is on
 //! disk now, with its channel on fd 3 and its scoreboard on fd 4 (an exec'd
 //! worker, or a generation's template), and asking a template to fork one
-//! (`fork_from_template`). Nothing runs between fork and exec but the
+//! (`send_fork`). Nothing runs between fork and exec but the
 //! kernel's and libc's own file actions, so this module needs no `unsafe`
 //! pre-exec code.
 
@@ -10,15 +10,13 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use monodon_proto::env::{self, WorkerEnv};
 use monodon_proto::http::Limits;
 use monodon_proto::scoreboard::Scoreboard;
-use monodon_proto::template::{FromTemplate, ToTemplate};
+use monodon_proto::template::ToTemplate;
 use monodon_proto::wire;
 use nix::fcntl::OFlag;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::spawn::{posix_spawnp, PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType};
@@ -192,13 +190,9 @@ pub fn spawn_template(spec: &WorkerSpec<'_>) -> io::Result<Spawned> {
 
 /// Asks a ready template to fork a worker with `env`: the worker's channel
 /// and scoreboard are made here, as for an exec'd one, and sent along. The
-/// answer comes within `within` (a fork takes well under a millisecond), or
-/// the template is taken for broken.
-pub fn fork_from_template(
-    template: BorrowedFd<'_>,
-    worker_env: &WorkerEnv,
-    within: Duration,
-) -> io::Result<Spawned> {
+/// answer (Forked, with the worker's pid, or ForkFailed) comes later on the
+/// template's channel, in the order of the requests.
+pub fn send_fork(template: BorrowedFd<'_>, worker_env: &WorkerEnv) -> io::Result<(OwnedFd, Scoreboard)> {
     let (ours, theirs) = channel(&worker_env.limits).map_err(|e| io::Error::other(e.to_string()))?;
     nix::fcntl::fcntl(&ours, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))?;
     let scoreboard = Scoreboard::create()?;
@@ -206,39 +200,7 @@ pub fn fork_from_template(
     let mut msg = Vec::with_capacity(512);
     ToTemplate::Fork { env: vars }.encode(&mut msg);
     wire::send_fds(template, &msg, &[theirs.as_fd(), scoreboard.fd().as_fd()])?;
-    drop(theirs);
-    let deadline = std::time::Instant::now() + within;
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
-        let mut fds = [PollFd::new(template, PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::from(ms)) {
-            Ok(0) => {
-                let e = format!("no answer to a fork within {within:?}");
-                return Err(io::Error::new(io::ErrorKind::TimedOut, e));
-            }
-            Ok(_) => break,
-            // SIGCHLD and the like arrive while we wait.
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    let mut buf = [0u8; 4096];
-    let n = match wire::recv_fds(template, &mut buf, 0)? {
-        Some((n, _)) => n,
-        None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the template closed its channel")),
-    };
-    match FromTemplate::decode(&buf[..n])? {
-        FromTemplate::Forked { pid } => {
-            let pid =
-                i32::try_from(pid).map_err(|_| io::Error::other("the template named an impossible pid"))?;
-            Ok(Spawned { pid: Pid::from_raw(pid), channel: ours, scoreboard })
-        }
-        FromTemplate::ForkFailed { reason } => {
-            Err(io::Error::other(format!("the template would not fork: {reason}")))
-        }
-        FromTemplate::Ready { .. } => Err(io::Error::other("the template said Ready twice")),
-    }
+    Ok((ours, scoreboard))
 }
 
 fn spawn_process(spec: &WorkerSpec<'_>, extra_env: &[(&str, &str)]) -> io::Result<Spawned> {

@@ -109,7 +109,11 @@ impl core::Peer for ConnIo {
 
 /// The shell's part of a worker (the core keeps its lifecycle).
 struct WorkerIo {
-    pid: Pid,
+    /// `None` for a worker its template is forking, until the template
+    /// (or the worker's Ready) names it.
+    pid: Option<Pid>,
+    /// A signal the core sent it before its pid was known, sent once it is.
+    pending_signal: Option<Signal>,
     /// `None` once the core has closed it, or the worker has.
     channel: Option<OwnedFd>,
     scoreboard: Scoreboard,
@@ -120,7 +124,7 @@ struct WorkerIo {
 
 impl core::Named for WorkerIo {
     fn pid(&self) -> u32 {
-        self.pid.as_raw() as u32
+        self.pid.map_or(0, |p| p.as_raw() as u32)
     }
 
     fn request_line(&self) -> Option<String> {
@@ -129,6 +133,25 @@ impl core::Named for WorkerIo {
 }
 
 impl WorkerIo {
+    /// Signals it, or, its pid not known yet, remembers to (SIGKILL wins).
+    fn signal(&mut self, signal: Signal) {
+        match self.pid {
+            Some(pid) => {
+                let _ = kill(pid, signal);
+            }
+            None if self.pending_signal != Some(Signal::SIGKILL) => self.pending_signal = Some(signal),
+            None => {}
+        }
+    }
+
+    /// Its pid is known now: a signal that waited for it is sent.
+    fn named(&mut self, pid: Pid) {
+        self.pid = Some(pid);
+        if let Some(signal) = self.pending_signal.take() {
+            let _ = kill(pid, signal);
+        }
+    }
+
     /// Requests it has completed, from its scoreboard.
     fn requests(&self) -> u64 {
         self.scoreboard.slot().requests.load(std::sync::atomic::Ordering::Relaxed)
@@ -166,6 +189,9 @@ pub struct Supervisor {
     reload_code: Option<ReloadCode>,
     /// Each generation's template (`--spawn template`).
     templates: templates::Templates,
+    /// Children reaped before their template said who they were (a forked
+    /// worker that died at once), by pid.
+    unclaimed_exits: std::collections::HashMap<Pid, String>,
     /// Client reads land here first (idle connections hold no buffer).
     scratch: Vec<u8>,
     /// Messages from workers are received here.
@@ -277,8 +303,8 @@ impl Supervisor {
                         core::Signal::Term => Signal::SIGTERM,
                         core::Signal::Kill => Signal::SIGKILL,
                     };
-                    if let Some(w) = self.core.worker(worker) {
-                        let _ = kill(w.io.pid, signal);
+                    if let Some(w) = self.core.worker_io_mut(worker) {
+                        w.signal(signal);
                     }
                 }
                 Action::CloseChannel { worker } => {
@@ -376,6 +402,6 @@ impl Port<ConnIo, WorkerIo> for Wire<'_> {
     }
 
     fn private_memory(&self, worker: &WorkerIo) -> Option<u64> {
-        status::smaps(worker.pid.as_raw()).map(|(private_kib, _)| private_kib.saturating_mul(1024))
+        status::smaps(worker.pid?.as_raw()).map(|(private_kib, _)| private_kib.saturating_mul(1024))
     }
 }

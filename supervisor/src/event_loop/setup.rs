@@ -109,6 +109,7 @@ impl Supervisor {
             serving_code: Code::resolve(&config.worker_command, config.chdir.as_deref())?,
             reload_code: None,
             templates: Default::default(),
+            unclaimed_exits: Default::default(),
             config,
             poller,
             events: Events::new(),

@@ -69,14 +69,15 @@ impl Supervisor {
                 }
                 None => (None, None, None),
             };
-            let mem = if detail { smaps(w.io.pid.as_raw()) } else { None };
+            let pid = w.io.pid.map_or(0, |p| p.as_raw());
+            let mem = if detail && pid > 0 { smaps(pid) } else { None };
             worker_list.push(WorkerStatus {
-                pid: w.io.pid.as_raw() as u32,
+                pid: pid as u32,
                 generation: w.generation,
                 state: state.to_owned(),
                 requests,
                 age_secs: now.duration_since(w.started).as_secs_f64(),
-                rss_kib: rss_kib(w.io.pid.as_raw()),
+                rss_kib: if pid > 0 { rss_kib(pid) } else { None },
                 retiring_because: w.retiring().map(|r| r.as_str().to_owned()),
                 private_kib: mem.map(|m| m.0),
                 shared_kib: mem.map(|m| m.1),

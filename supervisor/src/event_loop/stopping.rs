@@ -48,7 +48,8 @@ impl Supervisor {
         }
         let mut told = 0;
         for (_, w) in self.core.workers() {
-            if w.activity != Activity::Starting && kill(w.io.pid, Signal::SIGUSR1).is_ok() {
+            let Some(pid) = w.io.pid else { continue };
+            if w.activity != Activity::Starting && kill(pid, Signal::SIGUSR1).is_ok() {
                 told += 1;
             }
         }

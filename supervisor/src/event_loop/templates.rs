@@ -3,15 +3,20 @@
 //! from its generation's command, reading its TemplateReady, asking it to
 //! fork a worker, noticing that it died, and letting it go.
 //!
+//! A fork is asked for and answered asynchronously, so the loop never waits
+//! for one: the worker is the core's from the request on, without a pid
+//! until the template's Forked (or the worker's own Ready) names it. The
+//! answers come in the order of the requests (`TemplateIo::pending`).
+//!
 //! Its workers are not its children: the supervisor is a child subreaper,
 //! and the template forks twice.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
+use log::{error, info, warn};
 use monodon_proto::template::FromTemplate;
 use monodon_proto::wire;
 use nix::sys::signal::{kill, Signal};
@@ -19,10 +24,10 @@ use nix::unistd::Pid;
 use polling::{Event, PollMode};
 
 use super::{Supervisor, WorkerIo, TEMPLATE_BASE};
-use crate::core::SpawnOrder;
-use crate::spawn::{fork_from_template, spawn_template, WorkerSpec};
+use crate::core::{SpawnOrder, WorkerKey};
+use crate::spawn::{send_fork, spawn_template, WorkerSpec};
 
-/// How long a fork request may take before the template is taken for broken.
+/// How long a fork's answer may take before the template is taken for broken.
 const FORK_ANSWER_WITHIN: Duration = Duration::from_secs(2);
 
 /// A generation's template process.
@@ -32,6 +37,9 @@ pub(super) struct TemplateIo {
     channel: Option<OwnedFd>,
     /// When it closed its end (it should be exiting; killed if it lingers).
     channel_lost: Option<Instant>,
+    /// The forks asked for and not answered yet, oldest first, with when:
+    /// the worker each is for (`None`: that worker has gone meanwhile).
+    pending: VecDeque<(Option<WorkerKey>, Instant)>,
 }
 
 /// The template processes, by generation.
@@ -62,16 +70,18 @@ impl Supervisor {
                 PollMode::Level,
             )
         };
-        self.templates
-            .by_generation
-            .insert(generation, TemplateIo { pid: s.pid, channel: Some(s.channel), channel_lost: None });
+        self.templates.by_generation.insert(
+            generation,
+            TemplateIo { pid: s.pid, channel: Some(s.channel), channel_lost: None, pending: VecDeque::new() },
+        );
         self.core.template_started(generation);
         if let Err(e) = added {
             self.template_broken(generation, &format!("cannot watch its channel: {e}"));
         }
     }
 
-    /// Forks a worker of `order` from its generation's ready template.
+    /// Asks its generation's ready template to fork a worker of `order`;
+    /// the worker has no pid until the answer comes.
     pub(super) fn fork_worker(&mut self, order: SpawnOrder) -> io::Result<WorkerIo> {
         let (_, config) = self.code_of(order.generation);
         let worker_env = self.worker_env(order.generation, order.max_requests, config);
@@ -79,20 +89,70 @@ impl Supervisor {
         let channel = self.templates.by_generation.get(&order.generation).and_then(|t| t.channel.as_ref());
         let Some(channel) = channel else {
             self.template_broken(order.generation, "its channel is closed");
-            return Err(io::Error::other("the template's channel is closed"));
+            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the template's channel is closed"));
         };
-        match fork_from_template(channel.as_fd(), &worker_env, FORK_ANSWER_WITHIN) {
-            Ok(s) => {
-                Ok(WorkerIo { pid: s.pid, channel: Some(s.channel), scoreboard: s.scoreboard, max_message })
+        match send_fork(channel.as_fd(), &worker_env) {
+            Ok((ours, scoreboard)) => {
+                Ok(WorkerIo { pid: None, pending_signal: None, channel: Some(ours), scoreboard, max_message })
             }
             Err(e) => {
-                // One that will not fork (threads) says so and stays; one
-                // that does not answer is broken: started again.
-                if e.kind() != io::ErrorKind::Other {
-                    self.template_broken(order.generation, &format!("a fork failed: {e}"));
-                }
-                Err(e)
+                self.template_broken(order.generation, &format!("a fork request failed: {e}"));
+                Err(io::Error::new(io::ErrorKind::BrokenPipe, e.to_string()))
             }
+        }
+    }
+
+    /// The fork asked for worker `key` waits for its answer.
+    pub(super) fn fork_pending(&mut self, generation: u64, key: WorkerKey) {
+        if let Some(t) = self.templates.by_generation.get_mut(&generation) {
+            t.pending.push_back((Some(key), Instant::now()));
+        }
+    }
+
+    /// Worker `key` has gone: an answer still due for it names nobody.
+    pub(super) fn forget_fork(&mut self, key: WorkerKey) {
+        for t in self.templates.by_generation.values_mut() {
+            for (k, _) in t.pending.iter_mut().filter(|(k, _)| *k == Some(key)) {
+                *k = None;
+            }
+        }
+    }
+
+    /// The template forked the oldest pending worker as `pid`, or would not.
+    fn fork_answered(&mut self, generation: u64, answer: Result<Pid, String>) {
+        let Some((key, _)) =
+            self.templates.by_generation.get_mut(&generation).and_then(|t| t.pending.pop_front())
+        else {
+            return self.template_broken(generation, "it answered a fork nobody asked for");
+        };
+        match (key, answer) {
+            (Some(key), Ok(pid)) => {
+                let Some(w) = self.core.worker_io_mut(key) else { return };
+                match w.pid {
+                    None => {
+                        info!("spawned worker {pid} (forked, generation {generation})");
+                        w.named(pid);
+                    }
+                    Some(known) if known != pid => warn!("template named worker {known} as {pid}"),
+                    Some(_) => {}
+                }
+                // It may have died already, before it was named.
+                if let Some(how) = self.unclaimed_exits.remove(&pid) {
+                    self.on_worker_exit(key, how);
+                }
+            }
+            (Some(key), Err(reason)) => {
+                error!("the template of generation {generation} would not fork: {reason}");
+                self.on_worker_exit(key, format!("was not forked ({reason})"));
+            }
+            // Its worker went away meanwhile (its channel closed): nobody
+            // serves through this one.
+            (None, Ok(pid)) => {
+                if self.unclaimed_exits.remove(&pid).is_none() {
+                    let _ = kill(pid, Signal::SIGKILL);
+                }
+            }
+            (None, Err(_)) => {}
         }
     }
 
@@ -108,7 +168,14 @@ impl Supervisor {
                     self.core.template_ready(generation);
                     return;
                 }
-                Ok(other) => format!("it sent {other:?} unasked"),
+                Ok(FromTemplate::Forked { pid }) => match i32::try_from(pid) {
+                    Ok(raw) if raw > 0 => return self.fork_answered(generation, Ok(Pid::from_raw(raw))),
+                    _ => format!("it named an impossible pid {pid}"),
+                },
+                Ok(FromTemplate::ForkFailed { reason }) => {
+                    let reason = reason.to_owned();
+                    return self.fork_answered(generation, Err(reason));
+                }
                 Err(e) => e.to_string(),
             },
             Ok(None) => {
@@ -161,15 +228,23 @@ impl Supervisor {
         true
     }
 
-    /// Kills templates that closed their channel and linger.
+    /// Kills templates that closed their channel and linger, and takes down
+    /// those that leave a fork unanswered.
     pub(super) fn check_templates(&mut self, now: Instant) {
         let grace = self.config.kill_grace;
-        for t in self.templates.by_generation.values_mut() {
+        let mut silent = Vec::new();
+        for (&generation, t) in self.templates.by_generation.iter_mut() {
             if t.channel_lost.is_some_and(|at| now.duration_since(at) >= grace) {
                 warn!("template {} closed its channel but did not exit; killing it", t.pid);
                 let _ = kill(t.pid, Signal::SIGKILL);
                 t.channel_lost = None;
             }
+            if t.pending.front().is_some_and(|(_, at)| now.duration_since(*at) >= FORK_ANSWER_WITHIN) {
+                silent.push(generation);
+            }
+        }
+        for generation in silent {
+            self.template_broken(generation, &format!("no answer to a fork within {FORK_ANSWER_WITHIN:?}"));
         }
     }
 

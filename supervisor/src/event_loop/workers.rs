@@ -11,7 +11,7 @@ use monodon_proto::access_log::{Entry, RawRequestLine};
 use monodon_proto::http::error_response;
 use monodon_proto::wire::{self, FromWorker, Received};
 use nix::errno::Errno;
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use polling::{Event, PollMode};
@@ -20,7 +20,7 @@ use monodon_proto::env::WorkerEnv;
 
 use super::{Supervisor, Wire, WorkerIo, WORKER_BASE};
 use crate::config::Config;
-use crate::core::{Exit, Make, Misbehaviour, SpawnOrder, Stopping, WorkerKey};
+use crate::core::{Exit, Make, Misbehaviour, Named, SpawnOrder, Stopping, WorkerKey};
 use crate::spawn::{spawn_worker, Code, WorkerSpec};
 
 impl Supervisor {
@@ -47,18 +47,28 @@ impl Supervisor {
             };
             match made {
                 Ok(io) => {
-                    info!(
-                        "spawned worker {} (generation {}, max requests {})",
-                        io.pid, order.generation, order.max_requests
-                    );
+                    match io.pid {
+                        Some(pid) => info!(
+                            "spawned worker {pid} (generation {}, max requests {})",
+                            order.generation, order.max_requests
+                        ),
+                        None => debug!(
+                            "asked the template of generation {} for a worker (max requests {})",
+                            order.generation, order.max_requests
+                        ),
+                    }
                     io.scoreboard.slot().set_others_waiting(self.others_waiting);
                     if self.core.stopping() != Stopping::No {
                         // Started during a graceful stop, to serve what waits:
                         // its responses say `Connection: close` like everyone's.
                         io.scoreboard.slot().set_draining();
                     }
+                    let forked = io.pid.is_none();
                     let key = self.core.spawned(order, io, Instant::now());
                     self.watch_channel(key);
+                    if forked {
+                        self.fork_pending(order.generation, key);
+                    }
                 }
                 Err(e) => {
                     error!("{e}");
@@ -76,7 +86,13 @@ impl Supervisor {
         let spec = WorkerSpec { code, env: self.worker_env(order.generation, order.max_requests, config) };
         let max_message = wire::max_message(&config.limits);
         let s = spawn_worker(&spec)?;
-        Ok(WorkerIo { pid: s.pid, channel: Some(s.channel), scoreboard: s.scoreboard, max_message })
+        Ok(WorkerIo {
+            pid: Some(s.pid),
+            pending_signal: None,
+            channel: Some(s.channel),
+            scoreboard: s.scoreboard,
+            max_message,
+        })
     }
 
     /// The environment a worker (or the template) of `generation` starts with.
@@ -116,8 +132,10 @@ impl Supervisor {
             )
         };
         if let Err(e) = added {
-            error!("cannot watch worker {} channel: {e}", w.io.pid);
-            let _ = kill(w.io.pid, Signal::SIGKILL);
+            error!("cannot watch a channel of generation {}: {e}", w.generation);
+            if let Some(w) = self.core.worker_io_mut(key) {
+                w.signal(Signal::SIGKILL);
+            }
         }
     }
 
@@ -183,10 +201,15 @@ impl Supervisor {
         more
     }
 
-    /// The worker's end of the channel is gone: it is exiting.
+    /// The worker's end of the channel is gone: it is exiting. One whose
+    /// template never named it was never forked (its end went down with
+    /// the template's unread message): it is gone already.
     fn channel_gone(&mut self, wkey: WorkerKey) {
         if let Some(ch) = self.core.worker_io_mut(wkey).and_then(|w| w.channel.take()) {
             let _ = self.poller.delete(&ch);
+        }
+        if self.core.worker(wkey).is_some_and(|w| w.io.pid.is_none()) {
+            return self.on_worker_exit(wkey, "was never forked (its template went away)".to_owned());
         }
         self.core.channel_closed(wkey, Instant::now());
     }
@@ -196,9 +219,18 @@ impl Supervisor {
         let mut port = Wire { msg: &mut self.msg };
         let outcome: Result<(), Misbehaviour> = match msg {
             FromWorker::Ready { pid, features } => {
-                if self.core.worker(wkey).is_some_and(|w| w.io.pid.as_raw() as u32 != pid) {
-                    self.core.misbehaved(wkey, "Ready from another process");
-                    return;
+                let Some(w) = self.core.worker_io_mut(wkey) else { return };
+                match w.pid {
+                    // Forked, and its Ready came before its template's
+                    // Forked: it names itself.
+                    None => match i32::try_from(pid) {
+                        Ok(raw) if raw > 0 => w.named(Pid::from_raw(raw)),
+                        _ => return self.core.misbehaved(wkey, "Ready with an impossible pid"),
+                    },
+                    Some(known) if known.as_raw() as u32 != pid => {
+                        return self.core.misbehaved(wkey, "Ready from another process");
+                    }
+                    Some(_) => {}
                 }
                 self.core.worker_ready(wkey, features & wire::FEATURE_AHEAD != 0, &mut port, now)
             }
@@ -227,12 +259,13 @@ impl Supervisor {
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
                 Ok(status) => {
                     let Some(pid) = status.pid() else { continue };
-                    let found = self.core.workers().find(|(_, w)| w.io.pid == pid).map(|(k, _)| k);
+                    let found = self.core.workers().find(|(_, w)| w.io.pid == Some(pid)).map(|(k, _)| k);
                     match found {
-                        Some(wkey) => self.on_worker_exit(wkey, status),
+                        Some(wkey) => self.on_worker_exit(wkey, describe(status)),
                         None if self.template_exited(pid, &describe(status)) => {}
-                        // An orphan of a worker's (the supervisor is a subreaper).
-                        None => debug!("reaped unknown child {pid}: {status:?}"),
+                        // A worker that died before its template named it,
+                        // or an orphan of a worker's (we are a subreaper).
+                        None => self.unclaimed_exit(pid, describe(status)),
                     }
                 }
                 Err(Errno::EINTR) => continue,
@@ -244,11 +277,20 @@ impl Supervisor {
         }
     }
 
-    fn on_worker_exit(&mut self, wkey: WorkerKey, status: WaitStatus) {
+    /// A child nobody knew: kept a while, in case a template names it.
+    fn unclaimed_exit(&mut self, pid: Pid, how: String) {
+        debug!("reaped child {pid}, not (yet) known: {how}");
+        if self.unclaimed_exits.len() >= 1024 {
+            self.unclaimed_exits.clear();
+        }
+        self.unclaimed_exits.insert(pid, how);
+    }
+
+    pub(super) fn on_worker_exit(&mut self, wkey: WorkerKey, how: String) {
         // Whatever it said before dying comes first (typically the Done of a
         // worker that retired on purpose): SIGCHLD may overtake the channel.
         self.drain_channel(wkey);
-        let how = describe(status);
+        self.forget_fork(wkey);
         let now = Instant::now();
         let Some(exit) = self.core.worker_exited(wkey, &how, &mut Wire { msg: &mut self.msg }, now) else {
             return;
@@ -266,7 +308,7 @@ impl Supervisor {
             };
             warn!(
                 "worker {} {how} while serving {request:?} on connection {conn_id} from {peer}{}",
-                w.pid,
+                w.pid(),
                 match answer {
                     Some(status) => format!("; answering {status}"),
                     None => "; closing it".to_owned(),
@@ -283,7 +325,7 @@ impl Supervisor {
                     let line = RawRequestLine::from_bytes(request.as_bytes());
                     log.write(&Entry {
                         duration: busy_for.unwrap_or_default(),
-                        pid: w.pid.as_raw() as u32,
+                        pid: w.pid(),
                         generation,
                         ..Entry::refused(&peer, line.parts(), status, sent)
                     });
@@ -292,9 +334,9 @@ impl Supervisor {
             self.linger(ckey);
         }
         if expected {
-            info!("worker {} (generation {generation}) {how}", w.pid);
+            info!("worker {} (generation {generation}) {how}", w.pid());
         } else if !killed {
-            warn!("worker {} (generation {generation}) {how} after {lived:.1?}", w.pid);
+            warn!("worker {} (generation {generation}) {how} after {lived:.1?}", w.pid());
         }
     }
 }
