@@ -181,3 +181,44 @@ fn a_killed_supervisor_takes_its_templates_and_workers_down() {
         assert!(eventually(Duration::from_secs(5), || !alive(pid)), "process {pid} outlived the supervisor");
     }
 }
+
+/// A template that cannot be started again (its program now fails): the
+/// generation is degraded, serving with the workers it has, and says so;
+/// once the program is good again, the next retry brings the template back.
+#[test]
+fn a_generation_whose_template_cannot_restart_is_degraded_and_recovers() {
+    let scratch = Scratch::new("templates-degraded");
+    let good = format!("exec {} worker --app echo", env!("CARGO_BIN_EXE_monodon"));
+    let program = scratch.script("app", &good);
+    let mut cmd = common::monodon();
+    // No recycling: a worker that reaches its limit exits whatever its
+    // template's state, and this test is about the template.
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--workers", "2", "--max-requests-per-child", "0", "--"])
+        .arg(&program);
+    let server = Server::start_cmd(&mut cmd, 2);
+    let template = template_pid(&server.wait_serving(1, Duration::from_secs(10)), 1);
+    let load = common::Load::start(server.addr, 2, 1, "/");
+    load.wait_answered(20, Duration::from_secs(20));
+    std::fs::write(&program, "#!/bin/sh\nexit 7\n").unwrap();
+    // SAFETY: killing the supervisor's template, on purpose.
+    unsafe { libc::kill(template as i32, libc::SIGKILL) };
+    server.wait_status(Duration::from_secs(20), "the template down after a failed restart", |s| {
+        let t = &s["generations"][0]["template"];
+        t["state"] == "down" && t["restarts"].as_u64().unwrap_or(0) >= 1
+    });
+    let text = String::from_utf8_lossy(
+        &common::monodon().args(["status", "--control"]).arg(&server.control).output().unwrap().stdout,
+    )
+    .into_owned();
+    assert!(text.contains("DEGRADED"), "{text}");
+    // Still serving with the workers it has.
+    load.wait_answered(50, Duration::from_secs(20));
+    let workers = &server.status().unwrap()["workers"];
+    assert_eq!(workers["idle"].as_u64().unwrap_or(0) + workers["busy"].as_u64().unwrap_or(0), 2, "{workers}");
+    std::fs::write(&program, format!("#!/bin/sh\n{good}\n")).unwrap();
+    server.wait_status(Duration::from_secs(30), "the template back", |s| {
+        s["generations"][0]["template"]["state"] == "ready"
+    });
+    let stats = load.stop();
+    assert_eq!(stats.failed, 0, "{stats:?}");
+}
