@@ -22,6 +22,16 @@ fn template_pid(status: &serde_json::Value, generation: u64) -> u32 {
     g["template"]["pid"].as_u64().unwrap_or_else(|| panic!("no template pid in {g}")) as u32
 }
 
+/// A server whose worker command is a script in `scratch` (rewritable in
+/// place), with `args` before the `--`; the script and the good body.
+fn serve_script(scratch: &Scratch, args: &[&str]) -> (Server, std::path::PathBuf, String) {
+    let good = format!("exec {} worker --app echo", env!("CARGO_BIN_EXE_monodon"));
+    let program = scratch.script("app", &good);
+    let mut cmd = common::monodon();
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--workers", "2"]).args(args).arg("--").arg(&program);
+    (Server::start_cmd(&mut cmd, 2), program, good)
+}
+
 fn ppid(pid: u32) -> u32 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
@@ -75,23 +85,8 @@ fn with_spawn_exec_each_worker_loads_the_app_itself() {
 #[test]
 fn a_generation_keeps_its_code_when_its_program_is_rewritten_in_place() {
     let scratch = Scratch::new("templates-rewrite");
-    let good = format!("exec {} worker --app echo", env!("CARGO_BIN_EXE_monodon"));
-    let program = scratch.script("app", &good);
-    let mut cmd = common::monodon();
-    cmd.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "2",
-        "--max-requests-per-child",
-        "5",
-        "--min-requests-per-child",
-        "5",
-        "--",
-    ])
-    .arg(&program);
-    let server = Server::start_cmd(&mut cmd, 2);
+    let (server, program, good) =
+        serve_script(&scratch, &["--max-requests-per-child", "5", "--min-requests-per-child", "5"]);
     let load = common::Load::start(server.addr, 2, 1, "/");
     load.wait_answered(50, Duration::from_secs(20));
     // Rewritten in place (the same inode), as a careless deploy does.
@@ -188,14 +183,9 @@ fn a_killed_supervisor_takes_its_templates_and_workers_down() {
 #[test]
 fn a_generation_whose_template_cannot_restart_is_degraded_and_recovers() {
     let scratch = Scratch::new("templates-degraded");
-    let good = format!("exec {} worker --app echo", env!("CARGO_BIN_EXE_monodon"));
-    let program = scratch.script("app", &good);
-    let mut cmd = common::monodon();
     // No recycling: a worker that reaches its limit exits whatever its
     // template's state, and this test is about the template.
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--workers", "2", "--max-requests-per-child", "0", "--"])
-        .arg(&program);
-    let server = Server::start_cmd(&mut cmd, 2);
+    let (server, program, good) = serve_script(&scratch, &["--max-requests-per-child", "0"]);
     let template = template_pid(&server.wait_serving(1, Duration::from_secs(10)), 1);
     let load = common::Load::start(server.addr, 2, 1, "/");
     load.wait_answered(20, Duration::from_secs(20));

@@ -139,12 +139,10 @@ impl<C: Peer, W: Named> Core<C, W> {
     /// that lives on anyway is killed by the tick.
     pub fn channel_closed(&mut self, wkey: WorkerKey, now: Instant) {
         self.dispatcher.remove_worker(wkey);
-        if let Some(w) = self.workers.get_mut(wkey.0) {
-            if w.channel == Channel::Open {
-                w.channel = Channel::Lost { at: now };
-            } else if let Channel::Lost { .. } = w.channel {
-                // Seen gone by a failed send first: the grace runs from then.
-            }
+        // One seen gone by a failed send first keeps that time: the grace
+        // runs from then.
+        if let Some(w) = self.workers.get_mut(wkey.0).filter(|w| w.channel == Channel::Open) {
+            w.channel = Channel::Lost { at: now };
         }
     }
 

@@ -27,7 +27,10 @@ impl Supervisor {
     /// Starts the workers the core says are missing: forked from their
     /// generation's template, or exec'd (`--spawn exec`).
     pub(super) fn spawn_missing_workers(&mut self) {
+        // Called after every event: nothing to carry out when nothing was due.
+        let mut started = false;
         while let Some(order) = self.core.next_spawn(Instant::now()) {
+            started = true;
             let made = match order.make {
                 Make::Exec => self.spawn(order),
                 Make::Fork => match self.fork_worker(order) {
@@ -76,7 +79,9 @@ impl Supervisor {
                 }
             }
         }
-        self.carry_out();
+        if started {
+            self.carry_out();
+        }
     }
 
     /// Starts a worker of the order's generation from its command on disk,
