@@ -4,20 +4,18 @@
 //! runs the code loaded when it started, whatever changes on disk, and a
 //! replacement costs a fork instead of an exec.
 //!
-//! Each worker is forked twice: the middle process exits at once, so the
-//! worker is re-parented to the supervisor (a child subreaper) and is its
-//! child like any other: it is reaped, signalled and timed out as before,
-//! and its PDEATHSIG is set once its parent is the supervisor.
+//! Each worker is forked with `clone(CLONE_PARENT)`: it is the supervisor's
+//! child like any other, reaped, signalled and timed out as before, and it
+//! sets its PDEATHSIG against the supervisor as an exec'd worker does.
+//! (Templates in other languages fork twice instead; PROTOCOL.md.)
 
 use std::io;
 use std::os::fd::{AsFd, IntoRawFd, OwnedFd};
-use std::time::{Duration, Instant};
 
 use log::{debug, info};
 use monodon_proto::env::{self, WorkerEnv};
 use monodon_proto::template::{FromTemplate, ToTemplate};
 use monodon_proto::wire::{self, WireError};
-use nix::unistd::ForkResult;
 
 use crate::App;
 
@@ -41,6 +39,8 @@ pub(crate) fn serve_as_template(app: &mut dyn App) -> io::Result<Role> {
     let mut board = crate::inherited_fd(env::SCOREBOARD_FD)?;
     let pid = std::process::id();
     app.preload();
+    // Only the app can start threads, and it has run: checked once.
+    let refusal = fork_refusal();
     let mut out = Vec::with_capacity(256);
     FromTemplate::Ready { pid }.encode(&mut out);
     wire::send(channel.as_fd(), &out, None)?;
@@ -56,7 +56,12 @@ pub(crate) fn serve_as_template(app: &mut dyn App) -> io::Result<Role> {
         let Ok([worker_channel, worker_board]) = <[OwnedFd; 2]>::try_from(fds) else {
             return Err(WireError("Fork without a channel and a scoreboard").into());
         };
-        let answer = match fork_worker(settings.supervisor_pid)? {
+        if let Some(reason) = &refusal {
+            FromTemplate::ForkFailed { reason }.encode(&mut out);
+            wire::send(channel.as_fd(), &out, None)?;
+            continue;
+        }
+        let answer = match fork_worker()? {
             Forked::Worker => {
                 // Its channel and scoreboard take the places of the
                 // template's (fd 3 and 4), which it must not keep.
@@ -72,12 +77,6 @@ pub(crate) fn serve_as_template(app: &mut dyn App) -> io::Result<Role> {
                 return Ok(Role::Worker);
             }
             Forked::Parent(child) => FromTemplate::Forked { pid: child },
-            Forked::Refused(reason) => {
-                let msg = FromTemplate::ForkFailed { reason: &reason };
-                msg.encode(&mut out);
-                wire::send(channel.as_fd(), &out, None)?;
-                continue;
-            }
         };
         drop((worker_channel, worker_board));
         answer.encode(&mut out);
@@ -90,84 +89,41 @@ enum Forked {
     Worker,
     /// In the template: the worker's pid.
     Parent(u32),
-    /// Nothing was forked, and why.
-    Refused(String),
 }
 
-/// Forks a worker, re-parented to the supervisor (`supervisor` is its pid).
-fn fork_worker(supervisor: u32) -> io::Result<Forked> {
+/// Forks a worker as the supervisor's child (`CLONE_PARENT`), so that it is
+/// reaped, signalled and timed out like any other, and can set its
+/// PDEATHSIG at once. One process is made, not the two of a double fork.
+fn fork_worker() -> io::Result<Forked> {
+    let flags = nix::libc::CLONE_PARENT | nix::libc::SIGCHLD;
+    // SAFETY: clone without CLONE_VM and without a new stack is fork(2) with
+    // another parent: the child runs on its own copy of this memory and
+    // stack. The template is single-threaded (checked once the app had
+    // loaded; it runs no app code after that), so the copy is whole. Unlike
+    // glibc's fork() this runs no atfork handlers, which is sound because no
+    // lock can be held (one thread, and no signal handler here takes one),
+    // and leaves glibc's cached thread id at the template's: glibc uses it
+    // only for pthread_kill/raise on this thread, where tgkill refuses a
+    // thread of another process, so nothing can reach the template.
+    let ret = unsafe { nix::libc::syscall(nix::libc::SYS_clone, flags, 0, 0, 0, 0) };
+    match ret {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(Forked::Worker),
+        pid => Ok(Forked::Parent(pid as u32)),
+    }
+}
+
+/// Why this template may not fork, if it may not: it has threads (a fork
+/// copies only the calling one).
+fn fork_refusal() -> Option<String> {
     let threads = thread_count();
-    if threads != Some(1) {
-        return Ok(Forked::Refused(format!(
+    (threads != Some(1)).then(|| {
+        format!(
             "the template has {} threads (started by the app while it loaded?); a fork copies only \
              one, so it will not fork: run with --spawn exec, or start threads in init_worker",
             threads.map_or("an unknown number of".to_owned(), |n| n.to_string())
-        )));
-    }
-    // The middle process writes the worker's pid here before it exits.
-    let (pid_read, pid_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    // SAFETY: the template is single-threaded (checked above), so the child
-    // is a whole copy of it and may run any code.
-    match unsafe { nix::unistd::fork() }? {
-        ForkResult::Child => {
-            drop(pid_read);
-            // SAFETY: as above: still a single thread.
-            match unsafe { nix::unistd::fork() } {
-                Ok(ForkResult::Child) => {
-                    drop(pid_write);
-                    wait_for_adoption(supervisor)?;
-                    Ok(Forked::Worker)
-                }
-                Ok(ForkResult::Parent { child }) => {
-                    let _ = nix::unistd::write(&pid_write, &(child.as_raw() as u32).to_le_bytes());
-                    // SAFETY: _exit ends the middle process without running
-                    // the template's destructors or flushing its buffers,
-                    // which belong to the template.
-                    unsafe { nix::libc::_exit(0) }
-                }
-                // SAFETY: as above.
-                Err(_) => unsafe { nix::libc::_exit(1) },
-            }
-        }
-        ForkResult::Parent { child: middle } => {
-            drop(pid_write);
-            let mut pid = [0u8; 4];
-            let got = read_exact(&pid_read, &mut pid);
-            let _ = nix::sys::wait::waitpid(middle, None);
-            Ok(match got {
-                Ok(()) => Forked::Parent(u32::from_le_bytes(pid)),
-                Err(e) => Forked::Refused(format!("fork failed: {e}")),
-            })
-        }
-    }
-}
-
-fn read_exact(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<()> {
-    let mut got = 0;
-    while got < buf.len() {
-        match nix::unistd::read(fd, &mut buf[got..]) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => got += n,
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
-}
-
-/// Waits until the middle process has exited and the worker's parent is
-/// the supervisor (its PDEATHSIG must be set against the supervisor).
-fn wait_for_adoption(supervisor: u32) -> io::Result<()> {
-    // The middle process exits right after the fork, so this is short:
-    // yield rather than sleep (a sleep costs a timer's slack, ~50 µs, each).
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while nix::unistd::getppid().as_raw() as u32 != supervisor {
-        if Instant::now() > deadline {
-            return Err(io::Error::other("not adopted by the supervisor (is it a child subreaper?)"));
-        }
-        std::thread::yield_now();
-    }
-    Ok(())
+        )
+    })
 }
 
 /// This process's thread count, from /proc.
@@ -185,12 +141,9 @@ mod tests {
         // The test harness runs threads of its own; one more to be sure.
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let helper = std::thread::spawn(move || rx.recv());
-        match fork_worker(std::process::id()) {
-            Ok(Forked::Refused(why)) => {
-                assert!(why.contains("threads") && why.contains("--spawn exec"), "{why}")
-            }
-            Ok(Forked::Parent(_)) | Ok(Forked::Worker) => panic!("forked with several threads"),
-            Err(e) => panic!("{e}"),
+        match fork_refusal() {
+            Some(why) => assert!(why.contains("threads") && why.contains("--spawn exec"), "{why}"),
+            None => panic!("would fork with several threads"),
         }
         drop(tx);
         let _ = helper.join();

@@ -156,10 +156,12 @@ impl<C: Peer, W: Named> Core<C, W> {
                 .iter()
                 .filter(|(_, w)| w.generation == generation && w.retiring().is_none())
                 .map(|(k, w)| {
+                    // Outgoing workers first: they are leaving anyway.
                     let rank = match w.activity {
-                        Activity::Idle => 0,
-                        Activity::Starting => 1,
-                        Activity::Busy { .. } => 2,
+                        _ if w.outgoing.is_some() => 0,
+                        Activity::Idle => 1,
+                        Activity::Starting => 2,
+                        Activity::Busy { .. } => 3,
                     };
                     (rank, WorkerKey(k))
                 })

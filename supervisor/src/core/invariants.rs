@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::{Activity, ConnKey, Core, Named, Peer, Place, Stopping, WorkerKey};
+use super::{Activity, ConnKey, Core, Named, Peer, Place, Service, Stopping, WorkerKey};
 
 /// Who holds a connection (how many of them is checked).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +32,9 @@ impl<C: Peer, W: Named> Core<C, W> {
         for (wkey, w) in self.workers() {
             if w.skips_pending > 1 {
                 return Err(format!("worker {wkey} owes {} Skipped", w.skips_pending));
+            }
+            if w.outgoing.is_some() && (w.service != Service::InService || w.activity == Activity::Starting) {
+                return Err(format!("worker {wkey} is outgoing but {:?}, {:?}", w.service, w.activity));
             }
             let Activity::Busy { conn, ahead, .. } = w.activity else { continue };
             hold(conn, Holder::Busy(wkey));

@@ -47,9 +47,10 @@ impl<C: Peer, W: Named> Core<C, W> {
         }
         w.accepts_ahead = accepts_ahead;
         debug!("worker {} ready", w.io.pid());
-        let took = now.saturating_duration_since(w.started);
+        let (took, generation) = (now.saturating_duration_since(w.started), w.generation);
         self.record_start(took);
         self.worker_idle(wkey, port, now);
+        self.retire_outgoing(generation, port, now);
         Ok(())
     }
 
@@ -59,6 +60,7 @@ impl<C: Peer, W: Named> Core<C, W> {
         let Some(w) = self.workers.get_mut(wkey.0) else { return };
         info!("worker {} reached its {} requests; starting its replacement", w.io.pid(), w.max_requests);
         w.service = Service::Retiring(Retirement::MaxRequests);
+        w.outgoing = None;
         self.count_recycle(Retirement::MaxRequests);
         self.dispatcher.remove_worker(wkey);
         // It exits after this request: it will never read the next one.
@@ -125,7 +127,20 @@ impl<C: Peer, W: Named> Core<C, W> {
         if ahead.is_some() {
             self.send_ahead(wkey, port, now);
         }
+        self.order_successor_near_limit(wkey, port);
         Ok(ckey)
+    }
+
+    /// A worker within a tenth of its max-requests draw gets its successor
+    /// now, so that the successor is ready when it leaves. (Below ten
+    /// requests there is no tenth: it is replaced as its last one starts.)
+    fn order_successor_near_limit(&mut self, wkey: WorkerKey, port: &mut impl Port<C, W>) {
+        let Some(w) = self.workers.get(wkey.0) else { return };
+        let limit = w.max_requests;
+        if w.staying() && limit >= 10 && port.served(&w.io) >= limit - limit / 10 {
+            debug!("worker {} is near its {limit} requests; starting its successor", w.io.pid());
+            self.make_outgoing(wkey, Retirement::MaxRequests);
+        }
     }
 
     /// Kills a misbehaving worker and names what it did.

@@ -107,6 +107,10 @@ pub struct Worker<W> {
     /// yet: while any is unread in its channel nothing more is sent ahead,
     /// so the channel never holds more than two messages from us.
     pub skips_pending: u32,
+    /// Near a recycling limit: its successor has been ordered, and it
+    /// serves on until the successor is ready, then retires for this reason.
+    /// So a recycled worker leaves no gap in the pool.
+    pub outgoing: Option<Retirement>,
 }
 
 impl<W> Worker<W> {
@@ -137,6 +141,11 @@ impl<W> Worker<W> {
             Activity::Busy { since, .. } => Some(since),
             _ => None,
         }
+    }
+
+    /// In service and not outgoing: it counts toward the workers wanted.
+    pub fn staying(&self) -> bool {
+        self.service == Service::InService && self.outgoing.is_none()
     }
 
     /// In service with its channel open: it may be handed connections.
@@ -170,9 +179,10 @@ impl<C: Peer, W: Named> Core<C, W> {
         }
     }
 
-    /// Workers of `generation` that take new connections (or will, once ready).
+    /// Workers of `generation` that take new connections (or will, once
+    /// ready) and are not on their way out.
     pub(super) fn active_workers(&self, generation: u64) -> usize {
-        self.workers.iter().filter(|(_, w)| w.generation == generation && w.retiring().is_none()).count()
+        self.workers.iter().filter(|(_, w)| w.generation == generation && w.staying()).count()
     }
 
     /// The next worker to start now, if one is missing: the serving
@@ -239,6 +249,7 @@ impl<C: Peer, W: Named> Core<C, W> {
             age_limit: order.age_limit,
             accepts_ahead: false,
             skips_pending: 0,
+            outgoing: None,
         }))
     }
 
@@ -334,12 +345,46 @@ impl<C: Peer, W: Named> Core<C, W> {
         self.leave_service(wkey, why);
     }
 
+    /// Puts a serving worker on its way out: its successor is ordered now
+    /// (it no longer counts toward the workers wanted), and it retires for
+    /// `why` once the successor is ready (`retire_outgoing`).
+    pub(super) fn make_outgoing(&mut self, wkey: WorkerKey, why: Retirement) {
+        let Some(w) = self.workers.get_mut(wkey.0) else { return };
+        if w.staying() {
+            w.outgoing = Some(why);
+        }
+    }
+
+    /// Retires outgoing workers of `generation` that the workers ready
+    /// without them cover: each successor that becomes ready lets one go.
+    pub(super) fn retire_outgoing(&mut self, generation: u64, port: &mut impl Port<C, W>, now: Instant) {
+        let ready = self
+            .workers
+            .iter()
+            .filter(|(_, w)| {
+                w.generation == generation && w.staying() && w.reachable() && w.activity != Activity::Starting
+            })
+            .count();
+        let outgoing: Vec<(WorkerKey, Retirement)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.generation == generation && w.service == Service::InService)
+            .filter_map(|(k, w)| Some((WorkerKey(k), w.outgoing?)))
+            .collect();
+        let surplus = (ready + outgoing.len()).saturating_sub(self.wanted_workers(generation));
+        for &(wkey, why) in outgoing.iter().take(surplus) {
+            info!("worker {} retires ({}): its successor is ready", self.workers[wkey.0].io.pid(), why.as_str());
+            self.retire(wkey, why, port, now);
+        }
+    }
+
     /// Takes a worker out of service, leaving what was sent ahead to it
     /// where it is (taken back already, or claimed by the worker, whose
     /// Done will make it current).
     pub(super) fn leave_service(&mut self, wkey: WorkerKey, why: Retirement) {
         let Some(w) = self.workers.get_mut(wkey.0) else { return };
         w.service = Service::Retiring(why);
+        w.outgoing = None;
         let busy = matches!(w.activity, Activity::Busy { .. });
         self.count_recycle(why);
         self.dispatcher.remove_worker(wkey);

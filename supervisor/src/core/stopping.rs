@@ -150,15 +150,15 @@ impl<C: Peer, W: Named> Core<C, W> {
         }
     }
 
-    /// Retires serving workers past their --max-worker-age, or whose private
-    /// memory passed --max-worker-memory: each finishes its connection, and
-    /// its replacement starts at once.
+    /// Serving workers past their --max-worker-age, or whose private memory
+    /// passed --max-worker-memory, go out: each gets its successor at once,
+    /// and serves on until the successor is ready.
     fn retire_aged_and_grown(&mut self, now: Instant, read_memory: bool, port: &mut impl Port<C, W>) {
         let memory_limit = self.settings.max_worker_memory.filter(|_| read_memory);
         let due: Vec<(WorkerKey, Retirement)> = self
             .workers
             .iter()
-            .filter(|(_, w)| w.retiring().is_none() && w.activity != Activity::Starting && w.killed.is_none())
+            .filter(|(_, w)| w.staying() && w.activity != Activity::Starting && w.killed.is_none())
             .filter(|(_, w)| w.generation == self.serving)
             .filter_map(|(k, w)| {
                 if w.age_limit.is_some_and(|limit| now.saturating_duration_since(w.started) >= limit) {
@@ -171,11 +171,11 @@ impl<C: Peer, W: Named> Core<C, W> {
             .collect();
         for (wkey, why) in due {
             info!(
-                "worker {} retires ({}); starting its replacement",
+                "worker {} is going out ({}); starting its successor",
                 self.workers[wkey.0].io.pid(),
                 why.as_str()
             );
-            self.retire(wkey, why, port, now);
+            self.make_outgoing(wkey, why);
         }
     }
 }

@@ -163,6 +163,9 @@ impl Sim {
 
     pub(super) fn converged(&self) -> Result<(), String> {
         let serving = self.core.serving_generation();
+        if let Some((_, w)) = self.core.workers().find(|(_, w)| w.outgoing.is_some()) {
+            return Err(format!("worker {} is still outgoing ({:?})", w.io.pid, w.outgoing));
+        }
         let in_service =
             self.core.workers().filter(|(_, w)| w.generation == serving && w.retiring().is_none()).count();
         if in_service != self.core.target_workers() {
