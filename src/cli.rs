@@ -194,8 +194,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", default_value_t = ByteSize(Limits::default().max_body))]
     pub max_body: ByteSize,
 
-    /// A worker retires after this many requests (0: never); its replacement
-    /// starts as it begins its last one.
+    /// A worker retires after this many requests (0: never). Within a tenth
+    /// of its limit its successor starts, and it retires once the successor
+    /// is ready (so it may serve up to a tenth fewer).
     #[arg(long, value_name = "N", default_value_t = DEFAULTS.max_requests)]
     pub max_requests_per_child: u64,
 
@@ -205,15 +206,15 @@ pub struct ServeArgs {
     pub min_requests_per_child: Option<u64>,
 
     /// A worker retires after this long in service (each draws from 80-100%
-    /// of it, so they do not all leave at once); its replacement starts
-    /// first [default: no limit].
+    /// of it, so they do not all leave at once); its successor starts first,
+    /// and it retires once the successor is ready [default: no limit].
     #[arg(long, value_name = "DURATION")]
     pub max_worker_age: Option<Seconds>,
 
     /// A worker whose private memory (pages no other process shares, from
-    /// /proc/PID/smaps_rollup, checked every second) passes this retires
-    /// after its current request; its replacement starts first [default:
-    /// no limit].
+    /// /proc/PID/smaps_rollup, checked every second) passes this retires:
+    /// its successor starts first, and it retires once the successor is
+    /// ready [default: no limit].
     #[arg(long, value_name = "SIZE")]
     pub max_worker_memory: Option<ByteSize>,
 

@@ -252,7 +252,7 @@ fn no_descriptor_leaks_after_thousands_of_connections() {
             }
         }
     }
-    let settled = eventually(Duration::from_secs(20), || server.fd_count() <= baseline);
+    let settled = eventually(Duration::from_secs(20), || server.fd_count_is_settled(baseline));
     assert!(settled, "supervisor fds: baseline {baseline}, now {}", server.fd_count());
 }
 

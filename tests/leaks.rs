@@ -99,7 +99,7 @@ fn no_leaks_after_mixed_abuse_reloads_and_kills() {
         server.logs()
     );
     // Timeouts (head: 2 s, linger: 2 s) close what the clients left open.
-    let settled = eventually(Duration::from_secs(20), || server.fd_count() <= fd_baseline);
+    let settled = eventually(Duration::from_secs(20), || server.fd_count_is_settled(fd_baseline));
     assert!(
         settled,
         "supervisor fds: baseline {fd_baseline}, now {} ({:?})",

@@ -13,7 +13,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 use nix::sys::memfd::{memfd_create, MFdFlags};
-use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+use nix::sys::mman::{madvise, mmap, munmap, MapFlags, MmapAdvise, ProtFlags};
 
 /// What a worker publishes. Only atomics, so both processes may touch it
 /// at any time.
@@ -300,7 +300,37 @@ impl Scoreboard {
         let ptr = unsafe {
             mmap(None, len, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, &fd, 0)?
         };
+        // Processes the worker's app forks do not inherit the mapping, so
+        // once the worker has been reaped nobody writes the page and the
+        // supervisor may give it to the next worker (`reset`).
+        // SAFETY: advice on exactly the mapping made above.
+        unsafe { madvise(ptr, LEN, MmapAdvise::MADV_DONTFORK)? };
         Ok(Scoreboard { ptr: ptr.cast(), fd })
+    }
+
+    /// Zeroes the page for another worker (supervisor side, once the worker
+    /// that had it has been reaped).
+    pub fn reset(&self) {
+        let Slot {
+            bytes_written,
+            requests,
+            request_started_ms,
+            draining,
+            others_waiting,
+            request_seq,
+            request_len,
+            request_line,
+            ahead,
+            conn_id,
+            conn_written_base,
+        } = self.slot();
+        let words = [bytes_written, requests, request_started_ms, draining, others_waiting, request_seq];
+        for word in words.into_iter().chain([request_len, conn_id, conn_written_base]).chain(ahead) {
+            word.store(0, Ordering::Relaxed);
+        }
+        for byte in request_line {
+            byte.store(0, Ordering::Relaxed);
+        }
     }
 
     pub fn slot(&self) -> &Slot {
@@ -354,6 +384,22 @@ mod tests {
         assert_eq!(a.slot().request_line().as_deref(), Some("GET /x"));
         b.slot().set_request_line(&[b'a'; 400]);
         assert_eq!(a.slot().request_line().map(|l| l.len()), Some(REQUEST_LINE_MAX));
+    }
+
+    #[test]
+    fn a_reset_page_is_as_a_fresh_one() {
+        let board = Scoreboard::create().unwrap();
+        // Every byte of the slot set, through the atomics.
+        let slot = board.slot();
+        // SAFETY: a Slot is atomics only, so its bytes may be viewed as
+        // AtomicU8s; the view ends before `reset` runs.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(slot as *const Slot as *const AtomicU8, std::mem::size_of::<Slot>())
+        };
+        bytes.iter().for_each(|b| b.store(0xa5, Ordering::Relaxed));
+        board.reset();
+        assert!(bytes.iter().all(|b| b.load(Ordering::Relaxed) == 0), "a field was left as it was");
+        assert_eq!(slot.request_line(), None);
     }
 
     #[test]

@@ -177,25 +177,51 @@ fn add_chdir(actions: &mut PosixSpawnFileActions, dir: &Path) -> io::Result<()> 
 }
 
 /// Starts a worker from the command on disk.
-pub fn spawn_worker(spec: &WorkerSpec<'_>) -> io::Result<Spawned> {
-    spawn_process(spec, &[])
+pub fn spawn_worker(spec: &WorkerSpec<'_>, scoreboard: Scoreboard) -> io::Result<Spawned> {
+    spawn_process(spec, scoreboard, &[])
 }
 
 /// Starts a generation's template from the command on disk: a worker
 /// process in the template role (`MONODON_ROLE=template`), which loads the
 /// app and forks workers when asked.
 pub fn spawn_template(spec: &WorkerSpec<'_>) -> io::Result<Spawned> {
-    spawn_process(spec, &[(env::ROLE, "template")])
+    spawn_process(spec, Scoreboard::create()?, &[(env::ROLE, "template")])
+}
+
+/// Scoreboard pages of reaped workers, zeroed, for the next workers: a
+/// recycle then costs no memfd, mapping or first-touch page fault.
+#[derive(Default)]
+pub struct SpareBoards(Vec<Scoreboard>);
+
+impl SpareBoards {
+    /// More than a burst of recycling needs; the rest are unmapped.
+    const KEEP: usize = 16;
+
+    pub fn take(&mut self) -> io::Result<Scoreboard> {
+        self.0.pop().map_or_else(Scoreboard::create, Ok)
+    }
+
+    /// Keeps the page of a worker that has been reaped: no process maps it
+    /// any more (what a worker forks does not inherit it: MADV_DONTFORK).
+    pub fn give(&mut self, board: Scoreboard) {
+        if self.0.len() < Self::KEEP {
+            board.reset();
+            self.0.push(board);
+        }
+    }
 }
 
 /// Asks a ready template to fork a worker with `env`: the worker's channel
 /// and scoreboard are made here, as for an exec'd one, and sent along. The
 /// answer (Forked, with the worker's pid, or ForkFailed) comes later on the
 /// template's channel, in the order of the requests.
-pub fn send_fork(template: BorrowedFd<'_>, worker_env: &WorkerEnv) -> io::Result<(OwnedFd, Scoreboard)> {
+pub fn send_fork(
+    template: BorrowedFd<'_>,
+    worker_env: &WorkerEnv,
+    scoreboard: Scoreboard,
+) -> io::Result<(OwnedFd, Scoreboard)> {
     let (ours, theirs) = channel(&worker_env.limits).map_err(|e| io::Error::other(e.to_string()))?;
     nix::fcntl::fcntl(&ours, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))?;
-    let scoreboard = Scoreboard::create()?;
     let vars = worker_env.to_vars().into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
     let mut msg = Vec::with_capacity(512);
     ToTemplate::Fork { env: vars }.encode(&mut msg);
@@ -203,7 +229,11 @@ pub fn send_fork(template: BorrowedFd<'_>, worker_env: &WorkerEnv) -> io::Result
     Ok((ours, scoreboard))
 }
 
-fn spawn_process(spec: &WorkerSpec<'_>, extra_env: &[(&str, &str)]) -> io::Result<Spawned> {
+fn spawn_process(
+    spec: &WorkerSpec<'_>,
+    scoreboard: Scoreboard,
+    extra_env: &[(&str, &str)],
+) -> io::Result<Spawned> {
     let (program, _) = spec
         .code
         .command
@@ -211,7 +241,6 @@ fn spawn_process(spec: &WorkerSpec<'_>, extra_env: &[(&str, &str)]) -> io::Resul
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty worker command"))?;
     let (ours, theirs) = channel(&spec.env.limits).map_err(|e| io::Error::other(e.to_string()))?;
     nix::fcntl::fcntl(&ours, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))?;
-    let scoreboard = Scoreboard::create()?;
 
     // Copies above 4, close-on-exec, so that placing them on 3 and 4 in the
     // child cannot clobber one another and the dup2 clears close-on-exec.

@@ -174,8 +174,31 @@ impl Server {
     }
 
     /// Number of open descriptors of the supervisor.
+    /// The supervisor's descriptors, less the scoreboard pages it holds
+    /// (one per worker and template, and up to `SPARE_BOARDS` kept from
+    /// reaped workers for the next ones): `fd_count_is_settled` checks those.
     pub fn fd_count(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid)).map(|d| d.count()).unwrap_or(0)
+        self.fd_targets().iter().filter(|t| !t.contains(SCOREBOARD)).count()
+    }
+
+    /// The scoreboard pages it holds.
+    pub fn scoreboard_fds(&self) -> usize {
+        self.fd_targets().iter().filter(|t| t.contains(SCOREBOARD)).count()
+    }
+
+    /// Back to `baseline` descriptors, with no more scoreboards than its
+    /// children and the spares account for.
+    pub fn fd_count_is_settled(&self, baseline: usize) -> bool {
+        let children = children_of(self.pid).len();
+        self.fd_count() <= baseline && self.scoreboard_fds() <= children + SPARE_BOARDS
+    }
+
+    fn fd_targets(&self) -> Vec<String> {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{}/fd", self.pid)) else { return Vec::new() };
+        dir.flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .map(|t| t.to_string_lossy().into_owned())
+            .collect()
     }
 
     pub fn connect(&self) -> Client {
@@ -243,6 +266,12 @@ pub fn ready_workers(status: &serde_json::Value, generation: u64) -> usize {
         .filter(|w| w["generation"] == generation && matches!(w["state"].as_str(), Some("idle" | "busy")))
         .count()
 }
+
+/// What a scoreboard memfd is called in /proc/PID/fd.
+const SCOREBOARD: &str = "memfd:monodon-scoreboard";
+/// The most scoreboards of reaped workers the supervisor keeps
+/// (`spawn::SpareBoards`).
+const SPARE_BOARDS: usize = 16;
 
 pub fn children_of(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();

@@ -373,7 +373,11 @@ impl<C: Peer, W: Named> Core<C, W> {
             .collect();
         let surplus = (ready + outgoing.len()).saturating_sub(self.wanted_workers(generation));
         for &(wkey, why) in outgoing.iter().take(surplus) {
-            info!("worker {} retires ({}): its successor is ready", self.workers[wkey.0].io.pid(), why.as_str());
+            info!(
+                "worker {} retires ({}): its successor is ready",
+                self.workers[wkey.0].io.pid(),
+                why.as_str()
+            );
             self.retire(wkey, why, port, now);
         }
     }

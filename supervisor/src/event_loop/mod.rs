@@ -192,6 +192,8 @@ pub struct Supervisor {
     /// Children reaped before their template said who they were (a forked
     /// worker that died at once), by pid.
     unclaimed_exits: std::collections::HashMap<Pid, String>,
+    /// Scoreboards of reaped workers, for the next ones.
+    spare_boards: crate::spawn::SpareBoards,
     /// Client reads land here first (idle connections hold no buffer).
     scratch: Vec<u8>,
     /// Messages from workers are received here.

@@ -110,6 +110,7 @@ impl Supervisor {
             reload_code: None,
             templates: Default::default(),
             unclaimed_exits: Default::default(),
+            spare_boards: Default::default(),
             config,
             poller,
             events: Events::new(),

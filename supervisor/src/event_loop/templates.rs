@@ -83,6 +83,7 @@ impl Supervisor {
     /// Asks its generation's ready template to fork a worker of `order`;
     /// the worker has no pid until the answer comes.
     pub(super) fn fork_worker(&mut self, order: SpawnOrder) -> io::Result<WorkerIo> {
+        let board = self.spare_boards.take()?;
         let (_, config) = self.code_of(order.generation);
         let worker_env = self.worker_env(order.generation, order.max_requests, config);
         let max_message = wire::max_message(&config.limits);
@@ -91,7 +92,7 @@ impl Supervisor {
             self.template_broken(order.generation, "its channel is closed");
             return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the template's channel is closed"));
         };
-        match send_fork(channel.as_fd(), &worker_env) {
+        match send_fork(channel.as_fd(), &worker_env, board) {
             Ok((ours, scoreboard)) => {
                 Ok(WorkerIo { pid: None, pending_signal: None, channel: Some(ours), scoreboard, max_message })
             }

@@ -87,10 +87,11 @@ impl Supervisor {
     /// Starts a worker of the order's generation from its command on disk,
     /// with that generation's configuration.
     fn spawn(&mut self, order: SpawnOrder) -> io::Result<WorkerIo> {
+        let board = self.spare_boards.take()?;
         let (code, config) = self.code_of(order.generation);
         let spec = WorkerSpec { code, env: self.worker_env(order.generation, order.max_requests, config) };
         let max_message = wire::max_message(&config.limits);
-        let s = spawn_worker(&spec)?;
+        let s = spawn_worker(&spec, board)?;
         Ok(WorkerIo {
             pid: Some(s.pid),
             pending_signal: None,
@@ -342,6 +343,11 @@ impl Supervisor {
             info!("worker {} (generation {generation}) {how}", w.pid());
         } else if !killed {
             warn!("worker {} (generation {generation}) {how} after {lived:.1?}", w.pid());
+        }
+        // Reaped, so nobody maps its scoreboard any more. (One never named
+        // may yet be forked by a template that was about to.)
+        if w.pid.is_some() {
+            self.spare_boards.give(w.scoreboard);
         }
     }
 }
