@@ -148,9 +148,18 @@ pub fn render(s: &Status) -> String {
             None if g.spawn == "exec" => "\n  every worker exec'd (--spawn exec)".to_owned(),
             None => String::new(),
         };
+        let held = if g.limits_held {
+            "\n  no worker can be made: its workers serve on past their max-requests"
+        } else {
+            ""
+        };
         push(
             &mut out,
-            format!("generation {} ({role}): {}{dir}{changed}{template}", g.generation, g.command.join(" ")),
+            format!(
+                "generation {} ({role}): {}{dir}{changed}{template}{held}",
+                g.generation,
+                g.command.join(" ")
+            ),
         );
     }
     let c = &s.connections;

@@ -183,31 +183,50 @@ fn a_killed_supervisor_takes_its_templates_and_workers_down() {
 #[test]
 fn a_generation_whose_template_cannot_restart_is_degraded_and_recovers() {
     let scratch = Scratch::new("templates-degraded");
-    // No recycling: a worker that reaches its limit exits whatever its
-    // template's state, and this test is about the template.
-    let (server, program, good) = serve_script(&scratch, &["--max-requests-per-child", "0"]);
+    // Recycling every 20 requests: while no replacement can be made, the
+    // workers must serve on past their limit instead of leaving.
+    let limit = ["--max-requests-per-child", "20", "--min-requests-per-child", "20"];
+    let (server, program, good) = serve_script(&scratch, &limit);
     let template = template_pid(&server.wait_serving(1, Duration::from_secs(10)), 1);
     let load = common::Load::start(server.addr, 2, 1, "/");
     load.wait_answered(20, Duration::from_secs(20));
     std::fs::write(&program, "#!/bin/sh\nexit 7\n").unwrap();
     // SAFETY: killing the supervisor's template, on purpose.
     unsafe { libc::kill(template as i32, libc::SIGKILL) };
-    server.wait_status(Duration::from_secs(20), "the template down after a failed restart", |s| {
-        let t = &s["generations"][0]["template"];
-        t["state"] == "down" && t["restarts"].as_u64().unwrap_or(0) >= 1
-    });
+    let degraded =
+        server.wait_status(Duration::from_secs(20), "the template down after a failed restart", |s| {
+            let t = &s["generations"][0]["template"];
+            t["state"] == "down" && t["restarts"].as_u64().unwrap_or(0) >= 1
+        });
+    assert_eq!(degraded["generations"][0]["limits_held"], true, "{degraded}");
     let text = String::from_utf8_lossy(
         &common::monodon().args(["status", "--control"]).arg(&server.control).output().unwrap().stdout,
     )
     .into_owned();
-    assert!(text.contains("DEGRADED"), "{text}");
-    // Still serving with the workers it has.
-    load.wait_answered(50, Duration::from_secs(20));
-    let workers = &server.status().unwrap()["workers"];
-    assert_eq!(workers["idle"].as_u64().unwrap_or(0) + workers["busy"].as_u64().unwrap_or(0), 2, "{workers}");
+    assert!(text.contains("DEGRADED") && text.contains("past their max-requests"), "{text}");
+    // Still serving with the workers it has, each well past its limit.
+    let workers_now = || {
+        let s = server.status().unwrap();
+        let pids: Vec<u64> = s["worker_list"]
+            .as_array()
+            .map(|l| l.iter().filter_map(|w| w["pid"].as_u64()).collect())
+            .unwrap_or_default();
+        (pids, s["totals"]["requests"].as_u64().unwrap_or(0))
+    };
+    let (held, requests_then) = workers_now();
+    assert_eq!(held.len(), 2, "{held:?}");
+    load.wait_answered(100, Duration::from_secs(30));
+    let (still, _) = workers_now();
+    assert_eq!(still, held, "the degraded generation kept its workers ({requests_then} requests before)");
     std::fs::write(&program, format!("#!/bin/sh\n{good}\n")).unwrap();
-    server.wait_status(Duration::from_secs(30), "the template back", |s| {
+    let back = server.wait_status(Duration::from_secs(30), "the template back", |s| {
         s["generations"][0]["template"]["state"] == "ready"
+    });
+    assert_eq!(back["generations"][0]["limits_held"], false, "{back}");
+    // Recycling resumes: the held workers leave, replaced from the template.
+    server.wait_status(Duration::from_secs(30), "the held workers replaced", |s| {
+        let list = s["worker_list"].as_array().cloned().unwrap_or_default();
+        list.len() == 2 && list.iter().all(|w| w["pid"].as_u64().is_some_and(|p| !held.contains(&p)))
     });
     let stats = load.stop();
     assert_eq!(stats.failed, 0, "{stats:?}");

@@ -52,6 +52,11 @@ pub struct Slot {
     /// went out on it, exactly, even for one sent ahead.
     pub conn_id: AtomicU64,
     pub conn_written_base: AtomicU64,
+    /// Set by the supervisor while the worker's generation cannot make
+    /// workers (its template is down): the worker does not retire at its
+    /// max-requests limit, so the generation keeps the workers it has.
+    /// Cleared, the worker retires at its next request if past the limit.
+    pub hold_limit: AtomicU64,
 }
 
 /// Room for the request line in a slot.
@@ -60,7 +65,7 @@ pub const REQUEST_LINE_MAX: usize = 256;
 /// Where each field of a [`Slot`] lies, as PROTOCOL.md gives it: workers in
 /// other languages map the page and use these offsets. Checked against the
 /// struct at compile time and against PROTOCOL.md by a test.
-pub const LAYOUT: [(usize, &str); 11] = [
+pub const LAYOUT: [(usize, &str); 12] = [
     (0, "bytes_written"),
     (8, "requests"),
     (16, "request_started_ms"),
@@ -72,6 +77,7 @@ pub const LAYOUT: [(usize, &str); 11] = [
     (312, "ahead"),
     (328, "conn_id"),
     (336, "conn_written_base"),
+    (344, "hold_limit"),
 ];
 
 const _: () = {
@@ -88,6 +94,7 @@ const _: () = {
         offset_of!(Slot, ahead),
         offset_of!(Slot, conn_id),
         offset_of!(Slot, conn_written_base),
+        offset_of!(Slot, hold_limit),
     ];
     let mut i = 0;
     while i < LAYOUT.len() {
@@ -97,7 +104,7 @@ const _: () = {
         );
         i += 1;
     }
-    assert!(std::mem::size_of::<Slot>() == 344, "the Slot grew or shrank: say so in PROTOCOL.md");
+    assert!(std::mem::size_of::<Slot>() == 352, "the Slot grew or shrank: say so in PROTOCOL.md");
     assert!(std::mem::size_of::<Slot>() <= 4096, "a Slot must fit its page");
 };
 
@@ -152,6 +159,16 @@ impl Slot {
 
     pub fn set_draining(&self) {
         self.draining.store(1, Ordering::Relaxed);
+    }
+
+    /// Supervisor side: the worker is not to retire at its limit while held.
+    pub fn set_hold_limit(&self, hold: bool) {
+        self.hold_limit.store(u64::from(hold), Ordering::Relaxed);
+    }
+
+    /// Worker side: may it retire at its max-requests limit now?
+    pub fn limit_held(&self) -> bool {
+        self.hold_limit.load(Ordering::Relaxed) != 0
     }
 
     /// Publishes the request the worker is starting (worker side).
@@ -323,9 +340,12 @@ impl Scoreboard {
             ahead,
             conn_id,
             conn_written_base,
+            hold_limit,
         } = self.slot();
         let words = [bytes_written, requests, request_started_ms, draining, others_waiting, request_seq];
-        for word in words.into_iter().chain([request_len, conn_id, conn_written_base]).chain(ahead) {
+        for word in
+            words.into_iter().chain([request_len, conn_id, conn_written_base, hold_limit]).chain(ahead)
+        {
             word.store(0, Ordering::Relaxed);
         }
         for byte in request_line {

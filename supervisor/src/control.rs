@@ -127,6 +127,10 @@ pub struct GenerationStatus {
     /// Its template process (with `--spawn template`).
     #[serde(default)]
     pub template: Option<TemplateStatus>,
+    /// It cannot make workers now (its template is down, or its command
+    /// fails), so its workers serve on past their max-requests limit.
+    #[serde(default)]
+    pub limits_held: bool,
 }
 
 /// A generation's template, as the status shows it.

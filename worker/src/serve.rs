@@ -91,7 +91,8 @@ pub fn serve_connection<C: Connection>(
             log_refused(ctx, (&head.method, &head.target, head.version()), rejection.status, bytes);
             return closed(served);
         }
-        let last = budget.remaining.is_some_and(|r| r <= 1);
+        // Past the limit too (it was held while no replacement could be made).
+        let last = budget.remaining.is_some_and(|r| r <= 1) && !ctx.slot.limit_held();
         if last {
             (budget.on_last)();
         }

@@ -49,6 +49,11 @@ impl<C: Peer, W: Named> Core<C, W> {
         debug!("worker {} ready", w.io.pid());
         let (took, generation) = (now.saturating_duration_since(w.started), w.generation);
         self.record_start(took);
+        if !self.settings_of(generation).templates {
+            // Exec'd: its command works again (a template's Ready says so
+            // for forked workers).
+            self.hold_limits(generation, false);
+        }
         self.worker_idle(wkey, port, now);
         self.retire_outgoing(generation, port, now);
         Ok(())

@@ -186,6 +186,12 @@ pub enum Action {
     ReleaseTemplate {
         generation: u64,
     },
+    /// The workers of `generation` are not to retire at their max-requests
+    /// limit (`hold`: it cannot make new ones), or may again.
+    HoldLimits {
+        generation: u64,
+        hold: bool,
+    },
 }
 
 /// Why a message could not be sent to a worker.
@@ -276,6 +282,9 @@ pub struct Core<C, W> {
     /// How long the last workers took from start to Ready (for status).
     start_times: VecDeque<Duration>,
     templates: templates::Templates,
+    /// Generations that cannot make workers now: theirs serve on past
+    /// their max-requests limit (`Action::HoldLimits`).
+    limits_held: std::collections::BTreeSet<u64>,
 }
 
 /// Start times kept for the status.
@@ -304,6 +313,7 @@ impl<C: Peer, W: Named> Core<C, W> {
             actions: VecDeque::new(),
             start_times: VecDeque::new(),
             templates: Default::default(),
+            limits_held: Default::default(),
         }
     }
 

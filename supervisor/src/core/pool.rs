@@ -227,7 +227,7 @@ impl<C: Peer, W: Named> Core<C, W> {
     }
 
     /// The settings `generation` runs with: a reload's own, or the core's.
-    fn settings_of(&self, generation: u64) -> &super::Settings {
+    pub(super) fn settings_of(&self, generation: u64) -> &super::Settings {
         match &self.reload {
             Some(r) if r.generation == generation => &r.settings,
             _ => &self.settings,
@@ -269,6 +269,7 @@ impl<C: Peer, W: Named> Core<C, W> {
             let delay = self.backoff.on_spawn_failure();
             warn!("next worker start in {delay:?}");
             self.next_spawn_at = now + delay;
+            self.hold_limits(generation, true);
         }
     }
 

@@ -125,8 +125,35 @@ impl<C: Peer, W: Named> Core<C, W> {
             if t.life == TemplateLife::Starting {
                 t.life = TemplateLife::Ready;
                 t.backoff = Backoff::default();
+                self.hold_limits(generation, false);
             }
         }
+    }
+
+    /// While `generation` cannot make workers (`hold`), those it has do not
+    /// retire at their max-requests limit: a degraded generation keeps
+    /// serving with all of them. Says so once per change.
+    pub(super) fn hold_limits(&mut self, generation: u64, hold: bool) {
+        let serving = self.serving;
+        self.limits_held.retain(|&g| g >= serving);
+        let changed =
+            if hold { self.limits_held.insert(generation) } else { self.limits_held.remove(&generation) };
+        if !changed {
+            return;
+        }
+        if hold {
+            warn!(
+                "generation {generation} cannot make workers: its workers serve on past their max-requests"
+            );
+        } else {
+            info!("generation {generation} can make workers again: max-requests applies");
+        }
+        self.act(Action::HoldLimits { generation, hold });
+    }
+
+    /// Whether `generation`'s workers are held past their limit.
+    pub fn limits_held(&self, generation: u64) -> bool {
+        self.limits_held.contains(&generation)
     }
 
     /// The template of `generation` is gone (it died, broke, or could not be
@@ -146,6 +173,8 @@ impl<C: Peer, W: Named> Core<C, W> {
         let was_ready = t.life == TemplateLife::Ready;
         let delay = t.backoff.on_spawn_failure();
         t.life = TemplateLife::Down { retry_at: now + delay };
+        // Serving, or about to: its workers are all it has for now.
+        self.hold_limits(generation, true);
         warn!("the template of generation {generation} is gone ({why}); its workers keep serving; next start in {delay:?}");
         if !was_ready {
             self.generation_failed(generation, &format!("its template failed: {why}"), now);

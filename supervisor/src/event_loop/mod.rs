@@ -339,6 +339,11 @@ impl Supervisor {
                 Action::Notify(Notice::Stopping) => self.notifier.stopping(),
                 Action::ReloadFinished { generation, outcome } => self.reload_finished(generation, outcome),
                 Action::ReleaseTemplate { generation } => self.drop_template(generation, Signal::SIGTERM),
+                Action::HoldLimits { generation, hold } => {
+                    for (_, w) in self.core.workers().filter(|(_, w)| w.generation == generation) {
+                        w.io.scoreboard.slot().set_hold_limit(hold);
+                    }
+                }
             }
         }
         self.update_accepting();

@@ -141,6 +141,7 @@ impl Supervisor {
                             .to_owned(),
                             restarts: t.restarts,
                         });
+                        g.limits_held = self.core.limits_held(generation);
                         g
                     })
                     .collect()
@@ -197,6 +198,7 @@ fn generation_status(generation: u64, serving: bool, code: &Code) -> GenerationS
         program_changed: code.program.is_some() && now != code.program,
         spawn: String::new(),
         template: None,
+        limits_held: false,
     }
 }
 

@@ -46,6 +46,12 @@ impl Sim {
                 Action::ReloadFinished { generation, outcome } => {
                     self.reload_finished(generation, outcome.is_ok())
                 }
+                Action::HoldLimits { generation, hold } => {
+                    let procs = self.world.procs.iter_mut();
+                    for p in procs.filter(|p| !p.template && p.generation == generation) {
+                        p.limit_held = hold;
+                    }
+                }
                 Action::ReleaseTemplate { generation } => {
                     if let Some(p) = self.templates.remove(&generation) {
                         // Its channel closes and it gets SIGTERM (one still

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 
 use super::world::{Last, Proc, ProcLife, Said, SimWorker};
 use super::{Deploy, Exit, Sim};
-use crate::core::{Make, WorkerKey};
+use crate::core::{Make, TemplateLife, WorkerKey};
 
 impl Sim {
     pub(super) fn spawn_missing(&mut self) {
@@ -93,6 +93,8 @@ impl Sim {
             cells: [0; 2],
             served: 0,
             max_requests,
+            limit_held: false,
+            last_request: false,
             released: false,
             eof_told: false,
             stuck: false,
@@ -200,7 +202,9 @@ impl Sim {
         proc_.conn_written_base = proc_.written;
         proc_.conn_id = a.id;
         proc_.life = ProcLife::Serving { conn: a.conn, id: a.id, served: a.served, started: now };
-        let last_request = proc_.max_requests > 0 && proc_.served + 1 >= proc_.max_requests;
+        let last_request =
+            proc_.max_requests > 0 && proc_.served + 1 >= proc_.max_requests && !proc_.limit_held;
+        proc_.last_request = last_request;
         note!(
             self,
             "worker {pid} begins connection {} {} ({}ahead)",
@@ -209,6 +213,17 @@ impl Sim {
             if a.ahead { "" } else { "not " }
         );
         if last_request {
+            let generation = self.world.procs[p].generation;
+            let degraded = generation == self.core.serving_generation()
+                && self
+                    .core
+                    .template(generation)
+                    .is_some_and(|t| matches!(t.life, TemplateLife::Down { .. }));
+            if degraded {
+                self.world.violate(format!(
+                    "worker {pid} retires at its limit while its generation cannot replace it"
+                ));
+            }
             self.say(p, Said::Retiring);
         }
     }
@@ -243,7 +258,7 @@ impl Sim {
         proc_.written += 10;
         proc_.last = Some(Last { id, finished: true });
         proc_.life = ProcLife::Waiting;
-        let last_request = proc_.max_requests > 0 && proc_.served >= proc_.max_requests;
+        let last_request = proc_.last_request;
         let keep = wants_more && !draining && !last_request;
         let pid = proc_.pid;
         note!(self, "worker {pid} done with connection {id} {conn} of client {client} (keep {keep})");

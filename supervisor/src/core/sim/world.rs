@@ -94,6 +94,10 @@ pub struct Proc {
     pub cells: [u64; 2],
     pub served: u64,
     pub max_requests: u64,
+    /// Its scoreboard's hold-limit flag: not to retire at max_requests.
+    pub limit_held: bool,
+    /// It said Retiring: it exits after this request.
+    pub last_request: bool,
     /// The supervisor closed its end: what we send is lost, and we see EOF
     /// once the inbox is read.
     pub released: bool,
