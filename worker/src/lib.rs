@@ -25,7 +25,7 @@ mod test_support;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
 use std::process::ExitCode;
 
-use log::{debug, error, info};
+use log::{debug, error};
 use monodon_proto::access_log;
 use monodon_proto::env::{self, WorkerEnv};
 use monodon_proto::scoreboard::Scoreboard;
@@ -46,20 +46,34 @@ pub fn is_worker() -> bool {
 /// supervisor lets it go.
 pub fn run(app: impl App) -> ExitCode {
     let mut app = app;
-    let outcome = match std::env::var(env::ROLE).as_deref() {
-        Ok("template") => template::serve_as_template(&mut app).and_then(|role| match role {
-            template::Role::Worker => serve_forever(&mut app, true),
-            template::Role::Done => Ok(()),
-        }),
-        _ => serve_forever(&mut app, false),
+    let (outcome, forked) = match std::env::var(env::ROLE).as_deref() {
+        Ok("template") => match template::serve_as_template(&mut app) {
+            Ok(template::Role::Worker) => (serve_forever(&mut app, true), true),
+            Ok(template::Role::Done) => (Ok(()), false),
+            Err(e) => (Err(e), false),
+        },
+        _ => (serve_forever(&mut app, false), false),
     };
-    match outcome {
-        Ok(()) => ExitCode::SUCCESS,
+    let code: u8 = match outcome {
+        Ok(()) => 0,
         Err(e) => {
             error!("worker {}: {e}", std::process::id());
-            ExitCode::FAILURE
+            1
         }
+    };
+    if forked {
+        // Most of a forked worker's memory is still shared with its
+        // template: the C runtime's teardown at exit (atexit handlers,
+        // library destructors, freeing the heap) would copy those pages
+        // only to discard them, a large part of what a recycle costs. The
+        // app is dropped (its own clean-up runs) and what is buffered is
+        // written; then the process ends at once.
+        drop(app);
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        // SAFETY: _exit ends the process; no Rust state is used after it.
+        unsafe { nix::libc::_exit(code.into()) }
     }
+    ExitCode::from(code)
 }
 
 /// Takes ownership of an inherited descriptor named by an environment variable.
@@ -122,7 +136,8 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
     let mut out = Vec::with_capacity(256);
     FromWorker::Ready { pid, features: wire::FEATURE_AHEAD }.encode(&mut out);
     wire::send(channel.as_fd(), &out, None)?;
-    info!("worker {pid} (generation {generation}) ready");
+    // The supervisor logs each worker's start and exit; ours are detail.
+    debug!("worker {pid} (generation {generation}) ready");
 
     let mut buf = vec![0u8; wire::max_message(&limits)];
     loop {
@@ -185,7 +200,7 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
             .encode(&mut out);
         wire::send(channel.as_fd(), &out, None)?;
         if outcome.retiring {
-            info!("worker {pid} served its {max_requests} requests; exiting");
+            debug!("worker {pid} served its {max_requests} requests; exiting");
             return Ok(());
         }
     }

@@ -71,9 +71,16 @@ pub(crate) fn serve_as_template(app: &mut dyn App) -> io::Result<Role> {
                 let _ = (channel.into_raw_fd(), board.into_raw_fd());
                 drop((worker_channel, worker_board));
                 std::env::remove_var(env::ROLE);
+                // Most are the template's own already (one generation's
+                // settings); setting only the others spares the heap.
                 for (name, value) in env {
-                    std::env::set_var(name, value);
+                    if std::env::var_os(&name).is_none_or(|v| v != *value) {
+                        std::env::set_var(name, value);
+                    }
                 }
+                // The template's buffers are shared with it: freeing them
+                // here would copy their pages (and the heap's) to no end.
+                std::mem::forget((buf, out));
                 return Ok(Role::Worker);
             }
             Forked::Parent(child) => FromTemplate::Forked { pid: child },
