@@ -43,7 +43,8 @@ pub fn is_worker() -> bool {
 
 /// Runs the role the supervisor started this process in (a worker, or its
 /// generation's template, which forks workers) with `app`, until the
-/// supervisor lets it go.
+/// supervisor lets it go. In a worker forked from a template it does not
+/// return: it drops `app`, flushes stdout and ends the process (`_exit`).
 pub fn run(app: impl App) -> ExitCode {
     let mut app = app;
     let (outcome, forked) = match std::env::var(env::ROLE).as_deref() {

@@ -128,6 +128,13 @@ impl<C: Peer, W: Named> Core<C, W> {
                 ));
             }
         }
+        for &generation in &self.limits_held {
+            let template_ready =
+                self.templates.get(&generation).is_some_and(|t| t.life == super::TemplateLife::Ready);
+            if template_ready {
+                return Err(format!("generation {generation} holds its limits with its template ready"));
+            }
+        }
         for (wkey, w) in self.workers() {
             if w.generation > self.serving && w.current().is_some() {
                 return Err(format!(

@@ -8,7 +8,7 @@ use log::{debug, info, warn};
 
 use super::{
     Action, Activity, Channel, ConnKey, Core, Named, Peer, Place, Port, Retirement, Service, Stopping,
-    WorkerKey,
+    TemplateLife, WorkerKey,
 };
 
 /// A message the worker had no business sending; it has been killed.
@@ -49,9 +49,9 @@ impl<C: Peer, W: Named> Core<C, W> {
         debug!("worker {} ready", w.io.pid());
         let (took, generation) = (now.saturating_duration_since(w.started), w.generation);
         self.record_start(took);
-        if !self.settings_of(generation).templates {
-            // Exec'd: its command works again (a template's Ready says so
-            // for forked workers).
+        let template_ready = self.template(generation).is_some_and(|t| t.life == TemplateLife::Ready);
+        if !self.settings_of(generation).templates || template_ready {
+            // Workers can be made again (exec'd: its command works).
             self.hold_limits(generation, false);
         }
         self.worker_idle(wkey, port, now);
