@@ -272,6 +272,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 
+    /// Serve Prometheus metrics at GET /metrics on this address (HOST:PORT
+    /// or unix:/path), answered by the supervisor itself, never a worker
+    /// [default: none].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<ListenAddr>,
+
     /// Access log, one line per request, written by the workers (and by the
     /// supervisor for what it answers itself): a file (reopened on SIGUSR1,
     /// for logrotate) or `-` for stdout [default: none].
@@ -385,6 +391,7 @@ impl ServeArgs {
         config.max_worker_memory = self.max_worker_memory.map(|b| b.0).filter(|&b| b > 0);
         config.reload_timeout = self.reload_timeout.0;
         config.control = self.control.clone();
+        config.metrics = self.metrics.clone();
         config.chdir = self.chdir.clone();
         config.proxy_protocol = self.proxy_protocol;
         // clap has checked it is one of the two.

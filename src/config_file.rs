@@ -60,6 +60,7 @@ struct Settings {
     max_connections: Option<u64>,
     min_body_rate: Option<WithUnit>,
     control: Option<String>,
+    metrics: Option<String>,
     chdir: Option<String>,
     proxy_protocol: Option<bool>,
     spawn: Option<String>,
@@ -104,6 +105,7 @@ impl Settings {
         one("--max-connections", self.max_connections.map(|v| v.to_string()));
         one("--min-body-rate", self.min_body_rate.as_ref().map(WithUnit::arg));
         one("--control", self.control.clone());
+        one("--metrics", self.metrics.clone());
         one("--chdir", self.chdir.clone());
         one("--proxy-protocol", self.proxy_protocol.map(|b| b.to_string()));
         one("--spawn", self.spawn.clone());

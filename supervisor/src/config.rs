@@ -161,6 +161,8 @@ pub struct Config {
     pub kill_grace: Duration,
     /// The control socket (`None`: `control::default_control_path`).
     pub control: Option<PathBuf>,
+    /// Where the supervisor answers `GET /metrics` (`--metrics`).
+    pub metrics: Option<ListenAddr>,
     /// The directory workers start in (`--chdir`), resolved through
     /// symlinks when each generation starts; `None`: the supervisor's.
     pub chdir: Option<PathBuf>,
@@ -218,6 +220,7 @@ impl Config {
             reload_timeout: d.reload_timeout,
             kill_grace: d.kill_grace,
             control: None,
+            metrics: None,
             chdir: None,
             proxy_protocol: false,
             spawn: SpawnMode::default(),

@@ -78,6 +78,9 @@ pub struct Status {
     pub generation: u64,
     pub listeners: Vec<String>,
     pub control: String,
+    /// Where `GET /metrics` is answered (`--metrics`), if anywhere.
+    #[serde(default)]
+    pub metrics: Option<String>,
     pub reload: ReloadStatus,
     pub connections: ConnectionCounts,
     pub workers: WorkerCounts,

@@ -18,6 +18,7 @@ pub mod control;
 mod core;
 mod event_loop;
 mod listener;
+pub mod metrics;
 mod notify;
 pub mod privileges;
 pub mod sched;

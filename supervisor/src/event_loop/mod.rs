@@ -53,6 +53,7 @@ use crate::spawn::Code;
 mod clients;
 mod control;
 mod invariants;
+mod metrics;
 mod reload;
 mod setup;
 mod status;
@@ -65,6 +66,9 @@ use control::ControlConn;
 
 const SIGNAL_KEY: usize = usize::MAX - 1;
 const CONTROL_KEY: usize = usize::MAX - 2;
+const METRICS_KEY: usize = usize::MAX - 3;
+/// Plus the scrape's slab index.
+const METRICS_BASE: usize = 1 << 44;
 const CONTROL_BASE: usize = 1 << 42;
 const LISTENER_BASE: usize = 1 << 40;
 const WORKER_BASE: usize = 1 << 41;
@@ -204,6 +208,8 @@ pub struct Supervisor {
     /// The control socket and its path (removed on exit).
     control: Option<control::ControlSocket>,
     control_conns: Slab<ControlConn>,
+    /// `--metrics`: its listener and the scrapes in progress.
+    metrics: Option<metrics::MetricsEndpoint>,
     started: Instant,
     notifier: Notifier,
     /// What the workers' scoreboards say about connections waiting for one.
@@ -272,6 +278,9 @@ impl Supervisor {
         if let Some(control) = &self.control {
             control.remove();
         }
+        if let Some(metrics) = &self.metrics {
+            metrics.unlink();
+        }
         self.drop_all_templates();
         info!("supervisor {} stopped", std::process::id());
         Ok(())
@@ -282,6 +291,10 @@ impl Supervisor {
             self.on_signals();
         } else if key == CONTROL_KEY {
             self.on_control_listener_readable();
+        } else if key == METRICS_KEY {
+            self.on_metrics_listener_readable();
+        } else if key >= METRICS_BASE {
+            self.on_scrape_event(key - METRICS_BASE);
         } else if key >= TEMPLATE_BASE {
             self.on_template_readable((key - TEMPLATE_BASE) as u64);
         } else if key >= CONTROL_BASE {

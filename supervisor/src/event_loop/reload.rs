@@ -53,7 +53,7 @@ impl Supervisor {
     }
 
     /// Fresh settings for the next generation, less what only a new
-    /// supervisor can change (listeners, control socket): those are kept,
+    /// supervisor can change (listeners, control socket, metrics): those are kept,
     /// and the log says so.
     fn settle_config(&self, mut fresh: Config) -> Config {
         let old = &self.config;
@@ -61,6 +61,7 @@ impl Supervisor {
             ("listen", fresh.listen != old.listen),
             ("backlog", fresh.backlog != old.backlog),
             ("control", fresh.control != old.control),
+            ("metrics", fresh.metrics != old.metrics),
         ] {
             if changed {
                 warn!("config: a change of `{what}` takes effect only when the supervisor restarts; keeping the old value");
@@ -69,6 +70,7 @@ impl Supervisor {
         fresh.listen = old.listen.clone();
         fresh.backlog = old.backlog;
         fresh.control = old.control.clone();
+        fresh.metrics = old.metrics.clone();
         fresh
     }
 

@@ -14,7 +14,7 @@ use signal_hook::iterator::backend::SignalDelivery;
 use signal_hook::iterator::exfiltrator::SignalOnly;
 use slab::Slab;
 
-use super::{control, Core, Supervisor, CONTROL_KEY, LISTENER_BASE, READ_CHUNK, SIGNAL_KEY};
+use super::{control, metrics, Core, Supervisor, CONTROL_KEY, LISTENER_BASE, READ_CHUNK, SIGNAL_KEY};
 use crate::config::Config;
 use crate::core::Settings;
 use crate::listener::Listener;
@@ -77,6 +77,14 @@ impl Supervisor {
             )?
         };
         info!("control socket at {}", control_path.display());
+        let metrics = match &config.metrics {
+            Some(addr) => {
+                let endpoint = metrics::bind_metrics(addr, &poller)?;
+                info!("metrics at http://{}/metrics", endpoint.addr());
+                Some(endpoint)
+            }
+            None => None,
+        };
         if let Some(run_as) = &config.run_as {
             let mut owned: Vec<&std::path::Path> = vec![&control_path];
             if let Some(log) = config.access_log.as_deref().filter(|p| *p != "-") {
@@ -123,6 +131,7 @@ impl Supervisor {
             msg: Vec::with_capacity(READ_CHUNK),
             next_sweep: now,
             control,
+            metrics,
             control_conns: Slab::new(),
             started: now,
             notifier: Notifier::from_env(),

@@ -112,6 +112,7 @@ impl Supervisor {
             generation: self.core.serving_generation(),
             listeners: self.listeners.iter().map(|l| l.addr.to_string()).collect(),
             control: self.control.as_ref().map(|c| c.path.display().to_string()).unwrap_or_default(),
+            metrics: self.metrics.as_ref().map(|m| m.addr()),
             reload,
             connections,
             workers,

@@ -104,5 +104,6 @@ impl Supervisor {
         }
         self.core.tick(now, read_memory, &mut Wire { msg: &mut self.msg });
         self.check_templates(now);
+        self.expire_scrapes(now);
     }
 }
