@@ -256,6 +256,13 @@ pub struct ServeArgs {
           default_value_t = false, default_missing_value = "true")]
     pub proxy_protocol: bool,
 
+    /// Answer GET/HEAD of this path (e.g. /healthz) on the listeners from
+    /// the supervisor itself, for a load balancer's checks: 200 while it
+    /// serves, 503 while it starts or stops. No worker sees it, and it is
+    /// not in the access log [default: none, every path goes to the app].
+    #[arg(long, value_name = "PATH")]
+    pub health_path: Option<String>,
+
     /// How workers are made. `template`: each generation starts one template
     /// process from the worker command, which loads the app once and forks
     /// every worker of that generation, so a generation keeps running the
@@ -394,6 +401,7 @@ impl ServeArgs {
         config.metrics = self.metrics.clone();
         config.chdir = self.chdir.clone();
         config.proxy_protocol = self.proxy_protocol;
+        config.health_path = self.health_path.clone();
         // clap has checked it is one of the two.
         config.spawn = self.spawn.parse().unwrap_or_default();
         config.read_ahead = self.read_ahead.0;
@@ -426,6 +434,9 @@ impl ServeArgs {
         }
         if let Some(user) = &self.user {
             monodon_supervisor::privileges::RunAs::resolve(user, self.group.as_deref())?;
+        }
+        if let Some(path) = self.health_path.as_deref().filter(|p| !p.starts_with('/')) {
+            return Err(format!("--health-path {path:?}: must start with /"));
         }
         if let Some(dir) = self.chdir.as_deref().filter(|d| !d.is_dir()) {
             return Err(format!("--chdir {}: not a directory", dir.display()));

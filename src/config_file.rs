@@ -63,6 +63,7 @@ struct Settings {
     metrics: Option<String>,
     chdir: Option<String>,
     proxy_protocol: Option<bool>,
+    health_path: Option<String>,
     spawn: Option<String>,
     access_log: Option<String>,
     access_log_format: Option<String>,
@@ -108,6 +109,7 @@ impl Settings {
         one("--metrics", self.metrics.clone());
         one("--chdir", self.chdir.clone());
         one("--proxy-protocol", self.proxy_protocol.map(|b| b.to_string()));
+        one("--health-path", self.health_path.clone());
         one("--spawn", self.spawn.clone());
         one("--access-log", self.access_log.clone());
         one("--access-log-format", self.access_log_format.clone());

@@ -717,3 +717,32 @@ fn status_names_the_request_being_served_not_the_first_of_the_connection() {
     assert_eq!(c.response().unwrap().status, 200);
     assert!(status_json(&path)["requests_per_sec"].as_f64().is_some());
 }
+
+#[test]
+fn a_health_path_is_answered_by_the_supervisor_not_the_app() {
+    let server = Server::start(&["--app", "echo", "--workers", "1", "--health-path", "/healthz"], 1);
+    let r = server.get("/healthz");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"serving\n"[..]), "{r:?}");
+    assert_eq!(r.header("connection"), Some("close"));
+    assert_eq!(server.get("/healthz?from=haproxy").status, 200);
+    let mut c = server.connect();
+    c.send(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    let head = c.head_response().unwrap();
+    assert_eq!(head.status, 200);
+    assert!(c.is_closed(), "a health check closes its connection");
+    // Other paths, and other methods on it, are the app's.
+    let app = server.get("/healthz/deeper");
+    assert!(String::from_utf8_lossy(&app.body).contains("/healthz/deeper"), "{app:?}");
+    let mut c = server.connect();
+    c.send(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
+    assert!(String::from_utf8_lossy(&c.response().unwrap().body).contains("POST"));
+    let status = server.status().unwrap();
+    assert_eq!(status["totals"]["requests"].as_u64(), Some(2), "only the app's requests: {status}");
+}
+
+#[test]
+fn a_health_path_must_be_a_path() {
+    let out = monodon().args(["serve", "--app", "hello", "--health-path", "healthz"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--health-path \"healthz\": must start with /"));
+}

@@ -169,6 +169,8 @@ pub struct Config {
     /// Every connection starts with a PROXY protocol header (v1 or v2)
     /// naming the client; one without is closed.
     pub proxy_protocol: bool,
+    /// The path the supervisor answers itself for health checks.
+    pub health_path: Option<String>,
     /// Workers forked from their generation's template, or each exec'd.
     pub spawn: SpawnMode,
     /// Where workers write the access log (`-`: stdout; `None`: nowhere).
@@ -223,6 +225,7 @@ impl Config {
             metrics: None,
             chdir: None,
             proxy_protocol: false,
+            health_path: None,
             spawn: SpawnMode::default(),
             access_log: None,
             access_log_format: Format::Combined,

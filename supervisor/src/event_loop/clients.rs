@@ -205,14 +205,19 @@ impl Supervisor {
         }
         // Small bodies are received here too, not by a worker: a slow
         // sender costs the supervisor a buffer, never a process.
-        match conn.pending.check(&self.config.limits) {
+        let checked = conn.pending.check(&self.config.limits);
+        let (unread, empty) = (conn.unread, conn.pending.is_empty());
+        match checked {
+            Ok(true) if self.is_health_check(key) => {
+                self.answer_health_check(key);
+                false
+            }
             Ok(true) => {
                 self.core.request_ready(key, &mut Wire { msg: &mut self.msg }, now);
                 false
             }
             Ok(false) => {
-                let unread = conn.unread;
-                if conn.pending.is_empty() {
+                if empty {
                     self.core.idle(key, now);
                 }
                 unread
@@ -240,6 +245,36 @@ impl Supervisor {
         if self.after_input(key, now) || unwatched {
             self.read_head(key);
         }
+    }
+
+    /// A complete request for `--health-path` (GET or HEAD, any query).
+    fn is_health_check(&self, key: ConnKey) -> bool {
+        let (Some(path), Some(conn)) = (self.config.health_path.as_deref(), self.core.conn(key)) else {
+            return false;
+        };
+        let line = RawRequestLine::from_bytes(conn.io.pending.bytes());
+        let (method, target, _) = line.parts();
+        matches!(method, "GET" | "HEAD") && target.split('?').next() == Some(path)
+    }
+
+    /// Answers a health check from the supervisor's state, and closes: 200
+    /// while the serving generation is ready and nothing stops, else 503.
+    fn answer_health_check(&mut self, key: ConnKey) {
+        let (status, body) = match (self.core.stopping(), self.core.ready_notified()) {
+            (Stopping::No, true) => ("200 OK", "serving\n"),
+            (Stopping::No, false) => ("503 Service Unavailable", "starting\n"),
+            _ => ("503 Service Unavailable", "stopping\n"),
+        };
+        let head_only = self.core.conn(key).is_some_and(|c| c.io.pending.bytes().starts_with(b"HEAD "));
+        let mut response = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        if !head_only {
+            response.push_str(body);
+        }
+        self.send_error(key, response.into_bytes());
+        self.linger(key);
     }
 
     pub(super) fn reject(&mut self, key: ConnKey, rejection: Rejection) {
