@@ -69,7 +69,7 @@ fn a_second_hup_during_a_reload_starts_over_without_orphans() {
     let stats = load.stop();
     assert!(settled, "exactly 2 workers remain: {:?}", server.children());
     assert_no_failures(&stats);
-    assert!(server.logs().contains("superseded by a newer reload"));
+    server.wait_for_log("superseded by a newer reload", Duration::from_secs(10));
     assert_eq!(server.get("/").json()["worker"]["generation"], 3);
 }
 
@@ -434,7 +434,7 @@ fn graceful_timeout_bounds_a_stop() {
     server.signal(libc::SIGTERM);
     let status = server.wait_exit(Duration::from_secs(10)).expect("exits after the graceful timeout");
     assert!(status.success());
-    assert!(server.logs().contains("graceful stop timed out"));
+    server.wait_for_log("graceful stop timed out", Duration::from_secs(10));
 }
 
 #[test]

@@ -167,7 +167,7 @@ fn the_control_socket_refuses_other_users() {
     let out = monodon().args(["status", "--control"]).arg(&path).uid(65534).gid(65534).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not the supervisor's user"), "{out:?}");
-    assert!(server.logs().contains("refused a client with uid Some(65534)"));
+    server.wait_for_log("refused a client with uid Some(65534)", Duration::from_secs(10));
 }
 
 fn nix_is_root() -> bool {
@@ -472,7 +472,10 @@ fn config_file_settings_flags_win_and_reload_rereads_it() {
     let out = ctl(&path, &["reload"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(server.get("/").body, b"hello\n");
-    assert!(server.logs().contains("a change of `backlog` takes effect only when the supervisor restarts"));
+    server.wait_for_log(
+        "a change of `backlog` takes effect only when the supervisor restarts",
+        Duration::from_secs(10),
+    );
     drop(server);
 
     std::fs::write(&file, "workers = 2\nlisten-on = \"x\"\n").unwrap();
