@@ -31,13 +31,17 @@ fn parse_with_prometheus(text: &str) -> Option<Vec<(String, serde_json::Value, f
         from prometheus_client.parser import text_string_to_metric_families\n\
         out = [[s.name, s.labels, s.value] for f in text_string_to_metric_families(sys.stdin.read()) for s in f.samples]\n\
         print(json.dumps(out))";
-    let have = Command::new("python3").args(["-c", "import prometheus_client"]).status();
+    // Debian's interpreter, where Debian's package is (a python3 earlier
+    // on PATH, e.g. pyenv's, does not see it).
+    let python =
+        if std::path::Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
+    let have = Command::new(python).args(["-c", "import prometheus_client"]).status();
     if !have.is_ok_and(|s| s.success()) {
         assert!(std::env::var_os("CI").is_none(), "CI installs python3-prometheus-client");
         eprintln!("skipped the parse: python3-prometheus-client is not installed");
         return None;
     }
-    let mut child = Command::new("python3")
+    let mut child = Command::new(python)
         .args(["-c", script])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
