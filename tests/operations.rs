@@ -739,7 +739,11 @@ fn a_health_path_is_answered_by_the_supervisor_not_the_app() {
     let mut c = server.connect();
     c.send(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
     assert!(String::from_utf8_lossy(&c.response().unwrap().body).contains("POST"));
-    let status = server.status().unwrap();
+    // The app's two requests are counted once their workers are done; the
+    // health checks, answered before them, never are.
+    let status = server.wait_status(Duration::from_secs(10), "the app's requests counted", |s| {
+        s["workers"]["busy"] == 0 && s["totals"]["requests"].as_u64() >= Some(2)
+    });
     assert_eq!(status["totals"]["requests"].as_u64(), Some(2), "only the app's requests: {status}");
 }
 
