@@ -61,6 +61,10 @@ fn metrics_are_answered_by_the_supervisor_and_parse() {
     for _ in 0..20 {
         assert_eq!(server.get("/").status, 200);
     }
+    // A worker counts a request once it is done, just after its response.
+    server.wait_status(Duration::from_secs(10), "20 requests counted", |s| {
+        s["workers"]["busy"] == 0 && s["totals"]["requests"].as_u64() >= Some(20)
+    });
     let addr = metrics_addr(&server);
     let r = scrape(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(r.status, 200);

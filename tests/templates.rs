@@ -213,8 +213,10 @@ fn a_generation_whose_template_cannot_restart_is_degraded_and_recovers() {
             .unwrap_or_default();
         (pids, s["totals"]["requests"].as_u64().unwrap_or(0))
     };
+    // (One may have left at its limit in the moment between the kill and
+    // the supervisor seeing it; from then on, none leaves.)
     let (held, requests_then) = workers_now();
-    assert_eq!(held.len(), 2, "{held:?}");
+    assert!(!held.is_empty(), "{held:?}");
     load.wait_answered(100, Duration::from_secs(30));
     let (still, _) = workers_now();
     assert_eq!(still, held, "the degraded generation kept its workers ({requests_then} requests before)");
@@ -226,7 +228,8 @@ fn a_generation_whose_template_cannot_restart_is_degraded_and_recovers() {
     // Recycling resumes: the held workers leave, replaced from the template.
     server.wait_status(Duration::from_secs(30), "the held workers replaced", |s| {
         let list = s["worker_list"].as_array().cloned().unwrap_or_default();
-        list.len() == 2 && list.iter().all(|w| w["pid"].as_u64().is_some_and(|p| !held.contains(&p)))
+        let fresh = |w: &serde_json::Value| w["pid"].as_u64().is_some_and(|p| !held.contains(&p));
+        list.len() == 2 && list.iter().all(fresh)
     });
     let stats = load.stop();
     assert_eq!(stats.failed, 0, "{stats:?}");
