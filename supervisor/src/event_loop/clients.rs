@@ -208,12 +208,11 @@ impl Supervisor {
         let checked = conn.pending.check(&self.config.limits);
         let (unread, empty) = (conn.unread, conn.pending.is_empty());
         match checked {
-            Ok(true) if self.is_health_check(key) => {
-                self.answer_health_check(key);
-                false
-            }
             Ok(true) => {
-                self.core.request_ready(key, &mut Wire { msg: &mut self.msg }, now);
+                match self.health_check(key) {
+                    Some(head_only) => self.answer_health_check(key, head_only),
+                    None => self.core.request_ready(key, &mut Wire { msg: &mut self.msg }, now),
+                }
                 false
             }
             Ok(false) => {
@@ -247,25 +246,28 @@ impl Supervisor {
         }
     }
 
-    /// A complete request for `--health-path` (GET or HEAD, any query).
-    fn is_health_check(&self, key: ConnKey) -> bool {
-        let (Some(path), Some(conn)) = (self.config.health_path.as_deref(), self.core.conn(key)) else {
-            return false;
-        };
-        let line = RawRequestLine::from_bytes(conn.io.pending.bytes());
+    /// Whether a complete request is for `--health-path` (GET or HEAD, any
+    /// query): `Some(head_only)` if it is.
+    fn health_check(&self, key: ConnKey) -> Option<bool> {
+        let path = self.config.health_path.as_deref()?;
+        let line = RawRequestLine::from_bytes(self.core.conn(key)?.io.pending.bytes());
         let (method, target, _) = line.parts();
-        matches!(method, "GET" | "HEAD") && target.split('?').next() == Some(path)
+        let head_only = match method {
+            "GET" => false,
+            "HEAD" => true,
+            _ => return None,
+        };
+        (target.split('?').next() == Some(path)).then_some(head_only)
     }
 
     /// Answers a health check from the supervisor's state, and closes: 200
     /// while the serving generation is ready and nothing stops, else 503.
-    fn answer_health_check(&mut self, key: ConnKey) {
+    fn answer_health_check(&mut self, key: ConnKey, head_only: bool) {
         let (status, body) = match (self.core.stopping(), self.core.ready_notified()) {
             (Stopping::No, true) => ("200 OK", "serving\n"),
             (Stopping::No, false) => ("503 Service Unavailable", "starting\n"),
             _ => ("503 Service Unavailable", "stopping\n"),
         };
-        let head_only = self.core.conn(key).is_some_and(|c| c.io.pending.bytes().starts_with(b"HEAD "));
         let mut response = format!(
             "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
             body.len()

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use log::{debug, error, info, warn};
 use monodon_proto::access_log::{Entry, RawRequestLine};
+use monodon_proto::env::WorkerEnv;
 use monodon_proto::http::error_response;
 use monodon_proto::wire::{self, FromWorker, Received};
 use nix::errno::Errno;
@@ -15,8 +16,6 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use polling::{Event, PollMode};
-
-use monodon_proto::env::WorkerEnv;
 
 use super::{Supervisor, Wire, WorkerIo, WORKER_BASE};
 use crate::config::Config;
@@ -265,13 +264,14 @@ impl Supervisor {
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
                 Ok(status) => {
                     let Some(pid) = status.pid() else { continue };
+                    let how = describe(status);
                     let found = self.core.workers().find(|(_, w)| w.io.pid == Some(pid)).map(|(k, _)| k);
                     match found {
-                        Some(wkey) => self.on_worker_exit(wkey, describe(status)),
-                        None if self.template_exited(pid, &describe(status)) => {}
+                        Some(wkey) => self.on_worker_exit(wkey, how),
+                        None if self.template_exited(pid, &how) => {}
                         // A worker that died before its template named it,
                         // or an orphan of a worker's (we are a subreaper).
-                        None => self.unclaimed_exit(pid, describe(status)),
+                        None => self.unclaimed_exit(pid, how),
                     }
                 }
                 Err(Errno::EINTR) => continue,
