@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use monodon_proto::access_log::Format;
+use monodon_proto::forwarded::TrustedProxies;
 use monodon_proto::http::Limits;
 use monodon_supervisor::config::{Defaults, DEFAULTS};
 use monodon_supervisor::{control, Config, ListenAddr};
@@ -256,6 +257,17 @@ pub struct ServeArgs {
           default_value_t = false, default_missing_value = "true")]
     pub proxy_protocol: bool,
 
+    /// The peers trusted to say who the client is: only a request from one
+    /// of these has its `Forwarded` (or `X-Forwarded-For` and
+    /// `X-Forwarded-Proto`) fields give the client address and scheme the
+    /// app and the access log see. Comma-separated IP addresses, networks
+    /// (10.0.0.0/8), `unix` (peers on unix-socket listeners) and `*`;
+    /// `none` trusts no peer. The fields' hops are read from the nearest
+    /// back, past every trusted hop, to the first untrusted one.
+    #[arg(long, value_name = "LIST", default_value = TrustedProxies::DEFAULT,
+          value_parser = |s: &str| TrustedProxies::parse(s).map_err(|e| e.to_string()))]
+    pub forwarded_allow_ips: TrustedProxies,
+
     /// Answer GET/HEAD of this path (e.g. /healthz) on the listeners from
     /// the supervisor itself, for a load balancer's checks: 200 while it
     /// serves, 503 while it starts or stops. No worker sees it, and it is
@@ -401,6 +413,7 @@ impl ServeArgs {
         config.metrics = self.metrics.clone();
         config.chdir = self.chdir.clone();
         config.proxy_protocol = self.proxy_protocol;
+        config.forwarded_allow = self.forwarded_allow_ips.clone();
         config.health_path = self.health_path.clone();
         // clap has checked it is one of the two.
         config.spawn = self.spawn.parse().unwrap_or_default();

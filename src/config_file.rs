@@ -63,6 +63,7 @@ struct Settings {
     metrics: Option<String>,
     chdir: Option<String>,
     proxy_protocol: Option<bool>,
+    forwarded_allow_ips: Option<String>,
     health_path: Option<String>,
     spawn: Option<String>,
     access_log: Option<String>,
@@ -109,6 +110,7 @@ impl Settings {
         one("--metrics", self.metrics.clone());
         one("--chdir", self.chdir.clone());
         one("--proxy-protocol", self.proxy_protocol.map(|b| b.to_string()));
+        one("--forwarded-allow-ips", self.forwarded_allow_ips.clone());
         one("--health-path", self.health_path.clone());
         one("--spawn", self.spawn.clone());
         one("--access-log", self.access_log.clone());

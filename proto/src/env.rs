@@ -7,6 +7,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::access_log::Format;
+use crate::forwarded::TrustedProxies;
 use crate::http::Limits;
 
 /// The fd number of the worker's channel (always 3). Its presence is what
@@ -34,13 +35,16 @@ pub const READ_AHEAD_US: &str = "MONODON_READ_AHEAD_US";
 pub const MIN_BODY_RATE: &str = "MONODON_MIN_BODY_RATE";
 /// Seconds a worker waits on a client's body or on a slow reader.
 pub const IO_TIMEOUT: &str = "MONODON_IO_TIMEOUT";
+/// The peers whose `Forwarded`/`X-Forwarded-*` fields name the client, as
+/// `TrustedProxies::to_list` writes them; absent: none.
+pub const FORWARDED_ALLOW_IPS: &str = "MONODON_FORWARDED_ALLOW_IPS";
 /// `template`: the process is its generation's template, not a worker: it
 /// loads the app and forks workers when asked (PROTOCOL.md, "Templates").
 /// Absent in a worker.
 pub const ROLE: &str = "MONODON_ROLE";
 
 /// Every variable the supervisor sets for a worker.
-pub const ALL: [&str; 11] = [
+pub const ALL: [&str; 12] = [
     CHANNEL_FD,
     SCOREBOARD_FD,
     SUPERVISOR_PID,
@@ -52,6 +56,7 @@ pub const ALL: [&str; 11] = [
     ACCESS_LOG,
     ACCESS_LOG_FORMAT,
     MIN_BODY_RATE,
+    FORWARDED_ALLOW_IPS,
 ];
 
 /// Where the worker finds its channel and scoreboard.
@@ -74,6 +79,7 @@ pub struct WorkerEnv {
     /// Microseconds on the wire.
     pub read_ahead: Duration,
     pub min_body_rate: u64,
+    pub forwarded_allow: TrustedProxies,
 }
 
 /// A variable the worker cannot use, named with what it holds.
@@ -106,6 +112,7 @@ impl WorkerEnv {
             (ACCESS_LOG, self.access_log.clone().unwrap_or_default()),
             (ACCESS_LOG_FORMAT, self.access_log_format.name().to_owned()),
             (MIN_BODY_RATE, self.min_body_rate.to_string()),
+            (FORWARDED_ALLOW_IPS, self.forwarded_allow.to_list()),
         ]
     }
 
@@ -137,6 +144,9 @@ impl WorkerEnv {
             access_log: read(&get, ACCESS_LOG, None, |s| Some((!s.is_empty()).then(|| s.to_owned())))?,
             access_log_format: read(&get, ACCESS_LOG_FORMAT, Format::Combined, Format::parse)?,
             min_body_rate: read(&get, MIN_BODY_RATE, 0, number)?,
+            forwarded_allow: read(&get, FORWARDED_ALLOW_IPS, TrustedProxies::none(), |s| {
+                TrustedProxies::parse(s).ok()
+            })?,
         })
     }
 
@@ -162,6 +172,7 @@ mod tests {
             access_log_format: Format::Json,
             read_ahead: Duration::from_micros(150),
             min_body_rate: 2048,
+            forwarded_allow: TrustedProxies::parse("10.0.0.0/8,unix").unwrap(),
         }
     }
 

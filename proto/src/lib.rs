@@ -5,6 +5,9 @@
 //!   answers itself.
 //! - [`env`]: the worker's environment, written by the supervisor and read
 //!   by the worker through one type.
+//! - [`forwarded`]: which peers may say who the client is
+//!   (`--forwarded-allow-ips`), and the client address and scheme their
+//!   `Forwarded`/`X-Forwarded-*` fields give.
 //! - [`http`]: HTTP/1.1 request framing over byte buffers (head limits and
 //!   validation, body framing, chunked decoding, the keep-alive decision).
 //!   The supervisor uses it to know when a head is complete and sound; the
@@ -20,6 +23,7 @@
 
 pub mod access_log;
 pub mod env;
+pub mod forwarded;
 pub mod http;
 pub mod proxy;
 pub mod scoreboard;

@@ -56,6 +56,7 @@ impl App for Echo {
             "headers": headers,
             "body_base64": base64::engine::general_purpose::STANDARD.encode(&body),
             "peer": req.peer,
+            "scheme": req.scheme,
             "worker": {
                 "pid": req.worker.pid,
                 "generation": req.worker.generation,

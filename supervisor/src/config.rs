@@ -169,6 +169,9 @@ pub struct Config {
     /// Every connection starts with a PROXY protocol header (v1 or v2)
     /// naming the client; one without is closed.
     pub proxy_protocol: bool,
+    /// The peers whose `Forwarded`/`X-Forwarded-*` fields name the client
+    /// and scheme workers give the app.
+    pub forwarded_allow: monodon_proto::forwarded::TrustedProxies,
     /// The path the supervisor answers itself for health checks.
     pub health_path: Option<String>,
     /// Workers forked from their generation's template, or each exec'd.
@@ -225,6 +228,10 @@ impl Config {
             metrics: None,
             chdir: None,
             proxy_protocol: false,
+            forwarded_allow: monodon_proto::forwarded::TrustedProxies::parse(
+                monodon_proto::forwarded::TrustedProxies::DEFAULT,
+            )
+            .unwrap_or_default(),
             health_path: None,
             spawn: SpawnMode::default(),
             access_log: None,

@@ -51,8 +51,14 @@ pub struct Request<'a> {
     pub minor_version: u8,
     /// Header fields in the order received, names as received.
     pub headers: Vec<(String, Vec<u8>)>,
-    /// The client's address (`ip:port`, or `unix` for unix sockets).
+    /// The client's address (`ip:port`, or `unix` for unix sockets): the
+    /// connection's peer (or the PROXY protocol's source), unless that peer
+    /// is trusted (`--forwarded-allow-ips`) and its `Forwarded` or
+    /// `X-Forwarded-For` field names another; port 0 when that field gave
+    /// none.
     pub peer: String,
+    /// `"http"`, or `"https"` when a trusted proxy says the client used it.
+    pub scheme: &'static str,
     pub worker: WorkerInfo,
     pub(crate) body: &'a mut dyn Read,
 }
@@ -67,6 +73,7 @@ impl<'a> Request<'a> {
             minor_version: 1,
             headers,
             peer: String::new(),
+            scheme: "http",
             worker: WorkerInfo { pid: std::process::id(), generation: 0, requests: 0 },
             body,
         }

@@ -180,6 +180,7 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
             generation,
             slot: scoreboard.slot(),
             peer,
+            forwarded_allow: &settings.forwarded_allow,
             access_log: access_log.as_ref(),
         };
         scoreboard.slot().begin_connection(conn_id);

@@ -7,6 +7,7 @@ use std::io::{self, Read, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use log::{debug, warn};
+use monodon_proto::forwarded::TrustedProxies;
 use monodon_proto::http::{self, BodyFraming, BodyReader, Limits, Rejection};
 use monodon_proto::scoreboard::Slot;
 
@@ -42,6 +43,8 @@ pub struct Context<'a> {
     pub generation: u64,
     pub slot: &'a Slot,
     pub peer: &'a str,
+    /// The peers whose forwarding fields say who the client is.
+    pub forwarded_allow: &'a TrustedProxies,
     pub access_log: Option<&'a RefCell<AccessLog>>,
 }
 
@@ -257,12 +260,14 @@ fn serve_one<C: Connection>(
         min_rate: ctx.min_body_rate,
     };
     let requests = ctx.slot.requests.load(std::sync::atomic::Ordering::Relaxed);
+    let origin = ctx.forwarded_allow.resolve(ctx.peer, &head.headers);
     let mut request = Request {
         method: head.method.clone(),
         target: head.target.clone(),
         minor_version: head.minor_version,
         headers: head.headers.clone(),
-        peer: ctx.peer.to_owned(),
+        peer: origin.client,
+        scheme: origin.scheme.as_str(),
         worker: WorkerInfo { pid: ctx.pid, generation: ctx.generation, requests },
         body: &mut body,
     };
@@ -273,6 +278,7 @@ fn serve_one<C: Connection>(
             Response::text(500, "internal server error\n").header("Connection", "close")
         }
     };
+    let client = std::mem::take(&mut request.peer);
     drop(request);
 
     // Settle the body before answering, so the Connection header tells the truth.
@@ -290,7 +296,7 @@ fn serve_one<C: Connection>(
     }
     if let Some(rejection) = body.rejection {
         reject(&mut input.stream, rejection);
-        log_request(ctx, head, rejection.status, written_before, started);
+        log_request(ctx, &client, head, rejection.status, written_before, started);
         return false;
     }
     keep &= !body.failed && !ctx.slot.is_draining();
@@ -303,11 +309,19 @@ fn serve_one<C: Connection>(
             false
         }
     };
-    log_request(ctx, head, status, written_before, started);
+    log_request(ctx, &client, head, status, written_before, started);
     kept
 }
 
-fn log_request(ctx: &Context<'_>, head: &OwnedHead, status: u16, written_before: u64, started: Instant) {
+/// Logs a request the app answered, under the client it was told of.
+fn log_request(
+    ctx: &Context<'_>,
+    client: &str,
+    head: &OwnedHead,
+    status: u16,
+    written_before: u64,
+    started: Instant,
+) {
     let Some(log) = ctx.access_log else { return };
     let header = |name: &str| {
         head.headers
@@ -316,7 +330,7 @@ fn log_request(ctx: &Context<'_>, head: &OwnedHead, status: u16, written_before:
             .and_then(|(_, v)| std::str::from_utf8(v).ok())
     };
     log.borrow_mut().write(&Entry {
-        peer: ctx.peer,
+        peer: client,
         method: &head.method,
         target: &head.target,
         version: head.version(),

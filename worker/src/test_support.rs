@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::time::Duration;
 
+use monodon_proto::forwarded::TrustedProxies;
 use monodon_proto::http::Limits;
 use monodon_proto::scoreboard::Slot;
 
@@ -71,6 +72,8 @@ impl Connection for MemConn {
     }
 }
 
+static NO_PROXIES: TrustedProxies = TrustedProxies::none();
+
 /// What serving needs to know, for a test worker (pid 1, generation 1).
 pub fn context<'a>(slot: &'a Slot, limits: &'a Limits, read_ahead: Duration) -> Context<'a> {
     Context {
@@ -81,6 +84,7 @@ pub fn context<'a>(slot: &'a Slot, limits: &'a Limits, read_ahead: Duration) -> 
         generation: 1,
         slot,
         peer: "127.0.0.1:1",
+        forwarded_allow: &NO_PROXIES,
         access_log: None,
     }
 }

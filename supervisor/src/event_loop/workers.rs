@@ -112,6 +112,7 @@ impl Supervisor {
             access_log_format: config.access_log_format,
             read_ahead: config.read_ahead,
             min_body_rate: config.min_body_rate,
+            forwarded_allow: config.forwarded_allow.clone(),
         }
     }
 
