@@ -131,3 +131,63 @@ fn stalled_scrapers_cost_the_supervisor_nothing_and_are_closed() {
         c.response().is_ok_and(|r| r.status == 200)
     }));
 }
+
+/// Every answer is counted once, by class and by who sent it, and every
+/// request the workers served has its duration, also across workers that
+/// were recycled (their scoreboards' counts outlive them).
+#[test]
+fn responses_by_class_and_request_durations_count_every_answer() {
+    let server = Server::start(
+        &["--app", "echo", "--workers", "2", "--metrics", "127.0.0.1:0", "--max-requests-per-child", "4"],
+        2,
+    );
+    let first = server.children();
+    for _ in 0..20 {
+        assert_eq!(server.get("/").status, 200);
+    }
+    for _ in 0..3 {
+        assert_eq!(server.get("/?status=404").status, 404);
+    }
+    assert_eq!(server.get("/?sleep_ms=60").status, 200);
+    // Refused by the supervisor: a header line without a colon.
+    for _ in 0..2 {
+        let mut c = server.connect();
+        c.send(b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n");
+        assert_eq!(c.response().unwrap().status, 400);
+    }
+    let status = server.wait_status(Duration::from_secs(20), "24 requests counted", |s| {
+        s["workers"]["busy"] == 0 && s["totals"]["requests"].as_u64() >= Some(24)
+    });
+    assert!(first.iter().all(|p| !server.children().contains(p)), "the first workers were recycled");
+    let totals = &status["totals"];
+    assert_eq!(totals["worker_responses"]["2xx"], 21, "{totals}");
+    assert_eq!(totals["worker_responses"]["4xx"], 3, "{totals}");
+    assert_eq!(totals["worker_responses"]["5xx"], 0, "{totals}");
+    assert_eq!(totals["supervisor_responses"]["4xx"], 2, "{totals}");
+    let took = &totals["request_duration"];
+    assert_eq!(took["count"], 24, "{took}");
+    let le = took["le_secs"].as_array().unwrap();
+    let at_50ms = le.iter().position(|b| b.as_f64() == Some(0.05)).expect("a 50 ms bound");
+    let cumulative = took["cumulative"].as_array().unwrap();
+    assert_eq!(cumulative.len(), le.len() + 1, "one per bound, then +Inf: {took}");
+    assert_eq!(cumulative[le.len() - 1], 24, "all within 10 s: {took}");
+    assert!(cumulative[at_50ms].as_u64() < Some(24), "the 60 ms request is above 50 ms: {took}");
+    assert!(took["sum_secs"].as_f64() >= Some(0.06), "{took}");
+    assert!(totals["queue_wait"]["count"].as_u64() >= Some(24), "every hand-over waited some time: {totals}");
+
+    let r = scrape(metrics_addr(&server), "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let text = String::from_utf8(r.body).unwrap();
+    let Some(samples) = parse_with_prometheus(&text) else {
+        assert!(text.contains("monodon_request_duration_seconds_count 24\n"), "{text}");
+        return;
+    };
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        samples.iter().find(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l[k] == *v)).map(|s| s.2)
+    };
+    let responses = "monodon_responses_total";
+    assert_eq!(value(responses, &[("class", "2xx"), ("answered_by", "worker")]), Some(21.0), "{text}");
+    assert_eq!(value(responses, &[("class", "4xx"), ("answered_by", "supervisor")]), Some(2.0), "{text}");
+    assert_eq!(value("monodon_request_duration_seconds_count", &[]), Some(24.0), "{text}");
+    assert_eq!(value("monodon_request_duration_seconds_bucket", &[("le", "+Inf")]), Some(24.0), "{text}");
+    assert!(value("monodon_queue_wait_seconds_count", &[]) >= Some(24.0), "{text}");
+}

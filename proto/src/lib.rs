@@ -8,6 +8,8 @@
 //! - [`forwarded`]: which peers may say who the client is
 //!   (`--forwarded-allow-ips`), and the client address and scheme their
 //!   `Forwarded`/`X-Forwarded-*` fields give.
+//! - [`histogram`]: durations in fixed buckets (requests, queue waits),
+//!   the same bounds for every source.
 //! - [`http`]: HTTP/1.1 request framing over byte buffers (head limits and
 //!   validation, body framing, chunked decoding, the keep-alive decision).
 //!   The supervisor uses it to know when a head is complete and sound; the
@@ -24,6 +26,7 @@
 pub mod access_log;
 pub mod env;
 pub mod forwarded;
+pub mod histogram;
 pub mod http;
 pub mod proxy;
 pub mod scoreboard;

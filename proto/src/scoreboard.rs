@@ -12,6 +12,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
+use crate::histogram::{self, Histogram};
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::mman::{madvise, mmap, munmap, MapFlags, MmapAdvise, ProtFlags};
 
@@ -57,6 +58,19 @@ pub struct Slot {
     /// max-requests limit, so the generation keeps the workers it has.
     /// Cleared, the worker retires at its next request if past the limit.
     pub hold_limit: AtomicU64,
+    /// Responses the worker sent, by status class: 1xx at index 0 to 5xx
+    /// at index 4 (its own refusals of malformed requests included).
+    pub responses: [AtomicU64; 5],
+    /// How long the requests it served took, from a complete head to the
+    /// last byte of the response: counts per [`histogram`] bucket (not
+    /// cumulative), and their sum in microseconds.
+    pub duration_counts: [AtomicU64; histogram::BUCKETS],
+    pub duration_sum_us: AtomicU64,
+}
+
+/// The index of `status`'s class (1xx: 0 ... 5xx: 4); `None` outside 100-599.
+pub fn status_class(status: u16) -> Option<usize> {
+    (100..600).contains(&status).then(|| usize::from(status / 100 - 1))
 }
 
 /// Room for the request line in a slot.
@@ -65,7 +79,7 @@ pub const REQUEST_LINE_MAX: usize = 256;
 /// Where each field of a [`Slot`] lies, as PROTOCOL.md gives it: workers in
 /// other languages map the page and use these offsets. Checked against the
 /// struct at compile time and against PROTOCOL.md by a test.
-pub const LAYOUT: [(usize, &str); 12] = [
+pub const LAYOUT: [(usize, &str); 15] = [
     (0, "bytes_written"),
     (8, "requests"),
     (16, "request_started_ms"),
@@ -78,6 +92,9 @@ pub const LAYOUT: [(usize, &str); 12] = [
     (328, "conn_id"),
     (336, "conn_written_base"),
     (344, "hold_limit"),
+    (352, "responses"),
+    (392, "duration_counts"),
+    (528, "duration_sum_us"),
 ];
 
 const _: () = {
@@ -95,6 +112,9 @@ const _: () = {
         offset_of!(Slot, conn_id),
         offset_of!(Slot, conn_written_base),
         offset_of!(Slot, hold_limit),
+        offset_of!(Slot, responses),
+        offset_of!(Slot, duration_counts),
+        offset_of!(Slot, duration_sum_us),
     ];
     let mut i = 0;
     while i < LAYOUT.len() {
@@ -104,7 +124,7 @@ const _: () = {
         );
         i += 1;
     }
-    assert!(std::mem::size_of::<Slot>() == 352, "the Slot grew or shrank: say so in PROTOCOL.md");
+    assert!(std::mem::size_of::<Slot>() == 536, "the Slot grew or shrank: say so in PROTOCOL.md");
     assert!(std::mem::size_of::<Slot>() <= 4096, "a Slot must fit its page");
 };
 
@@ -115,6 +135,30 @@ impl Slot {
 
     pub fn written(&self) -> u64 {
         self.bytes_written.load(Ordering::Relaxed)
+    }
+
+    /// Worker side: counts a response with `status`, and how long its
+    /// request took if the worker served it (`None`: refused unread).
+    pub fn count_response(&self, status: u16, took: Option<std::time::Duration>) {
+        if let Some(class) = status_class(status) {
+            self.responses[class].fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(took) = took {
+            let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+            self.duration_counts[Histogram::bucket_of(us)].fetch_add(1, Ordering::Relaxed);
+            self.duration_sum_us.fetch_add(us, Ordering::Relaxed);
+        }
+    }
+
+    /// Supervisor side: the responses counted so far, by class, and the
+    /// requests' durations.
+    pub fn responses(&self) -> ([u64; 5], Histogram) {
+        let classes = std::array::from_fn(|i| self.responses[i].load(Ordering::Relaxed));
+        let durations = Histogram {
+            counts: std::array::from_fn(|i| self.duration_counts[i].load(Ordering::Relaxed)),
+            sum_us: self.duration_sum_us.load(Ordering::Relaxed),
+        };
+        (classes, durations)
     }
 
     /// Worker side: starts serving connection `conn_id`.
@@ -341,11 +385,13 @@ impl Scoreboard {
             conn_id,
             conn_written_base,
             hold_limit,
+            responses,
+            duration_counts,
+            duration_sum_us,
         } = self.slot();
         let words = [bytes_written, requests, request_started_ms, draining, others_waiting, request_seq];
-        for word in
-            words.into_iter().chain([request_len, conn_id, conn_written_base, hold_limit]).chain(ahead)
-        {
+        let more = [request_len, conn_id, conn_written_base, hold_limit, duration_sum_us];
+        for word in words.into_iter().chain(more).chain(ahead).chain(responses).chain(duration_counts) {
             word.store(0, Ordering::Relaxed);
         }
         for byte in request_line {

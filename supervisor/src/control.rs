@@ -198,6 +198,54 @@ pub struct Totals {
     /// `max-worker-memory`.
     #[serde(default)]
     pub recycled: std::collections::BTreeMap<String, u64>,
+    /// Responses workers sent (their apps', and their own refusals), by
+    /// status class: `1xx` ... `5xx`.
+    #[serde(default)]
+    pub worker_responses: std::collections::BTreeMap<String, u64>,
+    /// Responses the supervisor sent itself (malformed requests, 502, 504,
+    /// a full queue), by status class. Health checks are not counted.
+    #[serde(default)]
+    pub supervisor_responses: std::collections::BTreeMap<String, u64>,
+    /// How long the workers' requests took, complete head to last byte.
+    #[serde(default)]
+    pub request_duration: HistogramStatus,
+    /// How long complete requests waited for a worker (to their hand-over).
+    #[serde(default)]
+    pub queue_wait: HistogramStatus,
+}
+
+/// A histogram as the status shows it: cumulative counts, one per bound
+/// in `le_secs` and then the total (the `+Inf` bucket).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct HistogramStatus {
+    pub le_secs: Vec<f64>,
+    pub cumulative: Vec<u64>,
+    pub sum_secs: f64,
+    pub count: u64,
+}
+
+impl From<&monodon_proto::histogram::Histogram> for HistogramStatus {
+    fn from(h: &monodon_proto::histogram::Histogram) -> Self {
+        let cumulative = h
+            .counts
+            .iter()
+            .scan(0u64, |total, &n| {
+                *total += n;
+                Some(*total)
+            })
+            .collect();
+        HistogramStatus {
+            le_secs: monodon_proto::histogram::BOUNDS_US.iter().map(|&us| us as f64 / 1e6).collect(),
+            cumulative,
+            sum_secs: h.sum_us as f64 / 1e6,
+            count: h.count(),
+        }
+    }
+}
+
+/// Counts by status class as the status shows them, every class present.
+pub fn by_class(counts: &[u64; 5]) -> std::collections::BTreeMap<String, u64> {
+    counts.iter().enumerate().map(|(i, &n)| (format!("{}xx", i + 1), n)).collect()
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -5,7 +5,7 @@
 
 use std::fmt::Write;
 
-use crate::control::{Status, WorkerStatus};
+use crate::control::{HistogramStatus, Status, WorkerStatus};
 
 /// The content type of [`render`]'s text.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -38,6 +38,18 @@ fn family<'a>(out: &'a mut String, name: &'static str, kind: &str, help: &str) -
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
     Family { out, name }
+}
+
+/// A histogram family: cumulative `_bucket`s up to `+Inf`, `_sum`, `_count`.
+fn histogram(out: &mut String, name: &'static str, help: &str, h: &HistogramStatus) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (le, n) in h.le_secs.iter().zip(&h.cumulative) {
+        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {n}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
+    let _ = writeln!(out, "{name}_sum {}", h.sum_secs);
+    let _ = writeln!(out, "{name}_count {}", h.count);
 }
 
 /// A label value as the format wants it: backslash, quote and newline escaped.
@@ -98,6 +110,30 @@ pub fn render(s: &Status) -> String {
     for cause in ["max-requests", "max-worker-age", "max-worker-memory"] {
         recycled.sample(&[("cause", cause)], t.recycled.get(cause).copied().unwrap_or(0) as f64);
     }
+
+    let mut responses = family(
+        o,
+        "monodon_responses_total",
+        "counter",
+        "Responses sent, by status class and by who answered.",
+    );
+    for (answered_by, counts) in [("worker", &t.worker_responses), ("supervisor", &t.supervisor_responses)] {
+        for (class, n) in counts {
+            responses.sample(&[("class", class), ("answered_by", answered_by)], *n as f64);
+        }
+    }
+    histogram(
+        o,
+        "monodon_request_duration_seconds",
+        "How long workers took over requests, from a complete head to the response's last byte.",
+        &t.request_duration,
+    );
+    histogram(
+        o,
+        "monodon_queue_wait_seconds",
+        "How long complete requests waited in the supervisor for a worker.",
+        &t.queue_wait,
+    );
 
     let start = &s.worker_start;
     family(o, "monodon_worker_start_p50_seconds", "gauge", "Median time from a worker's start to its Ready.")
@@ -179,7 +215,19 @@ mod tests {
             ..Default::default()
         });
         s.worker_list.push(WorkerStatus { pid: 42, generation: 3, requests: 5, ..Default::default() });
+        s.totals.worker_responses = crate::control::by_class(&[0, 9, 0, 1, 0]);
+        let mut took = monodon_proto::histogram::Histogram::default();
+        took.observe(std::time::Duration::from_micros(300));
+        took.observe(std::time::Duration::from_secs(20));
+        s.totals.request_duration = (&took).into();
         let text = render(&s);
+        assert!(text.contains("monodon_responses_total{class=\"2xx\",answered_by=\"worker\"} 9\n"), "{text}");
+        assert!(text.contains("monodon_request_duration_seconds_bucket{le=\"0.00025\"} 0\n"), "{text}");
+        assert!(text.contains("monodon_request_duration_seconds_bucket{le=\"0.0005\"} 1\n"), "{text}");
+        assert!(text.contains("monodon_request_duration_seconds_bucket{le=\"10\"} 1\n"), "{text}");
+        assert!(text.contains("monodon_request_duration_seconds_bucket{le=\"+Inf\"} 2\n"), "{text}");
+        assert!(text.contains("monodon_request_duration_seconds_sum 20.0003\n"), "{text}");
+        assert!(text.contains("monodon_request_duration_seconds_count 2\n"), "{text}");
         assert!(text.contains(r#"monodon_info{version="1.0 \"x\"\\"} 1"#), "{text}");
         assert!(text.contains("monodon_workers_recycled_total{cause=\"max-requests\"} 7\n"), "{text}");
         assert!(text.contains("monodon_template_restarts_total{generation=\"3\"} 2\n"), "{text}");
@@ -192,7 +240,11 @@ mod tests {
                 declared.insert(rest.split(' ').next().unwrap_or_default().to_owned());
             } else if !line.starts_with('#') {
                 let name = line.split(['{', ' ']).next().unwrap_or_default();
-                assert!(declared.contains(name), "{name} has no TYPE before it");
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix).filter(|f| declared.contains(*f)))
+                    .unwrap_or(name);
+                assert!(declared.contains(family), "{name} has no TYPE before it");
             }
         }
     }

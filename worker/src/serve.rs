@@ -83,7 +83,7 @@ pub fn serve_connection<C: Connection>(
                 let line = RawRequestLine::from_bytes(input.buffered());
                 let (method, target, version) = line.parts();
                 let bytes = reject(&mut input.stream, rejection);
-                log_refused(ctx, (method, target, version), rejection.status, bytes);
+                record_refused(ctx, (method, target, version), rejection.status, bytes);
                 return closed(served);
             }
         };
@@ -91,7 +91,7 @@ pub fn serve_connection<C: Connection>(
         if pipelined > ctx.limits.max_pipelined {
             let rejection = Rejection { status: 429, reason: "too many pipelined requests" };
             let bytes = reject(&mut input.stream, rejection);
-            log_refused(ctx, (&head.method, &head.target, head.version()), rejection.status, bytes);
+            record_refused(ctx, (&head.method, &head.target, head.version()), rejection.status, bytes);
             return closed(served);
         }
         // Past the limit too (it was held while no replacement could be made).
@@ -296,7 +296,7 @@ fn serve_one<C: Connection>(
     }
     if let Some(rejection) = body.rejection {
         reject(&mut input.stream, rejection);
-        log_request(ctx, &client, head, rejection.status, written_before, started);
+        record_request(ctx, &client, head, rejection.status, written_before, started);
         return false;
     }
     keep &= !body.failed && !ctx.slot.is_draining();
@@ -309,12 +309,13 @@ fn serve_one<C: Connection>(
             false
         }
     };
-    log_request(ctx, &client, head, status, written_before, started);
+    record_request(ctx, &client, head, status, written_before, started);
     kept
 }
 
-/// Logs a request the app answered, under the client it was told of.
-fn log_request(
+/// Counts a request the app answered, and logs it under the client it was
+/// told of.
+fn record_request(
     ctx: &Context<'_>,
     client: &str,
     head: &OwnedHead,
@@ -322,6 +323,7 @@ fn log_request(
     written_before: u64,
     started: Instant,
 ) {
+    ctx.slot.count_response(status, Some(started.elapsed()));
     let Some(log) = ctx.access_log else { return };
     let header = |name: &str| {
         head.headers
@@ -344,9 +346,10 @@ fn log_request(
     });
 }
 
-/// Logs a request refused before the app saw it (its head did not parse,
-/// or it was pipelined past the limit).
-fn log_refused(ctx: &Context<'_>, request_line: (&str, &str, &str), status: u16, bytes: u64) {
+/// Counts and logs a request refused before the app saw it (its head did
+/// not parse, or it was pipelined past the limit).
+fn record_refused(ctx: &Context<'_>, request_line: (&str, &str, &str), status: u16, bytes: u64) {
+    ctx.slot.count_response(status, None);
     let Some(log) = ctx.access_log else { return };
     log.borrow_mut().write(&Entry {
         pid: ctx.pid,

@@ -33,6 +33,9 @@ pub struct Conn<C> {
     /// Requests served on it.
     pub served: u32,
     pub place: Place,
+    /// When its current request was complete, until it is handed over (the
+    /// queue wait's start).
+    pub ready_at: Option<Instant>,
 }
 
 impl<C> Conn<C> {
@@ -55,6 +58,7 @@ impl<C: Peer, W: Named> Core<C, W> {
             id,
             served: 0,
             place: Place::Reading { deadline, partial: false },
+            ready_at: None,
         }))
     }
 
@@ -84,6 +88,7 @@ impl<C: Peer, W: Named> Core<C, W> {
         let Some(conn) = self.conns.get_mut(key.0) else { return };
         debug_assert!(matches!(conn.place, Place::Reading { .. }), "ready from {:?}", conn.place);
         conn.place = Place::Queued;
+        conn.ready_at = Some(now);
         match self.dispatcher.conn_ready(key) {
             Some(worker) => self.hand_over(worker, key, port, now),
             None => self.send_ahead_to_a_busy_worker(port, now),

@@ -19,7 +19,7 @@ impl<C: Peer, W: Named> Core<C, W> {
         port: &mut impl Port<C, W>,
         now: Instant,
     ) {
-        match self.send_assign(wkey, ckey, false, port) {
+        match self.send_assign(wkey, ckey, false, port, now) {
             Ok(()) => {
                 if let Some(w) = self.workers.get_mut(wkey.0) {
                     debug_assert_eq!(w.activity, Activity::Idle, "hand-over to a worker not idle");
@@ -45,6 +45,7 @@ impl<C: Peer, W: Named> Core<C, W> {
         ckey: ConnKey,
         ahead: bool,
         port: &mut impl Port<C, W>,
+        now: Instant,
     ) -> Result<(), SendError> {
         let (Some(w), Some(conn)) = (self.workers.get(wkey.0), self.conns.get_mut(ckey.0)) else {
             return Err(SendError::Gone);
@@ -54,6 +55,9 @@ impl<C: Peer, W: Named> Core<C, W> {
         }
         port.assign(&w.io, &mut conn.io, conn.id, conn.served, ahead)?;
         conn.place = Place::InWorker { worker: wkey, ahead };
+        if let Some(ready_at) = conn.ready_at.take() {
+            self.queue_wait.observe(now.saturating_duration_since(ready_at));
+        }
         Ok(())
     }
 
@@ -107,7 +111,7 @@ impl<C: Peer, W: Named> Core<C, W> {
             self.dispatcher.requeue_front(ckey);
             return;
         }
-        match self.send_assign(wkey, ckey, true, port) {
+        match self.send_assign(wkey, ckey, true, port, now) {
             Ok(()) => {
                 let w = &mut self.workers[wkey.0];
                 if let Activity::Busy { ahead, .. } = &mut w.activity {

@@ -275,6 +275,8 @@ pub struct Core<C, W> {
     /// READY=1 has been sent for the first generation.
     ready_notified: bool,
     totals: Totals,
+    /// How long complete requests waited for a worker.
+    queue_wait: monodon_proto::histogram::Histogram,
     last_reload_failure: Option<(String, Instant)>,
     next_conn_id: u64,
     rng: fastrand::Rng,
@@ -307,6 +309,7 @@ impl<C: Peer, W: Named> Core<C, W> {
             stopping: Stopping::No,
             ready_notified: false,
             totals: Totals::default(),
+            queue_wait: Default::default(),
             last_reload_failure: None,
             next_conn_id: 1,
             rng: fastrand::Rng::with_seed(seed),
@@ -391,6 +394,11 @@ impl<C: Peer, W: Named> Core<C, W> {
 
     pub fn totals(&self) -> &Totals {
         &self.totals
+    }
+
+    /// How long complete requests waited for a worker, to their hand-over.
+    pub fn queue_wait(&self) -> &monodon_proto::histogram::Histogram {
+        &self.queue_wait
     }
 
     /// For what the shell counts itself (requests, read from scoreboards).

@@ -283,6 +283,7 @@ impl Supervisor {
         let Some(conn) = self.core.conn(key) else { return };
         debug!("{}: {rejection}", conn.io.peer);
         let sent = self.send_error(key, rejection.response());
+        self.count_own_response(rejection.status);
         if let (Some(log), Some(conn)) = (&mut self.access_log, self.core.conn(key)) {
             let line = RawRequestLine::from_bytes(conn.io.pending.bytes());
             log.write(&Entry {
@@ -292,6 +293,13 @@ impl Supervisor {
             });
         }
         self.linger(key);
+    }
+
+    /// Counts a response the supervisor sent itself.
+    pub(super) fn count_own_response(&mut self, status: u16) {
+        if let Some(class) = monodon_proto::scoreboard::status_class(status) {
+            self.own_responses[class] += 1;
+        }
     }
 
     /// Best-effort write of a small response on a non-blocking socket;

@@ -224,6 +224,12 @@ pub struct Supervisor {
     /// Where the requests the supervisor answers itself are logged (the
     /// workers' access log).
     access_log: Option<AccessLog>,
+    /// Responses the supervisor sent itself, by status class (health checks
+    /// aside).
+    own_responses: [u64; 5],
+    /// What the scoreboards of reaped workers counted: responses by class
+    /// and request durations.
+    departed_responses: ([u64; 5], monodon_proto::histogram::Histogram),
 }
 
 impl Supervisor {

@@ -141,6 +141,8 @@ impl Supervisor {
             requests_per_sec: 0.0,
             next_memory_check: now,
             access_log,
+            own_responses: [0; 5],
+            departed_responses: Default::default(),
         })
     }
 }
