@@ -39,6 +39,17 @@ pub enum Command {
         #[command(flatten)]
         target: ControlArgs,
     },
+    /// A live view of a running supervisor in the terminal: workers with
+    /// their state, request, age and memory; connections; requests/s.
+    /// Keys: q quit, s sort (pid, requests, age, memory, state), r reverse,
+    /// space refresh.
+    Top {
+        /// How often to refresh.
+        #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+        interval: Duration,
+        #[command(flatten)]
+        target: ControlArgs,
+    },
     /// Start a new generation of workers (same as SIGHUP) and wait until it
     /// serves or the reload fails; the exit status says which.
     Reload {

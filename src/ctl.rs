@@ -82,7 +82,7 @@ pub fn wait_gone(path: &PathBuf, within: Duration) -> bool {
 }
 
 /// `1h02m`, `5m02s`, `12.3s`.
-fn duration(secs: f64) -> String {
+pub(crate) fn duration(secs: f64) -> String {
     let s = secs as u64;
     if s >= 3600 {
         format!("{}h{:02}m", s / 3600, s % 3600 / 60)
@@ -93,7 +93,7 @@ fn duration(secs: f64) -> String {
     }
 }
 
-fn size_kib(kib: Option<u64>) -> String {
+pub(crate) fn size_kib(kib: Option<u64>) -> String {
     match kib {
         None => "-".into(),
         Some(k) if k >= 1024 * 1024 => format!("{:.1}G", k as f64 / 1024.0 / 1024.0),

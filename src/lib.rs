@@ -11,6 +11,7 @@ pub mod byte_size;
 pub mod cli;
 mod config_file;
 pub mod ctl;
+mod top;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -122,9 +123,11 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(_) => serve(builtin_worker_command),
-        Command::Status { .. } | Command::Reload { .. } | Command::Stop { .. } | Command::Scale { .. } => {
-            control_command(cli.command)
-        }
+        Command::Status { .. }
+        | Command::Top { .. }
+        | Command::Reload { .. }
+        | Command::Stop { .. }
+        | Command::Scale { .. } => control_command(cli.command),
         Command::Worker(args) => {
             if !monodon_worker::is_worker() {
                 eprintln!("error: `monodon worker` is started by `monodon serve`, not by hand");
@@ -177,6 +180,13 @@ fn control_command(command: Command) -> ExitCode {
                 other => ctl::report(other),
             }
         }
+        Command::Top { interval, target } => match top::run(&target.path(), interval) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Reload { target } => {
             // A reload takes at most the supervisor's --reload-timeout; allow for a long one.
             ctl::report(ctl::call(&target.path(), Ctl::Reload, Duration::from_secs(3600)))
