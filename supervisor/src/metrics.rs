@@ -82,11 +82,17 @@ pub fn render(s: &Status) -> String {
     let w = &s.workers;
     family(o, "monodon_workers_target", "gauge", "Workers wanted per generation.")
         .sample(&[], w.target as f64);
-    family(o, "monodon_workers", "gauge", "Worker processes, by state.")
-        .sample(&[("state", "starting")], w.starting as f64)
-        .sample(&[("state", "idle")], w.idle as f64)
-        .sample(&[("state", "busy")], w.busy as f64)
-        .sample(&[("state", "retiring")], w.retiring as f64);
+    let mut generations: std::collections::BTreeSet<u64> =
+        s.generations.iter().map(|g| g.generation).collect();
+    generations.extend(s.worker_list.iter().map(|w| w.generation));
+    let mut by_state = family(o, "monodon_workers", "gauge", "Worker processes, by generation and state.");
+    for generation in generations {
+        let label = generation.to_string();
+        for state in ["starting", "idle", "busy", "retiring"] {
+            let n = s.worker_list.iter().filter(|w| w.generation == generation && w.state == state).count();
+            by_state.sample(&[("generation", &label), ("state", state)], n as f64);
+        }
+    }
 
     let t = &s.totals;
     family(o, "monodon_accepted_connections_total", "counter", "Client connections accepted.")
@@ -214,7 +220,13 @@ mod tests {
             template: Some(TemplateStatus { pid: Some(9), state: "ready".into(), restarts: 2 }),
             ..Default::default()
         });
-        s.worker_list.push(WorkerStatus { pid: 42, generation: 3, requests: 5, ..Default::default() });
+        s.worker_list.push(WorkerStatus {
+            pid: 42,
+            generation: 3,
+            requests: 5,
+            state: "busy".into(),
+            ..Default::default()
+        });
         s.totals.worker_responses = crate::control::by_class(&[0, 9, 0, 1, 0]);
         let mut took = monodon_proto::histogram::Histogram::default();
         took.observe(std::time::Duration::from_micros(300));
@@ -231,6 +243,8 @@ mod tests {
         assert!(text.contains(r#"monodon_info{version="1.0 \"x\"\\"} 1"#), "{text}");
         assert!(text.contains("monodon_workers_recycled_total{cause=\"max-requests\"} 7\n"), "{text}");
         assert!(text.contains("monodon_template_restarts_total{generation=\"3\"} 2\n"), "{text}");
+        assert!(text.contains("monodon_workers{generation=\"3\",state=\"busy\"} 1\n"), "{text}");
+        assert!(text.contains("monodon_workers{generation=\"3\",state=\"idle\"} 0\n"), "{text}");
         assert!(text.contains("monodon_worker_requests{pid=\"42\",generation=\"3\"} 5\n"), "{text}");
         // No memory read: no memory sample, but the family is declared.
         assert!(!text.contains("monodon_worker_private_memory_bytes{"), "{text}");
