@@ -125,6 +125,39 @@ pub struct AppArgs {
     pub root: PathBuf,
 }
 
+/// A Python (WSGI) app as the workers.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Python apps")]
+pub struct PythonArgs {
+    /// Serve this WSGI application, `package.module:callable` (`module`
+    /// alone: its `application`), imported from --chdir (or the current
+    /// directory) and PYTHONPATH. The template imports it once per
+    /// generation and forks the workers.
+    #[arg(long, value_name = "MODULE:APP", conflicts_with = "command")]
+    pub wsgi: Option<String>,
+
+    /// The Python interpreter [default: $VIRTUAL_ENV/bin/python, else
+    /// python3 on PATH].
+    #[arg(long, value_name = "PATH", requires = "wsgi")]
+    pub python: Option<PathBuf>,
+
+    /// Call `module:function` in each worker after the fork, before it
+    /// serves: reconnect to databases, start per-process threads.
+    #[arg(long, value_name = "MODULE:FUNCTION", requires = "wsgi")]
+    pub post_fork: Option<String>,
+
+    /// Import the app in each worker instead of once in the template.
+    #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set, num_args = 0..=1,
+          default_value_t = false, default_missing_value = "true")]
+    pub no_preload: bool,
+
+    /// Request header names with `_` (which the environ's HTTP_* names
+    /// would confuse with `-`): `drop` them, `refuse` the request with 400,
+    /// or `allow` them (an underscore name never replaces a dash one).
+    #[arg(long, value_name = "POLICY", value_parser = ["drop", "refuse", "allow"], default_value = "drop")]
+    pub underscore_headers: String,
+}
+
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
     #[command(flatten)]
@@ -154,6 +187,9 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub app: AppArgs,
+
+    #[command(flatten)]
+    pub python: PythonArgs,
 
     /// How long an idle keep-alive connection is held between requests.
     #[arg(long, value_name = "DURATION", default_value_t = Seconds(DEFAULTS.keepalive_timeout))]

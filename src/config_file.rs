@@ -70,6 +70,11 @@ struct Settings {
     access_log_format: Option<String>,
     user: Option<String>,
     group: Option<String>,
+    wsgi: Option<String>,
+    python: Option<String>,
+    post_fork: Option<String>,
+    no_preload: Option<bool>,
+    underscore_headers: Option<String>,
 }
 
 impl Settings {
@@ -117,6 +122,11 @@ impl Settings {
         one("--access-log-format", self.access_log_format.clone());
         one("--user", self.user.clone());
         one("--group", self.group.clone());
+        one("--wsgi", self.wsgi.clone());
+        one("--python", self.python.clone());
+        one("--post-fork", self.post_fork.clone());
+        one("--no-preload", self.no_preload.map(|b| b.to_string()));
+        one("--underscore-headers", self.underscore_headers.clone());
         if let Some(listen) = &self.listen {
             out.push(("--listen", listen.clone()));
         }

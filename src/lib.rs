@@ -11,6 +11,7 @@ pub mod byte_size;
 pub mod cli;
 mod config_file;
 pub mod ctl;
+mod python;
 mod top;
 
 use std::ffi::OsString;
@@ -83,7 +84,11 @@ fn load_config(
 ) -> Result<monodon_supervisor::Config, String> {
     let args = serve_args(argv)?;
     args.validate()?;
-    Ok(args.to_config(default(&args, exe)))
+    let command = match &args.python.wsgi {
+        Some(wsgi) => python::worker_command(&args, wsgi)?,
+        None => default(&args, exe),
+    };
+    Ok(args.to_config(command))
 }
 
 fn serve(default: DefaultCommand) -> ExitCode {

@@ -93,3 +93,19 @@ fn a_bad_list_is_refused_naming_the_item() {
         "{stderr}"
     );
 }
+
+/// Without `--proxy-protocol`, a PROXY header is just a malformed request
+/// line: refused with 400, never read as the client's address.
+#[test]
+fn a_proxy_header_is_never_taken_on_a_listener_without_the_flag() {
+    let server = Server::start(&["--app", "echo", "--workers", "1"], 1);
+    let mut c = server.connect();
+    c.send(b"PROXY TCP4 198.51.100.9 127.0.0.1 4000 80\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    let r = c.response().unwrap();
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(c.is_closed());
+    let status = server.wait_status(Duration::from_secs(10), "the refusal counted", |s| {
+        s["totals"]["supervisor_responses"]["4xx"] == 1
+    });
+    assert_eq!(status["totals"]["requests"], 0, "the app saw nothing: {status}");
+}

@@ -157,7 +157,7 @@ impl TrustedProxies {
     }
 
     /// Who sent a request that arrived from `peer` with `headers`.
-    pub fn resolve(&self, peer: &str, headers: &[(String, Vec<u8>)]) -> Origin {
+    pub fn resolve<N: AsRef<str>, V: AsRef<[u8]>>(&self, peer: &str, headers: &[(N, V)]) -> Origin {
         let unchanged = Origin { client: peer.to_owned(), scheme: Scheme::Http };
         if self.is_none() || !self.trusts_peer(peer) {
             return unchanged;
@@ -207,11 +207,14 @@ impl TrustedProxies {
 }
 
 /// The values of every field called `name`, in order (those not UTF-8 left out).
-fn field_values<'h>(headers: &'h [(String, Vec<u8>)], name: &'static str) -> impl Iterator<Item = &'h str> {
+fn field_values<'h, N: AsRef<str>, V: AsRef<[u8]>>(
+    headers: &'h [(N, V)],
+    name: &'static str,
+) -> impl Iterator<Item = &'h str> {
     headers
         .iter()
-        .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
-        .filter_map(|(_, v)| std::str::from_utf8(v).ok())
+        .filter(move |(n, _)| n.as_ref().eq_ignore_ascii_case(name))
+        .filter_map(|(_, v)| std::str::from_utf8(v.as_ref()).ok())
 }
 
 fn client_text(node: Option<SocketAddr>) -> String {

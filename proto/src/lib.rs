@@ -14,6 +14,8 @@
 //!   validation, body framing, chunked decoding, the keep-alive decision).
 //!   The supervisor uses it to know when a head is complete and sound; the
 //!   worker uses it to parse that head again and read the body.
+//! - [`parsed`]: the parsed hand-over, for workers that would rather not
+//!   parse HTTP (the Python worker): the supervisor's parse of a request.
 //! - [`proxy`]: the PROXY protocol header a load balancer sends first.
 //! - [`wire`]: the supervisor↔worker messages and the descriptor passing that
 //!   carries client connections across (see PROTOCOL.md).
@@ -28,6 +30,7 @@ pub mod env;
 pub mod forwarded;
 pub mod histogram;
 pub mod http;
+pub mod parsed;
 pub mod proxy;
 pub mod scoreboard;
 pub mod template;

@@ -27,6 +27,10 @@ const SKIPPED: u8 = 6;
 /// each on its scoreboard and answers `Skipped` for one taken back).
 pub const FEATURE_AHEAD: u8 = 1;
 
+/// `Ready` feature bit: the worker wants each request parsed by the
+/// supervisor (`parsed::ParsedRequest`, kind 7) instead of Assign's bytes.
+pub const FEATURE_PARSED: u8 = 2;
+
 /// The largest message either side may send, for request limits `limits`:
 /// the supervisor passes at most a head plus one read's worth of bytes, and
 /// a worker hands back at most as much as it was given or one read's worth.

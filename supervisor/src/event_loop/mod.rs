@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use log::info;
 use monodon_proto::access_log::AccessLog;
 use monodon_proto::http::{PendingRequest, Rejection};
+use monodon_proto::parsed::ParsedRequest;
 use monodon_proto::scoreboard::Scoreboard;
 use monodon_proto::wire::{self, ToWorker};
 use nix::sys::signal::{kill, Signal};
@@ -124,6 +125,17 @@ struct WorkerIo {
     /// The largest message its generation's limits allow (it may send a
     /// Done that large, whatever the serving generation's limits are now).
     max_message: usize,
+    /// Set at Ready if the worker asked for parsed requests
+    /// (`FEATURE_PARSED`): what the parse needs from its generation.
+    parsed: Option<Box<ParsedFor>>,
+}
+
+/// What sending a worker parsed requests takes: its generation's limits
+/// (under which the heads were checked) and trusted proxies (which name
+/// the client it is told of).
+struct ParsedFor {
+    limits: monodon_proto::http::Limits,
+    trusted: monodon_proto::forwarded::TrustedProxies,
 }
 
 impl core::Named for WorkerIo {
@@ -386,8 +398,24 @@ impl Port<ConnIo, WorkerIo> for Wire<'_> {
         ahead: bool,
     ) -> Result<(), SendError> {
         let channel = worker.channel.as_ref().ok_or(SendError::Gone)?;
-        ToWorker::Assign { conn_id: id, served, peer: &conn.peer, data: conn.pending.bytes(), ahead }
-            .encode(self.msg);
+        match &worker.parsed {
+            None => {
+                ToWorker::Assign { conn_id: id, served, peer: &conn.peer, data: conn.pending.bytes(), ahead }
+                    .encode(self.msg)
+            }
+            Some(p) => {
+                let bytes = conn.pending.bytes();
+                let fields = monodon_proto::http::parse_head(bytes, &p.limits).ok().flatten();
+                let origin = match fields {
+                    Some(head) => p.trusted.resolve(&conn.peer, &head.headers),
+                    None => p.trusted.resolve::<&str, &[u8]>(&conn.peer, &[]),
+                };
+                let request =
+                    ParsedRequest::from_buffer(id, served, &origin.client, origin.scheme, bytes, &p.limits)
+                        .ok_or_else(|| SendError::Failed("no complete request to hand over".into()))?;
+                request.encode(self.msg);
+            }
+        }
         match wire::send(channel.as_fd(), self.msg, Some(conn.fd.as_fd())) {
             Ok(()) => {}
             Err(e) if matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET)) => {

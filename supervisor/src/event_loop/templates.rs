@@ -93,9 +93,14 @@ impl Supervisor {
             return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the template's channel is closed"));
         };
         match send_fork(channel.as_fd(), &worker_env, board) {
-            Ok((ours, scoreboard)) => {
-                Ok(WorkerIo { pid: None, pending_signal: None, channel: Some(ours), scoreboard, max_message })
-            }
+            Ok((ours, scoreboard)) => Ok(WorkerIo {
+                pid: None,
+                pending_signal: None,
+                channel: Some(ours),
+                scoreboard,
+                max_message,
+                parsed: None,
+            }),
             Err(e) => {
                 self.template_broken(order.generation, &format!("a fork request failed: {e}"));
                 Err(io::Error::new(io::ErrorKind::BrokenPipe, e.to_string()))

@@ -97,6 +97,7 @@ impl Supervisor {
             channel: Some(s.channel),
             scoreboard: s.scoreboard,
             max_message,
+            parsed: None,
         })
     }
 
@@ -222,10 +223,24 @@ impl Supervisor {
 
     fn on_worker_message(&mut self, wkey: WorkerKey, msg: FromWorker<'_>) {
         let now = Instant::now();
+        // A worker that wants parsed requests gets them under its own
+        // generation's settings.
+        let parsed = match msg {
+            FromWorker::Ready { features, .. } if features & wire::FEATURE_PARSED != 0 => {
+                let generation = self.core.worker(wkey).map_or(0, |w| w.generation);
+                let config = self.code_of(generation).1;
+                Some(Box::new(super::ParsedFor {
+                    limits: config.limits,
+                    trusted: config.forwarded_allow.clone(),
+                }))
+            }
+            _ => None,
+        };
         let mut port = Wire { msg: &mut self.msg };
         let outcome: Result<(), Misbehaviour> = match msg {
             FromWorker::Ready { pid, features } => {
                 let Some(w) = self.core.worker_io_mut(wkey) else { return };
+                w.parsed = parsed;
                 match w.pid {
                     // Forked, and its Ready came before its template's
                     // Forked: it names itself.
