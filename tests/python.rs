@@ -1,0 +1,418 @@
+//! `monodon serve --wsgi`: Python apps as workers, against the real binary
+//! and a real interpreter (Debian's /usr/bin/python3 where there is one,
+//! else python3 on PATH). The test apps in `tests/python/` run under
+//! wsgiref's validator, so a breach of PEP 3333 shows as a 500 and an
+//! AssertionError in the log.
+
+mod common;
+
+use std::io::Write;
+use std::time::Duration;
+
+use common::{eventually, Client, Load, Scratch, Server};
+
+fn python() -> &'static str {
+    if std::path::Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+fn apps_dir() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python").to_owned()
+}
+
+/// `monodon serve --wsgi APP` from `dir`, once `workers` are ready.
+fn wsgi_in(dir: &str, app: &str, args: &[&str], workers: usize) -> Server {
+    let workers_arg = workers.to_string();
+    let mut all = vec!["--wsgi", app, "--python", python(), "--chdir", dir, "--workers", &workers_arg];
+    all.extend_from_slice(args);
+    Server::start(&all, workers)
+}
+
+fn spec(args: &[&str], workers: usize) -> Server {
+    wsgi_in(&apps_dir(), "spec_app:application", args, workers)
+}
+
+/// One request on a fresh connection, with `extra` header lines and `body`.
+fn request(server: &Server, method: &str, target: &str, extra: &str, body: &[u8]) -> common::Response {
+    let mut c = server.connect();
+    c.send(
+        format!("{method} {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{extra}\r\n").as_bytes(),
+    );
+    c.send(body);
+    if method == "HEAD" {
+        c.head_response().expect("a response")
+    } else {
+        c.response().expect("a response")
+    }
+}
+
+/// The validator found nothing, and no app code failed unexpectedly.
+fn assert_clean_log(server: &Server) {
+    let logs = server.logs();
+    assert!(!logs.contains("AssertionError"), "wsgiref's validator objected:\n{logs}");
+    assert!(!logs.contains("Exception ignored"), "{logs}");
+}
+
+fn lines_body(lines: usize) -> Vec<u8> {
+    (0..lines).flat_map(|i| format!("line {i} of the body, {}\n", "x".repeat(i % 50)).into_bytes()).collect()
+}
+
+fn checksum(data: &[u8]) -> u64 {
+    data.iter().map(|&b| u64::from(b)).sum::<u64>() & 0xFFFF_FFFF
+}
+
+fn chunked(data: &[u8], chunk: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for part in data.chunks(chunk) {
+        out.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+        out.extend_from_slice(part);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
+}
+
+#[test]
+fn the_environ_follows_pep_3333() {
+    let server = spec(&[], 1);
+    let mut c = server.connect();
+    let local = c.stream().local_addr().unwrap();
+    c.send(b"GET /caf%C3%A9/a%2Fb?x=1%202&y HTTP/1.1\r\nHost: test\r\nX-Custom: a\r\nX-Custom: b\r\n");
+    c.send(b"Cookie: a=1\r\nCookie: b=2\r\n\r\n");
+    let doc = c.response().unwrap().json();
+    let cgi = &doc["cgi"];
+    assert_eq!(cgi["REQUEST_METHOD"], "GET");
+    assert_eq!(cgi["SCRIPT_NAME"], "");
+    // Percent-decoded, each byte one latin-1 character (PEP 3333's "bytes as str").
+    assert_eq!(cgi["PATH_INFO"], "/caf\u{c3}\u{a9}/a/b");
+    assert_eq!(cgi["QUERY_STRING"], "x=1%202&y");
+    assert_eq!(cgi["SERVER_NAME"], "127.0.0.1");
+    assert_eq!(cgi["SERVER_PORT"], server.addr.port().to_string());
+    assert_eq!(cgi["SERVER_PROTOCOL"], "HTTP/1.1");
+    assert_eq!(cgi["REMOTE_ADDR"], "127.0.0.1");
+    assert_eq!(cgi["REMOTE_PORT"], local.port().to_string());
+    assert_eq!(cgi["HTTP_X_CUSTOM"], "a, b");
+    assert_eq!(cgi["HTTP_COOKIE"], "a=1; b=2");
+    assert_eq!(cgi["HTTP_HOST"], "test");
+    assert!(cgi.get("CONTENT_LENGTH").is_none() && cgi.get("HTTP_CONTENT_LENGTH").is_none(), "{cgi}");
+    let wsgi = &doc["wsgi"];
+    assert_eq!(wsgi["version"], serde_json::json!([1, 0]));
+    assert_eq!(wsgi["url_scheme"], "http");
+    assert_eq!((wsgi["multiprocess"].as_bool(), wsgi["multithread"].as_bool()), (Some(true), Some(false)));
+    assert_eq!((wsgi["run_once"].as_bool(), wsgi["has_file_wrapper"].as_bool()), (Some(false), Some(true)));
+    // A trusted proxy's word for the client and scheme (this host is trusted by default).
+    let proxied = request(
+        &server,
+        "GET",
+        "/environ",
+        "X-Forwarded-For: 198.51.100.7\r\nX-Forwarded-Proto: https\r\n",
+        b"",
+    );
+    let doc = proxied.json();
+    assert_eq!(
+        (doc["cgi"]["REMOTE_ADDR"].as_str(), doc["wsgi"]["url_scheme"].as_str()),
+        (Some("198.51.100.7"), Some("https"))
+    );
+    // The template imported the app; the worker was forked from it.
+    assert_ne!(doc["pid"], doc["imported_in"]);
+    server.wait_for_log("environ seen for /environ", Duration::from_secs(5));
+    assert_clean_log(&server);
+}
+
+#[test]
+fn bodies_stream_through_wsgi_input_in_every_reading_style() {
+    let server = spec(&[], 2);
+    let small = lines_body(40);
+    let large = lines_body(20_000); // past --buffer-body: the worker reads it from the socket
+    assert!(large.len() > 64 * 1024 * 4);
+    for how in ["read", "read-small", "readline", "readlines", "iter"] {
+        for (what, body) in [("small", &small), ("large", &large)] {
+            let target = format!("/body?how={how}");
+            let by_length =
+                request(&server, "POST", &target, &format!("Content-Length: {}\r\n", body.len()), body);
+            let chunked_body = chunked(body, 7000);
+            let by_chunks =
+                request(&server, "POST", &target, "Transfer-Encoding: chunked\r\n", &chunked_body);
+            for (framing, r) in [("length", by_length), ("chunked", by_chunks)] {
+                assert_eq!(r.status, 200, "{how} {what} {framing}: {}", r.text());
+                let doc = r.json();
+                assert_eq!(doc["length"].as_u64(), Some(body.len() as u64), "{how} {what} {framing}");
+                assert_eq!(doc["sum"].as_u64(), Some(checksum(body)), "{how} {what} {framing}");
+                if how != "read" && how != "read-small" {
+                    assert_eq!(
+                        doc["lines"].as_u64(),
+                        Some(body.iter().filter(|&&b| b == b'\n').count() as u64)
+                    );
+                }
+            }
+        }
+    }
+    // Expect: 100-continue: the worker says so before reading the body.
+    let mut c = server.connect();
+    c.send(
+        format!(
+            "POST /body HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+            large.len()
+        )
+        .as_bytes(),
+    );
+    let interim = c.response().unwrap();
+    assert_eq!(interim.status, 100);
+    c.send(&large);
+    assert_eq!(c.response().unwrap().json()["length"].as_u64(), Some(large.len() as u64));
+    // A chunked body that breaks its framing is refused, not handed to the app.
+    let mut bad = b"10\r\nshort\r\nzz\r\n".to_vec();
+    bad.extend(std::iter::repeat_n(b'x', 100_000));
+    let r = request(&server, "POST", "/body?how=read-small", "Transfer-Encoding: chunked\r\n", &bad);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_clean_log(&server);
+}
+
+#[test]
+fn responses_are_framed_for_every_kind_of_body() {
+    let server = spec(&[], 1);
+    let mut c = server.connect();
+    // Several on one keep-alive connection.
+    for target in ["/write", "/stream?n=50", "/file?size=300000", "/closing"] {
+        c.send(format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+        let r = c.response().unwrap();
+        assert_eq!(r.status, 200, "{target}");
+        match target {
+            "/write" => {
+                assert_eq!(r.text(), "written through write()\n");
+                assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+            }
+            "/stream?n=50" => {
+                assert_eq!(r.text().lines().count(), 50);
+                assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+            }
+            "/file?size=300000" => {
+                // The validator wraps the file: it arrives as iterated blocks.
+                assert_eq!(r.body.len(), 300000);
+                assert!(r.body.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8), "the file's bytes");
+            }
+            _ => assert_eq!(r.text(), "a\nb\n"),
+        }
+    }
+    // Unwrapped, wsgi.file_wrapper goes out with sendfile, its length known.
+    let plain = wsgi_in(&apps_dir(), "spec_app:routes", &[], 1);
+    let r = request(&plain, "GET", "/file?size=300000", "", b"");
+    assert_eq!(r.header("content-length"), Some("300000"));
+    assert!(r.body.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8), "the file's bytes");
+    // HEAD: the length a GET would have, no body.
+    let head = request(&plain, "HEAD", "/file?size=1234", "", b"");
+    assert_eq!((head.status, head.header("content-length")), (200, Some("1234")));
+    let head = request(&server, "HEAD", "/write", "", b"");
+    assert!(head.status == 200 && head.body.is_empty());
+    // HTTP/1.0 has no chunked encoding: the body ends with the connection.
+    let mut old = server.connect();
+    old.send(b"GET /stream?n=3 HTTP/1.0\r\n\r\n");
+    let r = old.response().unwrap();
+    assert_eq!((r.text().as_str(), r.header("connection")), ("part 0\npart 1\npart 2\n", Some("close")));
+    // close() was called on the response it had.
+    assert!(request(&server, "GET", "/closed", "", b"").json()["closed"].as_u64() >= Some(1));
+    // Any status the app gives.
+    let r = request(&server, "GET", "/status?code=418", "", b"");
+    assert_eq!((r.status, r.text().as_str()), (418, "status 418\n"));
+    assert_clean_log(&server);
+}
+
+#[test]
+fn an_app_that_fails_gets_a_500_and_its_worker_serves_on() {
+    let server = spec(&[], 1);
+    let pid = server.children()[0];
+    let r = request(&server, "GET", "/fail", "", b"");
+    assert_eq!(r.status, 500);
+    server.wait_for_log("this app fails on purpose", Duration::from_secs(5));
+    // start_response again with exc_info, before any body went out.
+    let r = request(&server, "GET", "/exc_info", "", b"");
+    assert_eq!((r.status, r.text().as_str()), (500, "recovered with exc_info\n"));
+    assert_eq!(request(&server, "GET", "/environ", "", b"").json()["pid"], pid);
+    assert_eq!(server.children(), [pid], "the same worker serves on");
+}
+
+#[test]
+fn underscore_header_names_never_frame_and_are_dropped_refused_or_allowed() {
+    let drop = spec(&[], 1);
+    // Transfer_Encoding is not Transfer-Encoding: the body is its 5 bytes.
+    let r = request(&drop, "POST", "/body", "Transfer_Encoding: chunked\r\nContent-Length: 5\r\n", b"hello");
+    assert_eq!(r.json()["length"], 5, "{}", r.text());
+    let seen = |s: &Server, fields: &str| request(s, "GET", "/environ", fields, b"").json()["cgi"].clone();
+    assert!(seen(&drop, "X_Auth: evil\r\n").get("HTTP_X_AUTH").is_none(), "dropped");
+    assert_eq!(seen(&drop, "X_Auth: evil\r\nX-Auth: good\r\n")["HTTP_X_AUTH"], "good");
+    let env = seen(&drop, "Transfer_Encoding: chunked\r\n");
+    assert!(env.get("HTTP_TRANSFER_ENCODING").is_none(), "{env}");
+
+    let refuse = spec(&["--underscore-headers", "refuse"], 1);
+    assert_eq!(request(&refuse, "GET", "/environ", "X_Auth: evil\r\n", b"").status, 400);
+    assert_eq!(request(&refuse, "GET", "/environ", "X-Auth: good\r\n", b"").status, 200);
+
+    let allow = spec(&["--underscore-headers", "allow"], 1);
+    assert_eq!(seen(&allow, "X_Auth: evil\r\n")["HTTP_X_AUTH"], "evil");
+    assert_eq!(
+        seen(&allow, "X_Auth: evil\r\nX-Auth: good\r\n")["HTTP_X_AUTH"],
+        "good",
+        "a dash name is never replaced"
+    );
+    assert_eq!(seen(&allow, "X-Auth: good\r\nX_Auth: evil\r\n")["HTTP_X_AUTH"], "good");
+}
+
+#[test]
+fn workers_are_reseeded_run_the_post_fork_hook_and_retire_when_asked() {
+    let server = spec(&["--post-fork", "spec_app:post_fork"], 2);
+    let mut draws = std::collections::BTreeMap::new();
+    let found = eventually(Duration::from_secs(20), || {
+        let doc = request(&server, "GET", "/random", "", b"").json();
+        let pid = doc["pid"].as_u64().unwrap();
+        assert_eq!(doc["post_fork"], serde_json::json!([pid]), "the hook ran in this worker, once");
+        draws.insert(pid, doc["random"].as_f64().unwrap());
+        draws.len() == 2
+    });
+    assert!(found, "both workers answered: {draws:?}");
+    let values: Vec<f64> = draws.values().copied().collect();
+    assert_ne!(values[0], values[1], "each forked worker has its own random state");
+
+    // monodon.retire: the worker leaves after its response, as planned (no respawn counted).
+    let pid = request(&server, "GET", "/retire", "", b"").json()["pid"].as_u64().unwrap() as u32;
+    let status = server.wait_status(Duration::from_secs(10), "the retired worker replaced", |s| {
+        s["worker_list"]
+            .as_array()
+            .is_some_and(|l| l.len() == 2 && l.iter().all(|w| w["pid"] != pid && w["state"] == "idle"))
+    });
+    assert_eq!(status["totals"]["respawns"], 0, "{status}");
+}
+
+#[test]
+fn without_preload_each_worker_imports_the_app() {
+    let server = spec(&["--no-preload"], 1);
+    let doc = request(&server, "GET", "/environ", "", b"").json();
+    assert_eq!(doc["pid"], doc["imported_in"]);
+}
+
+#[test]
+fn recycling_timeouts_status_and_the_access_log_work_as_for_any_worker() {
+    let scratch = Scratch::new("python-ops");
+    let log = scratch.0.join("access.log");
+    let log_arg = log.to_str().unwrap().to_owned();
+    let server = spec(&["--max-requests-per-child", "5", "--timeout", "2", "--access-log", &log_arg], 2);
+    let first = server.children();
+    for _ in 0..20 {
+        assert_eq!(request(&server, "GET", "/environ", "", b"").status, 200);
+    }
+    let status = server.wait_status(Duration::from_secs(20), "recycled by max-requests", |s| {
+        s["totals"]["recycled"]["max-requests"].as_u64() >= Some(2)
+            && s["totals"]["requests"].as_u64() >= Some(20)
+    });
+    assert!(first.iter().all(|p| !server.children().contains(p)), "{status}");
+    assert_eq!(status["totals"]["worker_responses"]["2xx"], 20, "{status}");
+    // The request being served shows in the status.
+    let addr = server.addr;
+    let slow = std::thread::spawn(move || {
+        let mut c = Client::connect(addr);
+        c.send(b"GET /sleep?ms=1500 HTTP/1.1\r\nHost: x\r\n\r\n");
+        c.response().map(|r| r.status)
+    });
+    server.wait_status(Duration::from_secs(10), "the slow request in the status", |s| {
+        s["worker_list"].as_array().is_some_and(|l| l.iter().any(|w| w["request"] == "GET /sleep?ms=1500"))
+    });
+    assert_eq!(slow.join().unwrap().unwrap(), 200);
+    // Past --timeout: 504, and the worker is replaced.
+    let r = request(&server, "GET", "/sleep?ms=10000", "", b"");
+    assert_eq!(r.status, 504);
+    server.wait_status(Duration::from_secs(10), "the stuck worker replaced", |s| {
+        s["totals"]["timeouts"] == 1 && s["workers"]["idle"] == 2
+    });
+    let logged = eventually(Duration::from_secs(5), || {
+        std::fs::read_to_string(&log)
+            .is_ok_and(|l| l.contains("\"GET /environ HTTP/1.1\" 200 ") && l.starts_with("127.0.0.1 - - ["))
+    });
+    assert!(logged, "{}", std::fs::read_to_string(&log).unwrap_or_default());
+}
+
+/// A hot deploy with edited code: served under load without a failed
+/// request; a broken file in place never reaches the running generation
+/// (its template keeps the code it imported, and recycling forks from it);
+/// a reload that cannot import is abandoned.
+#[test]
+fn hup_serves_new_code_and_a_broken_file_never_takes_the_service_down() {
+    let scratch = Scratch::new("python-deploy");
+    let dir = scratch.0.to_str().unwrap().to_owned();
+    let app = scratch.0.join("deployed.py");
+    let version = |v: &str| {
+        format!(
+            "def application(environ, start_response):\n    body = b'{v}\\n'\n    \
+             start_response('200 OK', [('Content-Type', 'text/plain'), ('Content-Length', str(len(body)))])\n    \
+             return [body]\n"
+        )
+    };
+    let replace = |text: &str| {
+        // A new file renamed over the old one, as a deploy does.
+        let tmp = scratch.0.join("deployed.py.new");
+        std::fs::File::create(&tmp).unwrap().write_all(text.as_bytes()).unwrap();
+        std::fs::rename(&tmp, &app).unwrap();
+        let _ = std::fs::remove_dir_all(scratch.0.join("__pycache__"));
+    };
+    replace(&version("v1"));
+    let server = wsgi_in(&dir, "deployed", &["--max-requests-per-child", "20"], 2);
+    assert_eq!(server.get("/").text(), "v1\n");
+    let load = Load::start(server.addr, 2, 1, "/");
+    load.wait_answered(100, Duration::from_secs(30));
+    replace(&version("v2"));
+    server.signal(libc::SIGHUP);
+    server.wait_serving(2, Duration::from_secs(30));
+    load.wait_answered(100, Duration::from_secs(30));
+    assert_eq!(server.get("/").text(), "v2\n");
+    // Broken in place: the running generation recycles on its own code.
+    std::fs::write(&app, "def application(:\n").unwrap();
+    let recycled_before =
+        server.status().unwrap()["totals"]["recycled"]["max-requests"].as_u64().unwrap_or(0);
+    load.wait_answered(200, Duration::from_secs(30));
+    let status = server.status().unwrap();
+    assert!(
+        status["totals"]["recycled"]["max-requests"].as_u64().unwrap_or(0) >= recycled_before + 2,
+        "{status}"
+    );
+    assert_eq!(server.get("/").text(), "v2\n");
+    // A reload that cannot import the app is abandoned; v2 serves on.
+    server.signal(libc::SIGHUP);
+    let why = server.wait_reload_failed(Duration::from_secs(30));
+    assert!(!why.is_empty());
+    load.wait_answered(100, Duration::from_secs(30));
+    assert_eq!(server.get("/").text(), "v2\n");
+    let stats = load.stop();
+    assert_eq!(stats.failed, 0, "{:?}", stats.errors);
+    assert!(server.logs().contains("SyntaxError"), "the failed import is in the log");
+}
+
+/// An app that cannot be imported never serves: its template's traceback
+/// is in the log, and the supervisor starts it again with back-off (as for
+/// any worker command that fails), so a fix on disk is picked up.
+#[test]
+fn an_app_that_cannot_be_imported_is_retried_with_its_error_in_the_log() {
+    let scratch = Scratch::new("python-import");
+    let dir = scratch.0.to_str().unwrap().to_owned();
+    let mut cmd = common::monodon();
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--wsgi", "later:application", "--python", python()])
+        .args(["--chdir", &dir, "--workers", "1"]);
+    let server = Server::start_cmd(&mut cmd, 0);
+    server.wait_for_log("ModuleNotFoundError: No module named 'later'", Duration::from_secs(10));
+    server.wait_for_log("next start in", Duration::from_secs(10));
+    std::fs::write(
+        scratch.0.join("later.py"),
+        "def application(environ, start_response):\n    start_response('200 OK', [])\n    return [b'fixed\\n']\n",
+    )
+    .unwrap();
+    server.wait_status(Duration::from_secs(30), "a worker ready once the module exists", |s| {
+        common::ready_workers(s, 1) == 1
+    });
+    assert_eq!(server.get("/").text(), "fixed\n");
+    let e = common::monodon()
+        .args(["serve", "--wsgi", "x:app", "--python", "/nonexistent/python"])
+        .output()
+        .unwrap();
+    assert_eq!(e.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&e.stderr).contains("--python /nonexistent/python: no such program"));
+}
