@@ -416,3 +416,82 @@ fn an_app_that_cannot_be_imported_is_retried_with_its_error_in_the_log() {
     assert_eq!(e.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&e.stderr).contains("--python /nonexistent/python: no such program"));
 }
+
+/// Whether Debian's interpreter has `module`; CI installs the packages.
+fn have_module(module: &str, package: &str) -> bool {
+    let found = std::process::Command::new(python())
+        .args(["-c", &format!("import {module}")])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(std::env::var_os("CI").is_none(), "CI installs {package}");
+        eprintln!("skipped: {package} is not installed");
+    }
+    found
+}
+
+/// Routes, a form POST, a large multipart upload and a streamed response
+/// through a real framework.
+fn exercise_framework(server: &Server, name: &str) {
+    assert_eq!(server.get("/").text(), format!("{name} index\n"));
+    assert_eq!(server.get("/hello/monodon").text(), "hello monodon\n");
+    let form = b"name=caf%C3%A9&item=a&item=b";
+    let r = request(
+        server,
+        "POST",
+        "/form",
+        &format!("Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n", form.len()),
+        form,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), serde_json::json!({"name": "café", "items": ["a", "b"]}));
+    let file: Vec<u8> = (0..5_000_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    let boundary = "monodon-test-boundary";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.bin\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(&file);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let r = request(
+        server,
+        "POST",
+        "/upload",
+        &format!(
+            "Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {}\r\n",
+            body.len()
+        ),
+        &body,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let doc = r.json();
+    assert_eq!(doc["filename"], "big.bin");
+    assert_eq!(
+        (doc["length"].as_u64(), doc["sum"].as_u64()),
+        (Some(file.len() as u64), Some(checksum(&file)))
+    );
+    let r = server.get("/stream");
+    assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(r.text().lines().count(), 100);
+    assert!(r.text().ends_with("row 99\n"));
+}
+
+#[test]
+fn a_flask_app_answers_through_monodon() {
+    if !have_module("flask", "python3-flask") {
+        return;
+    }
+    let server = wsgi_in(&apps_dir(), "flask_app:app", &[], 2);
+    exercise_framework(&server, "flask");
+}
+
+#[test]
+fn a_django_project_answers_through_monodon() {
+    if !have_module("django", "python3-django") {
+        return;
+    }
+    let server = wsgi_in(&apps_dir(), "django_app", &[], 2);
+    exercise_framework(&server, "django");
+}
