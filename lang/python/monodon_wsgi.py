@@ -14,6 +14,7 @@ Standard library only; Python 3.8 or later.
 """
 
 import argparse
+import bisect
 import ctypes
 import gc
 import importlib
@@ -151,8 +152,7 @@ class Scoreboard:
     def end_request(self, status, took_us):
         if 100 <= status <= 599:
             self.add(RESPONSES + status // 100 - 1, 1)
-        bucket = next((i for i, b in enumerate(DURATION_BOUNDS_US) if took_us <= b), len(DURATION_BOUNDS_US))
-        self.add(DURATIONS + bucket, 1)
+        self.add(DURATIONS + bisect.bisect_left(DURATION_BOUNDS_US, took_us), 1)
         self.add(DURATION_SUM, took_us)
         self.words[STARTED_MS] = 0
         self.add(REQUESTS, 1)
@@ -180,65 +180,78 @@ class Request:
     @classmethod
     def decode(cls, msg):
         if len(msg) < 2 or msg[0] != VERSION or msg[1] != PARSED:
-            raise ProtocolError("expected a parsed request, got kind %r" % (msg[1:2],))
+            raise ProtocolError("expected a parsed request, got kind %r" % (bytes(msg[1:2]),))
+        try:
+            return cls._decode(msg)
+        except (struct.error, IndexError, UnicodeDecodeError):
+            raise ProtocolError("a parsed request cut short or malformed")
+
+    @classmethod
+    def _decode(cls, msg):
         r = cls()
-        view = memoryview(msg)
-        at = 2
-
-        def take(n):
-            nonlocal at
-            if at + n > len(msg):
-                raise ProtocolError("message truncated")
-            chunk = view[at:at + n]
-            at += n
-            return chunk
-
-        def u(fmt):
-            return struct.unpack_from(fmt, take(struct.calcsize(fmt)))[0]
-
-        r.conn_id = u("<Q")
-        r.served = u("<I")
-        r.client = bytes(take(u("<H"))).decode()
-        r.minor_version = u("<B")
-        flags = u("<B")
+        r.conn_id, r.served, n = _FIXED.unpack_from(msg, 2)
+        at = 2 + _FIXED.size
+        r.client = str(msg[at:at + n], "utf-8")
+        at += n
+        r.minor_version, flags, r.framing, r.length, n = _SHAPE.unpack_from(msg, at)
+        at += _SHAPE.size
         r.keep_alive = bool(flags & 1)
         r.expect_continue = bool(flags & 2)
         r.body_complete = bool(flags & 4)
         r.https = bool(flags & 8)
-        r.framing = u("<B")
-        r.length = u("<Q")
-        r.method = bytes(take(u("<H"))).decode("latin-1")
-        r.target = bytes(take(u("<I"))).decode("latin-1")
-        count = u("<H")
+        r.method = str(msg[at:at + n], "latin-1")
+        at += n
+        (n,) = _U32.unpack_from(msg, at)
+        r.target = str(msg[at + 4:at + 4 + n], "latin-1")
+        at += 4 + n
+        (count,) = _U16.unpack_from(msg, at)
+        at += 2
         headers = []
         for _ in range(count):
-            name = bytes(take(u("<H"))).decode("latin-1")
-            headers.append((name, bytes(take(u("<I")))))
+            (n,) = _U16.unpack_from(msg, at)
+            name = str(msg[at + 2:at + 2 + n], "latin-1")
+            at += 2 + n
+            (m,) = _U32.unpack_from(msg, at)
+            headers.append((name, bytes(msg[at + 4:at + 4 + m])))
+            at += 4 + m
         r.headers = headers
-        r.body = bytes(take(u("<I")))
-        r.rest = bytes(view[at:])
+        (n,) = _U32.unpack_from(msg, at)
+        r.body = bytes(msg[at + 4:at + 4 + n])
+        if len(r.body) != n:
+            raise ProtocolError("message truncated")
+        r.rest = bytes(msg[at + 4 + n:])
         return r
+
+
+_FIXED = struct.Struct("<QIH")  # connection id, served, client length
+_SHAPE = struct.Struct("<BBBQH")  # minor version, flags, framing, length, method length
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
+_CUT_SHORT = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 
 
 def send(channel, kind, payload=b""):
     channel.sendmsg([bytes((VERSION, kind)) + payload])
 
 
-def receive(channel, size, max_fds):
-    """One message and its fds; (None, []) once the channel is closed."""
+def receive(channel, buffer, max_fds):
+    """One message (a view into `buffer`) and its fds; (None, []) once the
+    channel is closed. Into a buffer kept across calls: a fresh one per
+    message would be a large allocation (an mmap) each time."""
     fd_size = socket.CMSG_SPACE(max_fds * 4)
-    msg, ancillary, flags, _ = channel.recvmsg(size, fd_size, socket.MSG_CMSG_CLOEXEC)
+    n, ancillary, flags, _ = channel.recvmsg_into([buffer], fd_size, _RECV_FLAGS)
     fds = []
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.extend(struct.unpack("%di" % (len(data) // 4), data[: len(data) // 4 * 4]))
-    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(fds) > max_fds:
+    if flags & _CUT_SHORT or len(fds) > max_fds:
         for fd in fds:
             os.close(fd)
         raise ProtocolError("message or its descriptors cut short")
-    if not msg and not fds:
+    if n == 0 and not fds:
         return None, []
-    return msg, fds
+    return memoryview(buffer)[:n], fds
 
 
 # --- wsgi.input -----------------------------------------------------------
@@ -472,6 +485,17 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", 
               "proxy-authenticate", "proxy-authorization"}
 
 
+_date = [0, ""]
+
+
+def http_date():
+    """The Date header's value, made once a second."""
+    now = int(time.time())
+    if _date[0] != now:
+        _date[0], _date[1] = now, formatdate(now, usegmt=True)
+    return _date[1]
+
+
 def split_client(client):
     """`ip:port` / `[v6]:port` / `unix` as (REMOTE_ADDR, REMOTE_PORT)."""
     if client == "unix" or ":" not in client:
@@ -496,7 +520,9 @@ class Exchange:
         self.sent_bytes = 0
         self.status_code = 0
         self.head_only = request.method == "HEAD"
+        self.bodiless = False
         self.retire = False
+        self.pending_head = None
 
     # The environ (PEP 3333).
     def environ(self, body):
@@ -604,7 +630,8 @@ class Exchange:
                 continue
             lines.append("%s: %s" % (name, value))
         if "date" not in names:
-            lines.append("Date: " + formatdate(usegmt=True))
+            lines.append("Date: " + http_date())
+        self.bodiless = bodiless
         if bodiless:
             pass
         elif "content-length" in names:
@@ -628,13 +655,26 @@ class Exchange:
             lines.append("Connection: keep-alive")
         self.keep = keep
         self.headers_sent = True
-        self.send(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        self.pending_head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     def send(self, data):
+        # The head waits for the first piece of body, so that a small
+        # response is one write.
+        if self.pending_head is not None:
+            data = self.pending_head + data
+            self.pending_head = None
         # Counted before it goes out: a worker that dies mid-write must not
         # have the supervisor answer 502 after part of a response.
         self.worker.board.add(BYTES_WRITTEN, len(data))
         self.sock.sendall(data)
+
+    def flush(self):
+        if self.pending_head is not None:
+            self.send(b"")
+
+    def nothing_sent(self):
+        """No byte of the response has gone out: another can be sent."""
+        return not self.headers_sent or self.pending_head is not None
 
     def write(self, data):
         if self.status is None:
@@ -643,7 +683,8 @@ class Exchange:
             raise TypeError("the body must be bytes, not %s" % type(data).__name__)
         if not self.headers_sent:
             self.send_head()
-        if not data or self.head_only:
+        if not data or self.head_only or self.bodiless:
+            self.flush()
             return
         if self.length_left is not None:
             data = data[: max(0, self.length_left)]
@@ -659,6 +700,7 @@ class Exchange:
             self.send_head(known_length=0)
         if self.chunked and not self.head_only:
             self.send(b"0\r\n\r\n")
+        self.flush()
         if self.length_left:
             self.keep = False  # the app sent less than it said: the client must not wait
 
@@ -673,10 +715,11 @@ class Exchange:
             return False
         if not self.headers_sent:
             self.send_head(known_length=size)
-        if self.head_only:
-            return True
         if self.chunked:
             return False
+        self.flush()
+        if self.head_only:
+            return True
         left = size if self.length_left is None else min(size, self.length_left)
         offset = start
         while left > 0:
@@ -783,9 +826,9 @@ class Worker:
 
     def run(self):
         send(self.channel, READY, struct.pack("<IB", os.getpid(), FEATURE_PARSED))
-        size = self.settings.max_message()
+        buffer = bytearray(self.settings.max_message())
         while True:
-            msg, fds = receive(self.channel, size, 1)
+            msg, fds = receive(self.channel, buffer, 1)
             if msg is None:
                 return 0
             if len(fds) != 1:
@@ -848,7 +891,7 @@ class Worker:
                 raise AssertionError("the app returned without calling start_response")
             exchange.finish()
         except ClientError as e:
-            if exchange.headers_sent:
+            if not exchange.nothing_sent():
                 return False, b""
             exchange.status_code = e.status
             exchange.sent_bytes = refuse(sock, self.board, e.status, str(e))
@@ -860,7 +903,7 @@ class Worker:
             return False, b""
         except Exception:
             log("the app failed on %s %s:\n%s" % (request.method, request.target, traceback.format_exc()))
-            if not exchange.headers_sent:
+            if exchange.nothing_sent():
                 exchange.status_code = 500
                 exchange.sent_bytes = refuse(sock, self.board, 500, "the app failed; see the log")
             return False, b""
@@ -902,10 +945,12 @@ def template(args, settings):
         gc.freeze()  # keep the collector from touching the shared pages
     channel = socket.socket(fileno=CHANNEL_FD)
     send(channel, TEMPLATE_READY, struct.pack("<I", os.getpid()))
+    buffer = bytearray(1 << 16)
     while True:
-        msg, fds = receive(channel, 1 << 20, 2)
+        msg, fds = receive(channel, buffer, 2)
         if msg is None:
             return 0
+        msg = bytes(msg)
         if msg[:2] != bytes((VERSION, FORK)) or len(fds) != 2:
             raise ProtocolError("expected Fork with two descriptors")
         variables, at = {}, 4

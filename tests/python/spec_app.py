@@ -142,6 +142,9 @@ def retire(environ, start_response):
 
 
 def draw(environ, start_response):
+    import time
+
+    time.sleep(int(environ["QUERY_STRING"].partition("ms=")[2] or 0) / 1000)
     return respond(start_response, {"pid": os.getpid(), "random": random.random(), "post_fork": POST_FORKED})
 
 
