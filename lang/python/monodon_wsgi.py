@@ -135,7 +135,7 @@ class Scoreboard:
         self.bytes = memoryview(self._map)
 
     def add(self, word, n):
-        self.words[word] = (self.words[word] + n) & 0xFFFFFFFFFFFFFFFF
+        self.words[word] += n
 
     def begin_connection(self, conn_id):
         self.words[CONN_BASE] = self.words[BYTES_WRITTEN]
@@ -143,19 +143,21 @@ class Scoreboard:
 
     def begin_request(self, line):
         line = line[:REQUEST_LINE_MAX]
-        self.add(REQUEST_SEQ, 1)
+        words = self.words
+        words[REQUEST_SEQ] += 1  # odd: being written
         self.bytes[REQUEST_LINE_AT:REQUEST_LINE_AT + len(line)] = line
-        self.words[REQUEST_LEN] = len(line)
-        self.add(REQUEST_SEQ, 1)
-        self.words[STARTED_MS] = max(1, int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1000))
+        words[REQUEST_LEN] = len(line)
+        words[REQUEST_SEQ] += 1
+        words[STARTED_MS] = max(1, int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1000))
 
     def end_request(self, status, took_us):
+        words = self.words
         if 100 <= status <= 599:
-            self.add(RESPONSES + status // 100 - 1, 1)
-        self.add(DURATIONS + bisect.bisect_left(DURATION_BOUNDS_US, took_us), 1)
-        self.add(DURATION_SUM, took_us)
-        self.words[STARTED_MS] = 0
-        self.add(REQUESTS, 1)
+            words[RESPONSES + status // 100 - 1] += 1
+        words[DURATIONS + bisect.bisect_left(DURATION_BOUNDS_US, took_us)] += 1
+        words[DURATION_SUM] += took_us
+        words[STARTED_MS] = 0
+        words[REQUESTS] += 1
 
     def draining(self):
         return self.words[DRAINING] != 0
@@ -532,7 +534,7 @@ class Exchange:
             after = path.split("://", 1)[1]
             slash = after.find("/")
             path = after[slash:] if slash >= 0 else "/"
-        path_info = unquote_to_bytes(path).decode("latin-1") if path != "*" else "*"
+        path_info = unquote_to_bytes(path).decode("latin-1") if "%" in path else path
         remote_addr, remote_port = split_client(r.client)
         try:
             local = self.sock.getsockname()
@@ -665,7 +667,7 @@ class Exchange:
             self.pending_head = None
         # Counted before it goes out: a worker that dies mid-write must not
         # have the supervisor answer 502 after part of a response.
-        self.worker.board.add(BYTES_WRITTEN, len(data))
+        self.worker.board.words[BYTES_WRITTEN] += len(data)
         self.sock.sendall(data)
 
     def flush(self):
