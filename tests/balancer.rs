@@ -24,15 +24,6 @@ impl Drop for Haproxy {
     }
 }
 
-fn haproxy_installed() -> bool {
-    let found = Command::new("haproxy").arg("-v").stdout(Stdio::null()).status().is_ok_and(|s| s.success());
-    if !found {
-        assert!(std::env::var_os("CI").is_none(), "CI installs haproxy");
-        eprintln!("skipped: haproxy is not installed");
-    }
-    found
-}
-
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -43,7 +34,7 @@ fn backend() -> Server {
 
 #[test]
 fn a_rolling_reload_and_a_stop_behind_haproxy_fail_no_request() {
-    if !haproxy_installed() {
+    if !common::installed("haproxy", "-v", "haproxy") {
         return;
     }
     let scratch = Scratch::new("balancer");

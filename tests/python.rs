@@ -508,3 +508,38 @@ fn a_django_project_answers_through_monodon() {
     let server = wsgi_in(&apps_dir(), "django_app", &[], 2);
     exercise_framework(&server, "django");
 }
+
+/// Without --python, an active virtualenv's interpreter is the one run.
+#[test]
+fn an_active_virtualenv_is_used_without_being_named() {
+    let scratch = Scratch::new("python-venv");
+    let bin = scratch.0.join("venv/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let real = std::fs::canonicalize(which_python()).unwrap();
+    std::os::unix::fs::symlink(&real, bin.join("python")).unwrap();
+    let mut cmd = common::monodon();
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--wsgi", "spec_app:application", "--chdir", &apps_dir()])
+        .args(["--workers", "1"])
+        .env("VIRTUAL_ENV", scratch.0.join("venv"));
+    let server = Server::start_cmd(&mut cmd, 1);
+    assert_eq!(server.get("/environ").status, 200);
+    // The generation's command, resolved through symlinks, is the venv's python.
+    let status = server.status().unwrap();
+    let command = status["generations"][0]["command"][0].as_str().unwrap_or_default().to_owned();
+    assert_eq!(std::path::Path::new(&command), real, "{status}");
+    let logs = server.logs();
+    assert!(
+        logs.contains(&format!("{}", bin.join("python").display())),
+        "the venv's python is started: {logs}"
+    );
+}
+
+/// The interpreter the other tests name, as a path.
+fn which_python() -> std::path::PathBuf {
+    let name = python();
+    if name.contains('/') {
+        return name.into();
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file()).expect("python3 on PATH")
+}

@@ -47,15 +47,6 @@ impl Drop for Tmux {
     }
 }
 
-fn tmux_installed() -> bool {
-    let found = Command::new("tmux").arg("-V").stdout(Stdio::null()).status().is_ok_and(|s| s.success());
-    if !found {
-        assert!(std::env::var_os("CI").is_none(), "CI installs tmux");
-        eprintln!("skipped: tmux is not installed");
-    }
-    found
-}
-
 /// The pids in the worker table, top to bottom.
 fn table_pids(screen: &str, candidates: &[u32]) -> Vec<u32> {
     screen
@@ -67,7 +58,7 @@ fn table_pids(screen: &str, candidates: &[u32]) -> Vec<u32> {
 
 #[test]
 fn top_shows_workers_live_and_answers_its_keys() {
-    if !tmux_installed() {
+    if !common::installed("tmux", "-V", "tmux") {
         return;
     }
     let server = Server::start(&["--app", "echo", "--workers", "3"], 3);

@@ -551,6 +551,23 @@ pub fn cpu_ticks(pid: u32) -> u64 {
     get(11) + get(12)
 }
 
+/// Whether `program` runs (`program version_arg` succeeds). A test that
+/// needs it passes without it, saying so, except under CI (`CI` set), whose
+/// .ci/run installs `package`.
+pub fn installed(program: &str, version_arg: &str, package: &str) -> bool {
+    let found = Command::new(program)
+        .arg(version_arg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(std::env::var_os("CI").is_none(), "CI installs {package}");
+        eprintln!("skipped: {package} is not installed");
+    }
+    found
+}
+
 pub fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| !s.rsplit_once(')').map(|(_, r)| r.trim_start().starts_with('Z')).unwrap_or(true))

@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use log::info;
 use monodon_proto::access_log::AccessLog;
+use monodon_proto::forwarded::Scheme;
 use monodon_proto::http::{PendingRequest, Rejection};
 use monodon_proto::parsed::ParsedRequest;
 use monodon_proto::scoreboard::Scoreboard;
@@ -404,15 +405,12 @@ impl Port<ConnIo, WorkerIo> for Wire<'_> {
                     .encode(self.msg)
             }
             Some(p) => {
-                let bytes = conn.pending.bytes();
-                let fields = monodon_proto::http::parse_head(bytes, &p.limits).ok().flatten();
-                let origin = match fields {
-                    Some(head) => p.trusted.resolve(&conn.peer, &head.headers),
-                    None => p.trusted.resolve::<&str, &[u8]>(&conn.peer, &[]),
-                };
                 let request =
-                    ParsedRequest::from_buffer(id, served, &origin.client, origin.scheme, bytes, &p.limits)
+                    ParsedRequest::from_buffer(id, served, "", Scheme::Http, conn.pending.bytes(), &p.limits)
                         .ok_or_else(|| SendError::Failed("no complete request to hand over".into()))?;
+                // Who the client is, by the generation's trusted proxies.
+                let origin = p.trusted.resolve(&conn.peer, &request.headers);
+                let request = ParsedRequest { client: &origin.client, scheme: origin.scheme, ..request };
                 request.encode(self.msg);
             }
         }
