@@ -543,3 +543,34 @@ fn which_python() -> std::path::PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file()).expect("python3 on PATH")
 }
+
+/// SERVER_NAME and SERVER_PORT come from the connection's own address on
+/// IPv6 and unix listeners too (from Host on a unix socket, which has none).
+#[test]
+fn the_server_address_is_right_on_ipv6_and_unix_listeners() {
+    let scratch = Scratch::new("python-listeners");
+    let path = scratch.0.join("app.sock");
+    let unix = format!("unix:{}", path.display());
+    let server = spec(&["--listen", "[::1]:0", "--listen", &unix], 1);
+    let status = server.status().unwrap();
+    let v6 = status["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l.as_str())
+        .find(|l| l.starts_with('['));
+    let v6: std::net::SocketAddr = v6.expect("an IPv6 listener").parse().unwrap();
+    let mut c = Client::connect(v6);
+    c.send(b"GET /environ HTTP/1.1\r\nHost: x\r\n\r\n");
+    let cgi = c.response().unwrap().json()["cgi"].clone();
+    assert_eq!((cgi["SERVER_NAME"].as_str(), cgi["REMOTE_ADDR"].as_str()), (Some("::1"), Some("::1")));
+    assert_eq!(cgi["SERVER_PORT"], v6.port().to_string());
+    let mut stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    stream
+        .write_all(b"GET /environ HTTP/1.1\r\nHost: app.example:8443\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let r = common::read_response(&mut std::io::BufReader::new(stream), false).unwrap();
+    let cgi = r.json()["cgi"].clone();
+    assert_eq!((cgi["SERVER_NAME"].as_str(), cgi["SERVER_PORT"].as_str()), (Some("app.example"), Some("8443")));
+    assert_eq!(cgi["REMOTE_ADDR"], "");
+}

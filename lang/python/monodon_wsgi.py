@@ -174,7 +174,7 @@ class Request:
     requests)."""
 
     __slots__ = (
-        "conn_id", "served", "client", "https", "method", "target", "minor_version",
+        "conn_id", "served", "client", "local", "https", "method", "target", "minor_version",
         "keep_alive", "expect_continue", "framing", "length", "body_complete",
         "headers", "body", "rest",
     )
@@ -195,6 +195,9 @@ class Request:
         at = 2 + _FIXED.size
         r.client = str(msg[at:at + n], "utf-8")
         at += n
+        (n,) = _U16.unpack_from(msg, at)
+        r.local = str(msg[at + 2:at + 2 + n], "utf-8")
+        at += 2 + n
         r.minor_version, flags, r.framing, r.length, n = _SHAPE.unpack_from(msg, at)
         at += _SHAPE.size
         r.keep_alive = bool(flags & 1)
@@ -536,17 +539,16 @@ class Exchange:
             path = after[slash:] if slash >= 0 else "/"
         path_info = unquote_to_bytes(path).decode("latin-1") if "%" in path else path
         remote_addr, remote_port = split_client(r.client)
-        try:
-            local = self.sock.getsockname()
-        except OSError:
-            local = None
         scheme = "https" if r.https else "http"
-        if isinstance(local, tuple):
-            server_name, server_port = local[0], str(local[1])
+        if r.local != "unix":
+            server_name, server_port = split_client(r.local)
         else:
-            host = next((v for n, v in r.headers if n.lower() == "host"), b"localhost")
-            server_name = host.decode("latin-1").rsplit(":", 1)[0] or "localhost"
-            server_port = "443" if r.https else "80"
+            # A unix socket has no address of its own: the Host field names
+            # the server, as the client saw it.
+            host = next((v for n, v in r.headers if n.lower() == "host"), b"").decode("latin-1")
+            name, _, port = host.rpartition(":") if host.rpartition(":")[2].isdigit() else (host, "", "")
+            server_name = name.strip("[]") or "localhost"
+            server_port = port or ("443" if r.https else "80")
         environ = {
             "REQUEST_METHOD": r.method,
             "SCRIPT_NAME": "",
@@ -845,7 +847,10 @@ class Worker:
         last = self.remaining is not None and self.remaining <= 1 and not self.board.limit_held()
         if last:
             send(self.channel, RETIRING)
-        sock = socket.socket(fileno=fd)
+        # The family from the supervisor's word: no probing of the socket.
+        local = request.local
+        family = socket.AF_UNIX if local == "unix" else socket.AF_INET6 if local.startswith("[") else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
         sock.settimeout(self.settings.io_timeout)
         self.board.begin_connection(request.conn_id)
         self.board.begin_request(("%s %s" % (request.method, request.target)).encode("latin-1"))

@@ -26,6 +26,9 @@ pub struct ParsedRequest<'a> {
     pub served: u32,
     /// The client (after the PROXY header and trusted forwarding fields).
     pub client: &'a str,
+    /// The connection's own address (`ip:port`, `[v6]:port`, `unix`): the
+    /// server's name and port for the app, and the socket's family.
+    pub local: &'a str,
     pub scheme: Scheme,
     pub method: &'a str,
     pub target: &'a str,
@@ -96,6 +99,7 @@ impl<'a> ParsedRequest<'a> {
             conn_id,
             served,
             client,
+            local: "",
             scheme,
             method: head.method,
             target: head.target,
@@ -125,6 +129,7 @@ impl<'a> ParsedRequest<'a> {
         out.extend_from_slice(&self.conn_id.to_le_bytes());
         out.extend_from_slice(&self.served.to_le_bytes());
         short(out, self.client.as_bytes());
+        short(out, self.local.as_bytes());
         let flags = u8::from(self.keep_alive)
             | u8::from(self.expect_continue) << 1
             | u8::from(self.body_complete) << 2
@@ -160,6 +165,8 @@ impl<'a> ParsedRequest<'a> {
         let served = r.u32()?;
         let n = r.u16()?.into();
         let client = text(r.bytes(n)?)?;
+        let n = r.u16()?.into();
+        let local = text(r.bytes(n)?)?;
         let minor_version = r.bytes(1)?[0];
         let flags = r.bytes(1)?[0];
         let framing = r.bytes(1)?[0];
@@ -188,6 +195,7 @@ impl<'a> ParsedRequest<'a> {
             conn_id,
             served,
             client,
+            local,
             scheme: if flags & 8 != 0 { Scheme::Https } else { Scheme::Http },
             method,
             target,
@@ -214,8 +222,9 @@ mod tests {
 
     fn round_trip(p: &ParsedRequest<'_>) {
         let mut out = Vec::new();
+        let p = ParsedRequest { local: "[::1]:8080", ..p.clone() };
         p.encode(&mut out);
-        assert_eq!(&ParsedRequest::decode(&out).unwrap(), p);
+        assert_eq!(ParsedRequest::decode(&out).unwrap(), p);
     }
 
     #[test]

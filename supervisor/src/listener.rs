@@ -218,3 +218,12 @@ pub fn inherited() -> io::Result<Vec<Listener>> {
     }
     Ok(out)
 }
+
+/// A connected socket's own address, as the protocol writes addresses:
+/// `ip:port`, `[v6]:port`, or `unix` (also when it cannot be read).
+pub fn local_address(fd: BorrowedFd<'_>) -> String {
+    match socket::getsockname::<SockaddrStorage>(fd.as_raw_fd()) {
+        Ok(a) if a.as_unix_addr().is_none() => a.to_string(),
+        _ => "unix".to_owned(),
+    }
+}

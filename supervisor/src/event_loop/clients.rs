@@ -77,6 +77,7 @@ impl Supervisor {
             watched: false,
             proxy_pending: self.config.proxy_protocol,
             written_before: 0,
+            local: None,
         };
         let key = self.core.accept(io, Instant::now());
         // With TCP_DEFER_ACCEPT the request is usually here already.

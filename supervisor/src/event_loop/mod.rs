@@ -105,6 +105,8 @@ struct ConnIo {
     /// response byte went out, for a worker whose scoreboard does not say
     /// (`Slot::wrote_on`).
     written_before: u64,
+    /// Its own address, asked for once, at its first parsed hand-over.
+    local: Option<String>,
 }
 
 impl core::Peer for ConnIo {
@@ -410,7 +412,9 @@ impl Port<ConnIo, WorkerIo> for Wire<'_> {
                         .ok_or_else(|| SendError::Failed("no complete request to hand over".into()))?;
                 // Who the client is, by the generation's trusted proxies.
                 let origin = p.trusted.resolve(&conn.peer, &request.headers);
-                let request = ParsedRequest { client: &origin.client, scheme: origin.scheme, ..request };
+                let local = conn.local.get_or_insert_with(|| crate::listener::local_address(conn.fd.as_fd()));
+                let request =
+                    ParsedRequest { client: &origin.client, local, scheme: origin.scheme, ..request };
                 request.encode(self.msg);
             }
         }
