@@ -571,6 +571,39 @@ fn the_server_address_is_right_on_ipv6_and_unix_listeners() {
         .unwrap();
     let r = common::read_response(&mut std::io::BufReader::new(stream), false).unwrap();
     let cgi = r.json()["cgi"].clone();
-    assert_eq!((cgi["SERVER_NAME"].as_str(), cgi["SERVER_PORT"].as_str()), (Some("app.example"), Some("8443")));
+    assert_eq!(
+        (cgi["SERVER_NAME"].as_str(), cgi["SERVER_PORT"].as_str()),
+        (Some("app.example"), Some("8443"))
+    );
     assert_eq!(cgi["REMOTE_ADDR"], "");
+}
+
+/// A body trickled below --min-body-rate is cut off with 408 once the 10 s
+/// grace has passed, so a slow sender cannot hold a Python worker.
+#[test]
+fn a_body_trickled_below_the_minimum_rate_is_cut_off() {
+    let server = spec(&["--min-body-rate", "4KiB"], 1);
+    let mut c = server.connect();
+    // Larger than --buffer-body: the worker streams it.
+    c.send(b"POST /body?how=read-small HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n");
+    let started = std::time::Instant::now();
+    let mut refused = None;
+    while started.elapsed() < Duration::from_secs(30) {
+        // 100 bytes every 100 ms: 1 KB/s, below 4 KiB/s.
+        if c.stream().try_clone().and_then(|mut s| s.write_all(&[b'y'; 100])).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        c.stream().set_nonblocking(true).unwrap();
+        let mut peek = [0u8; 1];
+        let answered = c.stream().peek(&mut peek).is_ok_and(|n| n > 0);
+        c.stream().set_nonblocking(false).unwrap();
+        if answered {
+            refused = Some(c.response().unwrap());
+            break;
+        }
+    }
+    let r = refused.expect("an answer within 30 s");
+    assert_eq!(r.status, 408, "{}", r.text());
+    assert!(started.elapsed() >= Duration::from_secs(9), "not before the grace period");
 }

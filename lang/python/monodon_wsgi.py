@@ -57,6 +57,7 @@ DURATION_BOUNDS_US = (
 
 PR_SET_PDEATHSIG = 1
 MAX_DRAIN = 1 << 20
+BODY_RATE_GRACE = 10  # seconds before --min-body-rate applies
 
 REASONS = {
     400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large",
@@ -108,6 +109,7 @@ class Settings:
         self.supervisor_pid = number("MONODON_SUPERVISOR_PID", 0)
         self.generation = number("MONODON_GENERATION", 0)
         self.max_requests = number("MONODON_MAX_REQUESTS", 0)
+        self.min_body_rate = number("MONODON_MIN_BODY_RATE", 0)
         self.io_timeout = max(1, number("MONODON_IO_TIMEOUT", 30))
         limits = environ.get("MONODON_LIMITS", "4094,8190,100,65536,1073741824,65536")
         try:
@@ -277,6 +279,9 @@ class Input(io.RawIOBase):
         self.extra = b""  # bytes read past the body: the next request's
         self.total = 0
         self.error = None  # a ClientError the app may have swallowed
+        self._min_rate = settings.min_body_rate
+        self._since = None
+        self._received = 0
         if request.body_complete:
             self._decoded += request.body
             self._done = True
@@ -303,12 +308,21 @@ class Input(io.RawIOBase):
         if self._continue_pending:
             self._continue_pending = False
             self._sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        # A client trickling its body holds a worker: past a grace period it
+        # must average --min-body-rate, as for the Rust workers.
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+        elapsed = now - self._since
+        if self._min_rate and elapsed > BODY_RATE_GRACE and self._received < self._min_rate * elapsed:
+            raise ClientError(408, "request body sent too slowly")
         try:
             data = self._sock.recv(65536)
         except socket.timeout:
             raise ClientError(408, "request body not received in time")
         if not data:
             raise ClientError(400, "the client closed the connection inside the body")
+        self._received += len(data)
         return data
 
     def _fill(self):
