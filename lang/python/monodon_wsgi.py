@@ -466,6 +466,17 @@ class Input(io.RawIOBase):
         return self._done
 
 
+class CompleteBody(io.BytesIO):
+    """wsgi.input for a body that came whole with the request."""
+
+    finished = True
+    extra = b""
+    error = None
+
+    def drain(self, most):
+        return True
+
+
 class Errors:
     """wsgi.errors: the supervisor's log (this process's stderr)."""
 
@@ -526,6 +537,12 @@ def split_client(client):
 class Exchange:
     """One request on one connection: the environ, the app, the response."""
 
+    __slots__ = (
+        "worker", "request", "sock", "status", "headers", "headers_sent", "chunked", "close_after",
+        "length_left", "sent_bytes", "status_code", "head_only", "bodiless", "retire", "pending_head",
+        "keep",
+    )
+
     def __init__(self, worker, request, sock):
         self.worker = worker
         self.request = request
@@ -542,6 +559,7 @@ class Exchange:
         self.bodiless = False
         self.retire = False
         self.pending_head = None
+        self.keep = False
 
     # The environ (PEP 3333).
     def environ(self, body):
@@ -891,7 +909,9 @@ class Worker:
 
     def exchange(self, exchange, request, sock):
         """Runs the app; (keep the connection?, bytes past the request)."""
-        body = Input(request, sock, self.settings)
+        # A body the supervisor had whole is read from memory, by the C code
+        # of BytesIO; only one still on the wire needs ours.
+        body = CompleteBody(request.body) if request.body_complete else Input(request, sock, self.settings)
         try:
             environ = exchange.environ(body)
         except ClientError as e:
