@@ -538,7 +538,7 @@ class Exchange:
     """One request on one connection: the environ, the app, the response."""
 
     __slots__ = (
-        "worker", "request", "sock", "status", "headers", "headers_sent", "chunked", "close_after",
+        "worker", "request", "sock", "status", "headers", "headers_sent", "chunked",
         "length_left", "sent_bytes", "status_code", "head_only", "bodiless", "retire", "pending_head",
         "keep",
     )
@@ -551,7 +551,6 @@ class Exchange:
         self.headers = None
         self.headers_sent = False
         self.chunked = False
-        self.close_after = False
         self.length_left = None
         self.sent_bytes = 0
         self.status_code = 0
@@ -656,7 +655,7 @@ class Exchange:
     def send_head(self, known_length=None):
         r = self.request
         names = {n.lower(): v for n, v in self.headers}
-        keep = r.keep_alive and not self.worker.board.draining() and not self.close_after
+        keep = r.keep_alive and not self.worker.board.draining()
         bodiless = self.status_code < 200 or self.status_code in (204, 304)
         lines = ["HTTP/1.%d %s" % (r.minor_version, self.status)]
         for name, value in self.headers:

@@ -62,13 +62,13 @@ const LOOSE: Limits = Limits {
 
 impl<'a> ParsedRequest<'a> {
     /// The request at the start of `buf`, a complete head the supervisor
-    /// accepted under `limits`. `None` if `buf` holds no complete, valid
-    /// head, which a caller that checked it first never sees.
+    /// accepted under `limits`; the caller fills in `client`, `scheme` and
+    /// `local` (who the client is depends on the head's fields). `None` if
+    /// `buf` holds no complete, valid head, which a caller that checked it
+    /// first never sees.
     pub fn from_buffer(
         conn_id: u64,
         served: u32,
-        client: &'a str,
-        scheme: Scheme,
         buf: &'a [u8],
         limits: &Limits,
     ) -> Option<ParsedRequest<'a>> {
@@ -98,9 +98,9 @@ impl<'a> ParsedRequest<'a> {
         Some(ParsedRequest {
             conn_id,
             served,
-            client,
+            client: "",
             local: "",
-            scheme,
+            scheme: Scheme::Http,
             method: head.method,
             target: head.target,
             minor_version: head.minor_version,
@@ -216,8 +216,8 @@ mod tests {
     use super::*;
 
     fn parsed(buf: &[u8]) -> ParsedRequest<'_> {
-        ParsedRequest::from_buffer(9, 2, "192.0.2.1:5", Scheme::Https, buf, &Limits::default())
-            .expect("a head")
+        let p = ParsedRequest::from_buffer(9, 2, buf, &Limits::default()).expect("a head");
+        ParsedRequest { client: "192.0.2.1:5", scheme: Scheme::Https, ..p }
     }
 
     fn round_trip(p: &ParsedRequest<'_>) {
@@ -262,16 +262,11 @@ mod tests {
     #[test]
     fn no_head_no_request_and_truncations_are_errors() {
         let limits = Limits::default();
-        assert!(
-            ParsedRequest::from_buffer(1, 0, "unix", Scheme::Http, b"GET / HTTP/1.1\r\n", &limits).is_none()
-        );
+        assert!(ParsedRequest::from_buffer(1, 0, b"GET / HTTP/1.1\r\n", &limits).is_none());
         // Accepted under looser limits before a reload: still taken apart.
         let strict = Limits { max_headers: 1, ..limits };
         let two = b"GET / HTTP/1.1\r\nHost: x\r\nA: b\r\n\r\n";
-        assert_eq!(
-            ParsedRequest::from_buffer(1, 0, "unix", Scheme::Http, two, &strict).unwrap().headers.len(),
-            2
-        );
+        assert_eq!(ParsedRequest::from_buffer(1, 0, two, &strict).unwrap().headers.len(), 2);
         let mut out = Vec::new();
         parsed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").encode(&mut out);
         // Everything up to the body is fixed or length-prefixed: any cut shows.

@@ -68,6 +68,30 @@ pub struct Slot {
     pub duration_sum_us: AtomicU64,
 }
 
+/// Responses by status class (1xx at index 0 ... 5xx at 4) and the
+/// durations of the requests they answered: one worker's, or many added up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResponseCounts {
+    pub by_class: [u64; 5],
+    pub durations: Histogram,
+}
+
+impl ResponseCounts {
+    /// Counts a response with `status` (no duration: its request was not served).
+    pub fn count(&mut self, status: u16) {
+        if let Some(class) = status_class(status) {
+            self.by_class[class] += 1;
+        }
+    }
+
+    pub fn merge(&mut self, other: &ResponseCounts) {
+        for (mine, theirs) in self.by_class.iter_mut().zip(other.by_class) {
+            *mine += theirs;
+        }
+        self.durations.merge(&other.durations);
+    }
+}
+
 /// The index of `status`'s class (1xx: 0 ... 5xx: 4); `None` outside 100-599.
 pub fn status_class(status: u16) -> Option<usize> {
     (100..600).contains(&status).then(|| usize::from(status / 100 - 1))
@@ -152,13 +176,14 @@ impl Slot {
 
     /// Supervisor side: the responses counted so far, by class, and the
     /// requests' durations.
-    pub fn responses(&self) -> ([u64; 5], Histogram) {
-        let classes = std::array::from_fn(|i| self.responses[i].load(Ordering::Relaxed));
-        let durations = Histogram {
-            counts: std::array::from_fn(|i| self.duration_counts[i].load(Ordering::Relaxed)),
-            sum_us: self.duration_sum_us.load(Ordering::Relaxed),
-        };
-        (classes, durations)
+    pub fn responses(&self) -> ResponseCounts {
+        ResponseCounts {
+            by_class: std::array::from_fn(|i| self.responses[i].load(Ordering::Relaxed)),
+            durations: Histogram {
+                counts: std::array::from_fn(|i| self.duration_counts[i].load(Ordering::Relaxed)),
+                sum_us: self.duration_sum_us.load(Ordering::Relaxed),
+            },
+        }
     }
 
     /// Worker side: starts serving connection `conn_id`.

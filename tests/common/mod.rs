@@ -551,16 +551,16 @@ pub fn cpu_ticks(pid: u32) -> u64 {
     get(11) + get(12)
 }
 
-/// Whether `program` runs (`program version_arg` succeeds). A test that
+/// Whether `program` runs (`program version_arg` succeeds); see [`available`].
+pub fn installed(program: &str, version_arg: &str, package: &str) -> bool {
+    available(Command::new(program).arg(version_arg), package)
+}
+
+/// Whether `check` succeeds, i.e. what a test needs is there. A test that
 /// needs it passes without it, saying so, except under CI (`CI` set), whose
 /// .ci/run installs `package`.
-pub fn installed(program: &str, version_arg: &str, package: &str) -> bool {
-    let found = Command::new(program)
-        .arg(version_arg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
+pub fn available(check: &mut Command, package: &str) -> bool {
+    let found = check.stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
     if !found {
         assert!(std::env::var_os("CI").is_none(), "CI installs {package}");
         eprintln!("skipped: {package} is not installed");

@@ -284,7 +284,7 @@ impl Supervisor {
         let Some(conn) = self.core.conn(key) else { return };
         debug!("{}: {rejection}", conn.io.peer);
         let sent = self.send_error(key, rejection.response());
-        self.count_own_response(rejection.status);
+        self.own_responses.count(rejection.status);
         if let (Some(log), Some(conn)) = (&mut self.access_log, self.core.conn(key)) {
             let line = RawRequestLine::from_bytes(conn.io.pending.bytes());
             log.write(&Entry {
@@ -294,13 +294,6 @@ impl Supervisor {
             });
         }
         self.linger(key);
-    }
-
-    /// Counts a response the supervisor sent itself.
-    pub(super) fn count_own_response(&mut self, status: u16) {
-        if let Some(class) = monodon_proto::scoreboard::status_class(status) {
-            self.own_responses[class] += 1;
-        }
     }
 
     /// Best-effort write of a small response on a non-blocking socket;

@@ -35,10 +35,9 @@ use std::time::{Duration, Instant};
 
 use log::info;
 use monodon_proto::access_log::AccessLog;
-use monodon_proto::forwarded::Scheme;
 use monodon_proto::http::{PendingRequest, Rejection};
 use monodon_proto::parsed::ParsedRequest;
-use monodon_proto::scoreboard::Scoreboard;
+use monodon_proto::scoreboard::{ResponseCounts, Scoreboard};
 use monodon_proto::wire::{self, ToWorker};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -241,10 +240,9 @@ pub struct Supervisor {
     access_log: Option<AccessLog>,
     /// Responses the supervisor sent itself, by status class (health checks
     /// aside).
-    own_responses: [u64; 5],
-    /// What the scoreboards of reaped workers counted: responses by class
-    /// and request durations.
-    departed_responses: ([u64; 5], monodon_proto::histogram::Histogram),
+    own_responses: ResponseCounts,
+    /// What the scoreboards of reaped workers counted.
+    departed_responses: ResponseCounts,
 }
 
 impl Supervisor {
@@ -407,9 +405,8 @@ impl Port<ConnIo, WorkerIo> for Wire<'_> {
                     .encode(self.msg)
             }
             Some(p) => {
-                let request =
-                    ParsedRequest::from_buffer(id, served, "", Scheme::Http, conn.pending.bytes(), &p.limits)
-                        .ok_or_else(|| SendError::Failed("no complete request to hand over".into()))?;
+                let request = ParsedRequest::from_buffer(id, served, conn.pending.bytes(), &p.limits)
+                    .ok_or_else(|| SendError::Failed("no complete request to hand over".into()))?;
                 // Who the client is, by the generation's trusted proxies.
                 let origin = p.trusted.resolve(&conn.peer, &request.headers);
                 let local = conn.local.get_or_insert_with(|| crate::listener::local_address(conn.fd.as_fd()));

@@ -141,7 +141,7 @@ impl Supervisor {
             requests_per_sec: 0.0,
             next_memory_check: now,
             access_log,
-            own_responses: [0; 5],
+            own_responses: Default::default(),
             departed_responses: Default::default(),
         })
     }

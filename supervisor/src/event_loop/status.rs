@@ -40,16 +40,12 @@ impl Supervisor {
         };
         let mut worker_list = Vec::with_capacity(self.core.worker_count());
         let mut live_requests = 0;
-        let (mut responses, mut durations) = self.departed_responses;
+        let mut responses = self.departed_responses;
         for (_, w) in self.core.workers() {
             let slot = w.io.scoreboard.slot();
             let requests = slot.requests.load(std::sync::atomic::Ordering::Relaxed);
             live_requests += requests;
-            let (classes, took) = slot.responses();
-            for (total, n) in responses.iter_mut().zip(classes) {
-                *total += n;
-            }
-            durations.merge(&took);
+            responses.merge(&slot.responses());
             let state = match (w.retiring(), w.activity) {
                 (Some(_), _) => "retiring",
                 (None, Activity::Starting) => "starting",
@@ -95,9 +91,9 @@ impl Supervisor {
         worker_list.sort_by_key(|w| (w.generation, w.pid));
         let mut totals = self.core.totals().clone();
         totals.requests += live_requests;
-        totals.worker_responses = crate::control::by_class(&responses);
-        totals.supervisor_responses = crate::control::by_class(&self.own_responses);
-        totals.request_duration = (&durations).into();
+        totals.worker_responses = crate::control::by_class(&responses.by_class);
+        totals.supervisor_responses = crate::control::by_class(&self.own_responses.by_class);
+        totals.request_duration = (&responses.durations).into();
         totals.queue_wait = self.core.queue_wait().into();
         let reload_started = self.core.reload().map(|r| r.started);
         let last_failure = self.core.last_reload_failure();

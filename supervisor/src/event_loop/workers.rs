@@ -319,11 +319,7 @@ impl Supervisor {
         };
         let Exit { io: w, generation, lived, conn, busy_for, expected, killed } = exit;
         self.core.totals_mut().requests += w.requests();
-        let (classes, durations) = w.scoreboard.slot().responses();
-        for (total, n) in self.departed_responses.0.iter_mut().zip(classes) {
-            *total += n;
-        }
-        self.departed_responses.1.merge(&durations);
+        self.departed_responses.merge(&w.scoreboard.slot().responses());
         if let Some(ch) = &w.channel {
             let _ = self.poller.delete(ch);
         }
@@ -348,7 +344,7 @@ impl Supervisor {
                     "the worker serving this request died"
                 };
                 let sent = self.send_error(ckey, error_response(status, why));
-                self.count_own_response(status);
+                self.own_responses.count(status);
                 if let Some(log) = &mut self.access_log {
                     let line = RawRequestLine::from_bytes(request.as_bytes());
                     log.write(&Entry {
