@@ -125,15 +125,15 @@ pub struct AppArgs {
     pub root: PathBuf,
 }
 
-/// A Python (WSGI) app as the workers.
+/// An app in Python, Perl or Ruby as the workers.
 #[derive(Debug, Clone, Args)]
-#[command(next_help_heading = "Python apps")]
-pub struct PythonArgs {
+#[command(next_help_heading = "Python, Perl and Ruby apps")]
+pub struct LanguageArgs {
     /// Serve this WSGI application, `package.module:callable` (`module`
     /// alone: its `application`), imported from --chdir (or the current
     /// directory) and PYTHONPATH. The template imports it once per
     /// generation and forks the workers.
-    #[arg(long, value_name = "MODULE:APP", conflicts_with = "command")]
+    #[arg(long, value_name = "MODULE:APP", conflicts_with_all = ["command", "psgi", "rack"])]
     pub wsgi: Option<String>,
 
     /// The Python interpreter [default: $VIRTUAL_ENV/bin/python, else
@@ -146,14 +146,41 @@ pub struct PythonArgs {
     #[arg(long, value_name = "MODULE:FUNCTION", requires = "wsgi")]
     pub post_fork: Option<String>,
 
-    /// Import the app in each worker instead of once in the template.
+    /// Serve this PSGI application file (`app.psgi`, as plackup takes it),
+    /// relative to --chdir. The template loads it once per generation and
+    /// forks the workers. Needs Debian's libsocket-msghdr-perl and
+    /// libfile-map-perl.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["command", "rack"])]
+    pub psgi: Option<PathBuf>,
+
+    /// The Perl interpreter [default: perl on PATH].
+    #[arg(long, value_name = "PATH", requires = "psgi")]
+    pub perl: Option<PathBuf>,
+
+    /// Add DIR to Perl's @INC (as `perl -I`); repeat for several.
+    #[arg(short = 'I', long = "include", value_name = "DIR", requires = "psgi")]
+    pub include: Vec<PathBuf>,
+
+    /// Serve this Rack application (`config.ru`, as rackup takes it),
+    /// relative to --chdir. The template loads it once per generation and
+    /// forks the workers. Ruby's standard library is enough; Rack's own
+    /// builder (ruby-rack) is used when it is installed.
+    #[arg(long, value_name = "FILE", conflicts_with = "command")]
+    pub rack: Option<PathBuf>,
+
+    /// The Ruby interpreter [default: ruby on PATH].
+    #[arg(long, value_name = "PATH", requires = "rack")]
+    pub ruby: Option<PathBuf>,
+
+    /// Load the app in each worker instead of once in the template.
     #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set, num_args = 0..=1,
           default_value_t = false, default_missing_value = "true")]
     pub no_preload: bool,
 
-    /// Request header names with `_` (which the environ's HTTP_* names
-    /// would confuse with `-`): `drop` them, `refuse` the request with 400,
-    /// or `allow` them (an underscore name never replaces a dash one).
+    /// Request header names with `_` (which the CGI-style HTTP_* names of
+    /// WSGI, PSGI and Rack would confuse with `-`): `drop` them, `refuse`
+    /// the request with 400, or `allow` them (an underscore name never
+    /// replaces a dash one).
     #[arg(long, value_name = "POLICY", value_parser = ["drop", "refuse", "allow"], default_value = "drop")]
     pub underscore_headers: String,
 }
@@ -189,7 +216,7 @@ pub struct ServeArgs {
     pub app: AppArgs,
 
     #[command(flatten)]
-    pub python: PythonArgs,
+    pub lang: LanguageArgs,
 
     /// How long an idle keep-alive connection is held between requests.
     #[arg(long, value_name = "DURATION", default_value_t = Seconds(DEFAULTS.keepalive_timeout))]

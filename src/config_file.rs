@@ -73,6 +73,11 @@ struct Settings {
     wsgi: Option<String>,
     python: Option<String>,
     post_fork: Option<String>,
+    psgi: Option<String>,
+    perl: Option<String>,
+    include: Option<Vec<String>>,
+    rack: Option<String>,
+    ruby: Option<String>,
     no_preload: Option<bool>,
     underscore_headers: Option<String>,
 }
@@ -125,10 +130,17 @@ impl Settings {
         one("--wsgi", self.wsgi.clone());
         one("--python", self.python.clone());
         one("--post-fork", self.post_fork.clone());
+        one("--psgi", self.psgi.clone());
+        one("--perl", self.perl.clone());
+        one("--rack", self.rack.clone());
+        one("--ruby", self.ruby.clone());
         one("--no-preload", self.no_preload.map(|b| b.to_string()));
         one("--underscore-headers", self.underscore_headers.clone());
         if let Some(listen) = &self.listen {
             out.push(("--listen", listen.clone()));
+        }
+        if let Some(include) = &self.include {
+            out.push(("--include", include.clone()));
         }
         out
     }
@@ -139,6 +151,7 @@ fn short_of(flag: &str) -> Option<&'static str> {
     match flag {
         "--listen" => Some("-l"),
         "--workers" => Some("-w"),
+        "--include" => Some("-I"),
         _ => None,
     }
 }

@@ -11,7 +11,7 @@ pub mod byte_size;
 pub mod cli;
 mod config_file;
 pub mod ctl;
-mod python;
+mod lang;
 mod top;
 
 use std::ffi::OsString;
@@ -84,8 +84,8 @@ fn load_config(
 ) -> Result<monodon_supervisor::Config, String> {
     let args = serve_args(argv)?;
     args.validate()?;
-    let command = match &args.python.wsgi {
-        Some(wsgi) => python::worker_command(&args, wsgi)?,
+    let command = match lang::worker_command(&args) {
+        Some(command) => command?,
         None => default(&args, exe),
     };
     Ok(args.to_config(command))
