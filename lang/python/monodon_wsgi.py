@@ -458,6 +458,8 @@ class Input(io.RawIOBase):
     def drain(self, most):
         """Reads what is left of the body, up to `most` bytes: whether the
         body ended (so the connection can carry another request)."""
+        if self._continue_pending:
+            return False  # a body behind Expect: 100-continue that nobody asked for
         left = most
         while not self._done and left > 0:
             self._fill()
