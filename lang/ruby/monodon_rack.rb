@@ -936,15 +936,14 @@ module Monodon
       key
     end
 
+    # SERVER_NAME is an authority (Rack::Lint checks): an IPv6 address
+    # keeps its brackets.
     def server_address
       local = @request.local
-      return Monodon.split_address(local) unless local == "unix"
-
       # A unix socket has no address of its own: the Host field names the
       # server, as the client saw it.
-      host = @request.header("host") || EMPTY
-      name, port = host.match(/\A(.*?)(?::(\d+))?\z/m).captures
-      name = name.delete_prefix("[").delete_suffix("]")
+      authority = local == "unix" ? @request.header("host") || EMPTY : local
+      name, port = authority.match(/\A(.*?)(?::(\d+))?\z/m).captures
       [name.empty? ? "localhost" : name, port || (@request.https? ? "443" : "80")]
     end
 

@@ -47,10 +47,12 @@ module Spec
     end
   end
 
-  # A file body: the server may send it with sendfile(2).
+  # A file body: the server may send it with sendfile(2). Its close
+  # removes the file.
   class FileBody
-    def initialize(path)
-      @path = path
+    def initialize(size)
+      @path = File.join(Dir.tmpdir, "monodon-rack-file-#{Process.pid}-#{rand(1 << 30)}")
+      File.binwrite(@path, Array.new(size) { |i| (i % 251).chr }.join)
     end
 
     def to_path
@@ -59,6 +61,11 @@ module Spec
 
     def each
       File.open(@path, "rb") { |f| while (part = f.read(16_384)) do yield part end }
+    end
+
+    def close
+      File.unlink(@path)
+      Spec.mark("file closed")
     end
   end
 
@@ -72,8 +79,6 @@ module Spec
       @count.times { |i| yield "part #{i}\n" }
     end
   end
-
-  FILE = File.join(Dir.tmpdir, "monodon-rack-file-#{Process.pid}")
 
   def self.read_body(env)
     input = env["rack.input"]
@@ -114,7 +119,8 @@ module Spec
     when "/after"
       env["rack.after_reply"] << -> { Spec.mark("after") }
       json({ "queued" => true })
-    when "/marks" then json({ "closed" => marks("closed"), "after" => marks("after") })
+    when "/marks"
+      json({ "closed" => marks("closed"), "after" => marks("after"), "file closed" => marks("file closed") })
     when "/retire"
       env["monodon.retire"].call
       json({ "pid" => Process.pid })
@@ -162,9 +168,7 @@ module Spec
     when "/fail" then raise "this app fails on purpose"
     when "/hijack" then [200, { "rack.hijack" => ->(io) { io.close } }, []]
     when "/file" # Rack::Lint 2 hides to_path
-      size = Integer(Spec.param(env, "size", "100000"))
-      File.binwrite(FILE, Array.new(size) { |i| (i % 251).chr }.join) unless File.size?(FILE) == size
-      [200, { "Content-Type" => "application/octet-stream" }, FileBody.new(FILE)]
+      [200, { "Content-Type" => "application/octet-stream" }, FileBody.new(Integer(Spec.param(env, "size", "100000")))]
     when "/call" then [200, { "Content-Type" => "text/plain" }, Streaming.new]
     when "/pid" then [200, { "Content-Type" => "text/plain" }, ["#{Process.pid}\n"]]
     else [404, {}, ["no such raw route\n"]]

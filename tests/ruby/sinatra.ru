@@ -1,0 +1,3 @@
+require_relative "sinatra_app"
+
+run SinatraApp
