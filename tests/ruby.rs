@@ -695,3 +695,32 @@ fn a_body_trickled_below_the_minimum_rate_is_cut_off() {
     assert_eq!(r.status, 408, "{}", r.text());
     assert!(started.elapsed() >= Duration::from_secs(9), "not before the grace period");
 }
+
+/// A fork copies only the thread that calls it: a template whose app
+/// started threads refuses to fork (ForkFailed), and says why.
+#[test]
+fn a_template_with_threads_refuses_to_fork() {
+    if !common::installed(ruby(), "--version", "ruby") {
+        return;
+    }
+    let scratch = Scratch::new("ruby-threads");
+    let dir = scratch.0.to_str().unwrap().to_owned();
+    std::fs::write(
+        scratch.0.join("config.ru"),
+        "Thread.new { sleep }\nrun ->(env) { [200, {}, [\"never\\n\"]] }\n",
+    )
+    .unwrap();
+    let mut cmd = common::monodon();
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--rack", "config.ru", "--ruby", ruby()]).args([
+        "--chdir",
+        &dir,
+        "--workers",
+        "1",
+    ]);
+    let server = Server::start_cmd(&mut cmd, 0);
+    server.wait_for_log(
+        "would not fork: the app started threads in the template; a fork copies only one",
+        Duration::from_secs(20),
+    );
+    assert_eq!(common::ready_workers(&server.status().unwrap(), 1), 0);
+}

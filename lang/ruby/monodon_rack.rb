@@ -82,7 +82,7 @@ module Monodon
   HOP_BY_HOP = %w[
     connection keep-alive transfer-encoding te trailer upgrade
     proxy-authenticate proxy-authorization
-  ].freeze
+  ].to_h { |name| [name, true] }.freeze
 
   REASONS = {
     100 => "Continue", 101 => "Switching Protocols", 200 => "OK", 201 => "Created",
@@ -775,6 +775,14 @@ module Monodon
     [host, address.byteslice(colon + 1, address.bytesize)]
   end
 
+  # SERVER_NAME and SERVER_PORT from an authority (`host:port`). SERVER_NAME
+  # is an authority too (Rack::Lint checks): an IPv6 address keeps its
+  # brackets.
+  def self.server_address(authority, https)
+    name, port = authority.match(/\A(.*?)(?::(\d+))?\z/m).captures
+    [(name.empty? ? "localhost" : name).freeze, (port || (https ? "443" : "80")).freeze]
+  end
+
   # Rack 3's streaming body gets one of these: write as it goes.
   class Stream
     def initialize(exchange, input)
@@ -859,7 +867,7 @@ module Monodon
         path = slash ? after.byteslice(slash, after.bytesize) : "/"
       end
       remote_addr, remote_port = Monodon.split_address(r.client)
-      server_name, server_port = server_address
+      server_name, server_port = r.local == "unix" ? server_address : @worker.server_address(r.local)
       protocol = PROTOCOLS[r.minor_version] || PROTOCOLS[1]
       @after_reply = []
       @response_finished = []
@@ -936,15 +944,10 @@ module Monodon
       key
     end
 
-    # SERVER_NAME is an authority (Rack::Lint checks): an IPv6 address
-    # keeps its brackets.
+    # A unix socket has no address of its own: the Host field names the
+    # server, as the client saw it.
     def server_address
-      local = @request.local
-      # A unix socket has no address of its own: the Host field names the
-      # server, as the client saw it.
-      authority = local == "unix" ? @request.header("host") || EMPTY : local
-      name, port = authority.match(/\A(.*?)(?::(\d+))?\z/m).captures
-      [name.empty? ? "localhost" : name, port || (@request.https? ? "443" : "80")]
+      Monodon.server_address(@request.header("host") || EMPTY, @request.https?)
     end
 
     # --- The response
@@ -1049,7 +1052,7 @@ module Monodon
       @headers.each do |name, value|
         name = name.to_s
         lower = name.downcase
-        if HOP_BY_HOP.include?(lower)
+        if HOP_BY_HOP[lower]
           keep = false if lower == "connection" && value.to_s.downcase.include?("close")
           next
         end
@@ -1298,6 +1301,12 @@ module Monodon
       @rack_version = @rack_version.dup.freeze
       @reasons = defined?(::Rack::Utils::HTTP_STATUS_CODES) ? ::Rack::Utils::HTTP_STATUS_CODES : REASONS
       @status_lines = [{}, {}]
+      @server_addresses = {}
+    end
+
+    # SERVER_NAME and SERVER_PORT of a listener's address, worked out once.
+    def server_address(local)
+      @server_addresses[local] ||= Monodon.server_address(local, false)
     end
 
     def status_line(minor, status)
