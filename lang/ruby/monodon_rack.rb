@@ -828,7 +828,7 @@ module Monodon
 
   # One request on one connection: the env, the response.
   class Exchange
-    attr_reader :status, :sent_bytes, :keep, :after_reply, :response_finished, :env
+    attr_reader :status, :headers, :sent_bytes, :keep, :after_reply, :response_finished, :env
 
     HEADER_KEYS = {} # header name as sent => its env key
 
@@ -1424,9 +1424,8 @@ module Monodon
       end
       return if exchange.response_finished.nil? || exchange.response_finished.empty?
 
-      headers = exchange.instance_variable_get(:@headers)
       exchange.response_finished.each do |callable|
-        callable.call(exchange.env, exchange.status, headers, nil)
+        callable.call(exchange.env, exchange.status, exchange.headers, nil)
       rescue StandardError => e
         Monodon.log("a rack.response_finished callable failed:\n#{e.full_message(highlight: false)}")
       end
