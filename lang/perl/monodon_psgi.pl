@@ -86,8 +86,8 @@ use constant {
 
 # System calls Perl has no word for, by architecture.
 my %SYSCALLS = (
-    x86_64  => { prctl => 157, sendfile => 40 },
-    aarch64 => { prctl => 167, sendfile => 71 },
+    x86_64  => { prctl => 157, sendfile => 40, recvmsg => 47 },
+    aarch64 => { prctl => 167, sendfile => 71, recvmsg => 212 },
 );
 my $SYSCALL = $SYSCALLS{ (split /-/, $Config::Config{archname})[0] } || {};
 
@@ -173,7 +173,10 @@ package Monodon::PSGI::Scoreboard {
         my ($class) = @_;
         open my $fh, '+<&=', Monodon::PSGI::SCOREBOARD_FD or die "the scoreboard (fd 4): $!\n";
         File::Map::map_handle(my $map, $fh, '+<', 0, 4096);
-        return bless { map => \$map, fh => $fh, written => 0, requests => 0, seq => 0 }, $class;
+        return bless {
+            map => \$map, fh => $fh, written => 0, requests => 0, seq => 0,
+            responses => [ (0) x 5 ], durations => [ (0) x 17 ], duration_sum => 0,
+        }, $class;
     }
 
     sub put { substr(${ $_[0]{map} }, $_[1], 8) = pack 'Q', $_[2] }
@@ -181,73 +184,124 @@ package Monodon::PSGI::Scoreboard {
 
     sub add_written {
         my ($self, $n) = @_;
-        $self->{written} += $n;
-        substr(${ $self->{map} }, Monodon::PSGI::BYTES_WRITTEN, 8) = pack 'Q', $self->{written};
+        substr(${ $self->{map} }, Monodon::PSGI::BYTES_WRITTEN, 8) = pack 'Q', $self->{written} += $n;
     }
 
     sub begin_connection {
         my ($self, $conn_id) = @_;
-        $self->put(Monodon::PSGI::CONN_BASE, $self->{written});
-        $self->put(Monodon::PSGI::CONN_ID, $conn_id);
+        # Offset 336 (bytes so far) before 328 (the id), and together.
+        substr(${ $self->{map} }, Monodon::PSGI::CONN_BASE, 8) = pack 'Q', $self->{written};
+        substr(${ $self->{map} }, Monodon::PSGI::CONN_ID, 8) = pack 'Q', $conn_id;
     }
 
     sub begin_request {
         my ($self, $line) = @_;
-        $line = substr $line, 0, Monodon::PSGI::REQUEST_LINE_MAX;
         my $map = $self->{map};
-        $self->put(Monodon::PSGI::REQUEST_SEQ, ++$self->{seq});    # odd: being written
-        substr($$map, Monodon::PSGI::REQUEST_LINE, length $line) = $line;
-        $self->put(Monodon::PSGI::REQUEST_LEN, length $line);
-        $self->put(Monodon::PSGI::REQUEST_SEQ, ++$self->{seq});
+        my $length = length $line;
+        $length = Monodon::PSGI::REQUEST_LINE_MAX if $length > Monodon::PSGI::REQUEST_LINE_MAX;
+        substr($$map, Monodon::PSGI::REQUEST_SEQ, 8) = pack 'Q', ++$self->{seq};    # odd: being written
+        substr($$map, Monodon::PSGI::REQUEST_LEN, 8 + $length) = pack('Q', $length) . substr($line, 0, $length);
+        substr($$map, Monodon::PSGI::REQUEST_SEQ, 8) = pack 'Q', ++$self->{seq};
         my $ms = int(Monodon::PSGI::monotonic() * 1000);
-        $self->put(Monodon::PSGI::STARTED_MS, $ms > 0 ? $ms : 1);
+        substr($$map, Monodon::PSGI::STARTED_MS, 8) = pack 'Q', $ms > 0 ? $ms : 1;
     }
 
     sub end_request {
         my ($self, $status, $took_us) = @_;
+        my $map = $self->{map};
         if ($status >= 100 && $status <= 599) {
-            my $at = Monodon::PSGI::RESPONSES + 8 * (int($status / 100) - 1);
-            $self->put($at, $self->get($at) + 1);
+            my $class = int($status / 100) - 1;
+            substr($$map, Monodon::PSGI::RESPONSES + 8 * $class, 8) = pack 'Q', ++$self->{responses}[$class];
         }
         my $bucket = 0;
         $bucket++ while $bucket < @DURATION_BOUNDS_US && $took_us > $DURATION_BOUNDS_US[$bucket];
-        my $at = Monodon::PSGI::DURATIONS + 8 * $bucket;
-        $self->put($at, $self->get($at) + 1);
-        $self->put(Monodon::PSGI::DURATION_SUM, $self->get(Monodon::PSGI::DURATION_SUM) + $took_us);
-        $self->put(Monodon::PSGI::STARTED_MS, 0);
-        $self->put(Monodon::PSGI::REQUESTS, ++$self->{requests});
+        substr($$map, Monodon::PSGI::DURATIONS + 8 * $bucket, 8) = pack 'Q', ++$self->{durations}[$bucket];
+        substr($$map, Monodon::PSGI::DURATION_SUM, 8) = pack 'Q', $self->{duration_sum} += $took_us;
+        substr($$map, Monodon::PSGI::STARTED_MS, 8) = pack 'Q', 0;
+        substr($$map, Monodon::PSGI::REQUESTS, 8) = pack 'Q', ++$self->{requests};
     }
 
-    sub draining   { $_[0]->get(Monodon::PSGI::DRAINING) != 0 }
-    sub limit_held { $_[0]->get(Monodon::PSGI::HOLD_LIMIT) != 0 }
+    sub draining   { substr(${ $_[0]{map} }, Monodon::PSGI::DRAINING, 8) ne "\0" x 8 }
+    sub limit_held { substr(${ $_[0]{map} }, Monodon::PSGI::HOLD_LIMIT, 8) ne "\0" x 8 }
 }
 
 # --- Messages ------------------------------------------------------------------
 
-sub send_message {
-    my ($channel, $kind, $payload) = @_;
-    my $msg = pack('CC', VERSION, $kind) . ($payload // '');
-    my $sent = syswrite $channel, $msg;
-    die "the channel: $!\n" unless defined $sent && $sent == length $msg;
-}
+# The channel to the supervisor (fd 3). Messages come with recvmsg(2):
+# through the raw system call where this architecture's numbers are known,
+# into buffers made once, since Socket::MsgHdr makes a fresh buffer of the
+# largest message's size for every receive (a 256 KiB allocation and memset
+# per request, 8 µs measured); through Socket::MsgHdr elsewhere.
+package Monodon::PSGI::Channel {
 
-# One message and its descriptors; () once the channel is closed.
-sub receive {
-    my ($channel, $hdr, $max_fds) = @_;
-    my $n;
-    do { $n = Socket::MsgHdr::recvmsg($channel, $hdr, MSG_CMSG_CLOEXEC) } while !defined $n && $!{EINTR};
-    die "the channel: $!\n" unless defined $n;
-    my @fds;
-    my @cmsg = $hdr->cmsghdr;
-    while (my ($level, $type, $data) = splice @cmsg, 0, 3) {
-        push @fds, unpack 'i*', $data if $level == Socket::SOL_SOCKET() && $type == Socket::SCM_RIGHTS();
+    sub new {
+        my ($class, $size) = @_;
+        open my $fh, '+<&=', Monodon::PSGI::CHANNEL_FD or die "the channel (fd 3): $!\n";
+        my $self = bless { fh => $fh, fd => Monodon::PSGI::CHANNEL_FD, size => $size }, $class;
+        # MONODON_PSGI_MSGHDR=1 takes Socket::MsgHdr's way anywhere (the tests use it).
+        $self->{raw} = $SYSCALL->{recvmsg} && !$ENV{MONODON_PSGI_MSGHDR};
+        if ($self->{raw}) {
+            $self->{buf}     = "\0" x $size;
+            $self->{control} = "\0" x Monodon::PSGI::CONTROL_LEN;
+            # struct iovec and struct msghdr (LP64): pointers into the two
+            # buffers above, which are never assigned again.
+            $self->{iov}    = pack 'P Q', $self->{buf}, $size;
+            $self->{msghdr} = pack 'Q Q P Q P Q Q', 0, 0, $self->{iov}, 1, $self->{control},
+                Monodon::PSGI::CONTROL_LEN, 0;
+        } else {
+            $self->{hdr} = Socket::MsgHdr->new;
+        }
+        return $self;
     }
-    if ($hdr->flags & (MSG_TRUNC | MSG_CTRUNC) || @fds > $max_fds) {
-        POSIX::close($_) for @fds;
-        protocol_error('message or its descriptors cut short');
+
+    sub send {
+        my ($self, $kind, $payload) = @_;
+        my $msg = pack('CC', Monodon::PSGI::VERSION, $kind) . ($payload // '');
+        my $sent = syswrite $self->{fh}, $msg;
+        die "the channel: $!\n" unless defined $sent && $sent == length $msg;
     }
-    return if $n == 0 && !@fds;
-    return ($hdr->buf, @fds);
+
+    # One message and its descriptors; () once the channel is closed.
+    sub receive {
+        my ($self, $max_fds) = @_;
+        my ($n, $msg, $flags, @fds);
+        if ($self->{raw}) {
+            my $nr = $SYSCALL->{recvmsg};
+            substr($self->{msghdr}, 40, 8) = pack 'Q', Monodon::PSGI::CONTROL_LEN;
+            do { $n = syscall($nr, $self->{fd}, $self->{msghdr}, Monodon::PSGI::MSG_CMSG_CLOEXEC) }
+                while $n < 0 && $!{EINTR};
+            die "the channel: $!\n" if $n < 0;
+            my $controllen;
+            ($controllen, $flags) = unpack 'x40 Q L', $self->{msghdr};
+            my $at = 0;
+            while ($at + 16 <= $controllen) {
+                my ($len, $level, $type) = unpack "x$at Q l l", $self->{control};
+                last if $len < 16;
+                push @fds, unpack 'i*', substr($self->{control}, $at + 16, $len - 16)
+                    if $level == Socket::SOL_SOCKET() && $type == Socket::SCM_RIGHTS();
+                $at += ($len + 7) & ~7;
+            }
+            $msg = substr $self->{buf}, 0, $n;
+        } else {
+            my $hdr = $self->{hdr};
+            $hdr->buflen($self->{size});
+            $hdr->controllen(Monodon::PSGI::CONTROL_LEN);
+            do { $n = Socket::MsgHdr::recvmsg($self->{fh}, $hdr, Monodon::PSGI::MSG_CMSG_CLOEXEC) }
+                while !defined $n && $!{EINTR};
+            die "the channel: $!\n" unless defined $n;
+            my @cmsg = $hdr->cmsghdr;
+            while (my ($level, $type, $data) = splice @cmsg, 0, 3) {
+                push @fds, unpack 'i*', $data if $level == Socket::SOL_SOCKET() && $type == Socket::SCM_RIGHTS();
+            }
+            ($msg, $flags) = ($hdr->buf, $hdr->flags);
+        }
+        if ($flags & (Monodon::PSGI::MSG_TRUNC | Monodon::PSGI::MSG_CTRUNC) || @fds > $max_fds) {
+            POSIX::close($_) for @fds;
+            Monodon::PSGI::protocol_error('message or its descriptors cut short');
+        }
+        return if $n == 0 && !@fds;
+        return ($msg, @fds);
+    }
 }
 
 # A Parsed request (PROTOCOL.md, Parsed requests) as a hash.
@@ -276,14 +330,14 @@ sub decode_request {
 # --- The client connection -----------------------------------------------------
 
 # The connection, non-blocking (its flag is shared with the supervisor):
-# reads and writes wait with select, up to the I/O timeout.
+# reads and writes wait with select, up to the I/O timeout. Used through its
+# descriptor alone (POSIX::read and ::write), so that a request costs no
+# PerlIO handle and none of the system calls that opening one makes.
 package Monodon::PSGI::Connection {
 
     sub new {
         my ($class, $fd, $timeout) = @_;
-        open my $fh, '+<&=', $fd or die "the connection (fd $fd): $!\n";
-        binmode $fh;
-        return bless { fh => $fh, fd => $fd, timeout => $timeout }, $class;
+        return bless { fd => $fd, timeout => $timeout }, $class;
     }
 
     sub wait_for {
@@ -300,8 +354,8 @@ package Monodon::PSGI::Connection {
     sub read_some {
         my ($self) = @_;
         while (1) {
-            my $n = sysread $self->{fh}, my $data, 65536;
-            return $data if defined $n;
+            my $n = POSIX::read($self->{fd}, my $data, 65536);
+            return $n ? $data : '' if defined $n;
             if ($!{EAGAIN} || $!{EWOULDBLOCK} || $!{EINTR}) { $self->wait_for(0); next }
             die { gone => "reading: $!" };
         }
@@ -309,10 +363,14 @@ package Monodon::PSGI::Connection {
 
     sub write_all {
         my ($self, $data) = @_;
-        my ($at, $left) = (0, length $data);
-        while ($left > 0) {
-            my $n = syswrite $self->{fh}, $data, $left, $at;
-            if (defined $n) { $at += $n; $left -= $n; next }
+        my $fd = $self->{fd};
+        while (1) {
+            my $n = POSIX::write($fd, $data, length $data);
+            if (defined $n) {
+                return if $n == length $data;
+                substr($data, 0, $n) = '';
+                next;
+            }
             if ($!{EAGAIN} || $!{EWOULDBLOCK} || $!{EINTR}) { $self->wait_for(1); next }
             die { gone => "writing: $!" };
         }
@@ -341,7 +399,7 @@ package Monodon::PSGI::Connection {
         return $sent;
     }
 
-    sub close { CORE::close $_[0]{fh} }
+    sub close { POSIX::close($_[0]{fd}) }
 }
 
 # --- psgi.input ----------------------------------------------------------------
@@ -543,8 +601,10 @@ sub http_date {
 # `ip:port` / `[v6]:port` / `unix` as (address, port).
 sub split_address {
     my ($address) = @_;
-    return ('', '') if $address eq 'unix' || index($address, ':') < 0;
-    my ($host, $port) = $address =~ /\A\[?(.*?)\]?:(\d+)\z/ or return ('', '');
+    my $colon = rindex $address, ':';
+    return ('', '') if $colon < 0;
+    my ($host, $port) = (substr($address, 0, $colon), substr($address, $colon + 1));
+    $host = substr($host, 1, -1) if substr($host, 0, 1) eq '[';
     return ($host, $port);
 }
 
@@ -580,72 +640,85 @@ package Monodon::PSGI::Exchange {
     sub env {
         my ($self, $input, $buffered) = @_;
         my $r = $self->{request};
+        my $worker = $self->{worker};
         my $target = $r->{target};
-        my ($path, $query) = split /\?/, $target, 2;
-        if ($path =~ m{\A[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*(/.*)?\z}s) {    # absolute-form
-            $path = $1 // '/';
+        my $q = index $target, '?';
+        my ($path, $query) = $q < 0 ? ($target, '') : (substr($target, 0, $q), substr($target, $q + 1));
+        if (substr($path, 0, 1) ne '/' && $path =~ m{\A[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*(/.*)?\z}s) {
+            $path = $1 // '/';    # absolute-form: the path is what follows the authority
         }
         my ($remote_addr, $remote_port) = Monodon::PSGI::split_address($r->{client});
-        my ($server_name, $server_port);
-        if ($r->{local} ne 'unix') {
-            ($server_name, $server_port) = Monodon::PSGI::split_address($r->{local});
-        } else {
+        # A listener's own address is the same on every request it brings.
+        my $server = $worker->{server_of}{ $r->{local} } //= [ Monodon::PSGI::split_address($r->{local}) ];
+        my ($server_name, $server_port) = @$server;
+        my $headers = $r->{headers};
+        if ($r->{local} eq 'unix') {
             # A unix socket has no address of its own: the Host field names
             # the server, as the client saw it.
-            my %h = @{ $r->{headers} };
-            my ($host) = map { $h{$_} } grep { lc eq 'host' } keys %h;
+            my ($host) = map { $headers->[ 2 * $_ + 1 ] } grep { lc $headers->[ 2 * $_ ] eq 'host' } 0 .. @$headers / 2 - 1;
             ($server_name, $server_port) = ($host // '') =~ /\A\[?(.*?)\]?(?::(\d+))?\z/;
             $server_name = 'localhost' unless length($server_name // '');
             $server_port //= $r->{https} ? 443 : 80;
         }
-        my $worker = $self->{worker};
         my %env = (
-            REQUEST_METHOD        => $r->{method},
-            SCRIPT_NAME           => '',
-            PATH_INFO             => index($path, '%') >= 0 ? Monodon::PSGI::percent_decode($path) : $path,
-            QUERY_STRING          => $query // '',
-            REQUEST_URI           => $target,
-            SERVER_NAME           => $server_name,
-            SERVER_PORT           => $server_port,
-            SERVER_PROTOCOL       => "HTTP/1.$r->{minor}",
-            REMOTE_ADDR           => $remote_addr,
-            REMOTE_PORT           => $remote_port,
-            'psgi.version'        => [ 1, 1 ],
-            'psgi.url_scheme'     => $r->{https} ? 'https' : 'http',
-            'psgi.input'          => $input,
-            'psgi.errors'         => *STDERR,
-            'psgi.multithread'    => '',
-            'psgi.multiprocess'   => 1,
-            'psgi.run_once'       => '',
-            'psgi.nonblocking'    => '',
-            'psgi.streaming'      => 1,
+            REQUEST_METHOD         => $r->{method},
+            SCRIPT_NAME            => '',
+            PATH_INFO              => index($path, '%') >= 0 ? Monodon::PSGI::percent_decode($path) : $path,
+            QUERY_STRING           => $query,
+            REQUEST_URI            => $target,
+            SERVER_NAME            => $server_name,
+            SERVER_PORT            => $server_port,
+            SERVER_PROTOCOL        => $r->{minor} ? 'HTTP/1.1' : 'HTTP/1.0',
+            REMOTE_ADDR            => $remote_addr,
+            REMOTE_PORT            => $remote_port,
+            'psgi.version'         => [ 1, 1 ],
+            'psgi.url_scheme'      => $r->{https} ? 'https' : 'http',
+            'psgi.input'           => $input,
+            'psgi.errors'          => *STDERR,
+            'psgi.multithread'     => '',
+            'psgi.multiprocess'    => 1,
+            'psgi.run_once'        => '',
+            'psgi.nonblocking'     => '',
+            'psgi.streaming'       => 1,
             'psgix.input.buffered' => $buffered,
-            'psgix.harakiri'      => 1,
-            'psgix.cleanup'       => 1,
+            'psgix.harakiri'       => 1,
+            'psgix.cleanup'        => 1,
             'psgix.cleanup.handlers' => [],
-            'monodon.generation'  => $worker->{settings}{generation},
+            'monodon.generation'   => $worker->{settings}{generation},
         );
-        my $policy = $worker->{underscore_headers};
-        my (@dashed, @underscored);
-        my @headers = @{ $r->{headers} };
-        while (my ($name, $value) = splice @headers, 0, 2) {
-            push @{ index($name, '_') >= 0 ? \@underscored : \@dashed }, $name, $value;
-        }
-        Monodon::PSGI::client_error(400, "header name with an underscore: $underscored[0]")
-            if @underscored && $policy eq 'refuse';
-        push @dashed, @underscored if $policy eq 'allow';
-        my %from_dash;
-        while (my ($name, $value) = splice @dashed, 0, 2) {
+        my @underscored;
+        for (my $i = 0; $i < @$headers; $i += 2) {
+            my $name = $headers->[$i];
+            if (index($name, '_') >= 0) {
+                push @underscored, $i;
+                next;
+            }
             (my $key = uc $name) =~ tr/-/_/;
             $key = "HTTP_$key" unless $key eq 'CONTENT_TYPE' || $key eq 'CONTENT_LENGTH';
-            my $underscore = index($name, '_') >= 0;
-            next if $underscore && $from_dash{$key};    # an underscore name never replaces a dash name
-            $from_dash{$key} = 1 unless $underscore;
-            if (exists $env{$key} && $key =~ /^HTTP_/) {
-                $env{$key} .= ($key eq 'HTTP_COOKIE' ? '; ' : ', ') . $value;
+            if (!exists $env{$key}) {
+                $env{$key} = $headers->[ $i + 1 ];
+            } elsif (substr($key, 0, 5) eq 'HTTP_') {
+                $env{$key} .= ($key eq 'HTTP_COOKIE' ? '; ' : ', ') . $headers->[ $i + 1 ];
             } else {
-                $env{$key} = $value;
+                $env{$key} = $headers->[ $i + 1 ];
             }
+        }
+        return \%env unless @underscored;
+        my $policy = $worker->{underscore_headers};
+        Monodon::PSGI::client_error(400, "header name with an underscore: $headers->[$underscored[0]]")
+            if $policy eq 'refuse';
+        return \%env unless $policy eq 'allow';
+        my %from_underscore;
+        for my $i (@underscored) {
+            (my $key = uc $headers->[$i]) =~ tr/-/_/;
+            $key = "HTTP_$key" unless $key eq 'CONTENT_TYPE' || $key eq 'CONTENT_LENGTH';
+            next if exists $env{$key} && !$from_underscore{$key};    # an underscore name never replaces a dash name
+            if ($from_underscore{$key} && substr($key, 0, 5) eq 'HTTP_') {
+                $env{$key} .= ', ' . $headers->[ $i + 1 ];
+            } else {
+                $env{$key} = $headers->[ $i + 1 ];
+            }
+            $from_underscore{$key} = 1;
         }
         return \%env;
     }
@@ -663,8 +736,8 @@ package Monodon::PSGI::Exchange {
         my $reason = $REASONS{$status} // 'Unknown';
         my $head = "HTTP/1.$r->{minor} $status $reason\r\n";
         my ($has_length, $has_date);
-        my @h = @$headers;
-        while (my ($name, $value) = splice @h, 0, 2) {
+        for (my $i = 0; $i < @$headers; $i += 2) {
+            my ($name, $value) = ($headers->[$i], $headers->[ $i + 1 ]);
             my $lower = lc $name;
             if ($HOP_BY_HOP{$lower}) {
                 $keep = 0 if $lower eq 'connection' && $value =~ /close/i;
@@ -779,17 +852,9 @@ package Monodon::PSGI::Exchange {
         return 1;
     }
 
-    # The known length of an array body, or of a file from its position.
+    # The length of a file body from its position, if it is one.
     sub known_length {
         my ($body) = @_;
-        if (ref $body eq 'ARRAY') {
-            my $n = 0;
-            for (@$body) {
-                return undef if utf8::is_utf8($_);
-                $n += length;
-            }
-            return $n;
-        }
         return undef unless Scalar::Util::reftype($body) eq 'GLOB';
         my $fd = fileno $body;
         return undef unless defined $fd && $fd >= 0 && -f $body;
@@ -802,11 +867,20 @@ package Monodon::PSGI::Exchange {
         my ($self, $res) = @_;
         die "the response must be an array [status, headers, body]\n" unless ref $res eq 'ARRAY' && @$res == 3;
         my ($status, $headers, $body) = @$res;
-        my $has_length = grep { lc $headers->[ 2 * $_ ] eq 'content-length' } 0 .. @$headers / 2 - 1;
-        $self->start($status, $headers, $has_length ? undef : known_length($body));
+        if (ref $body eq 'ARRAY') {
+            # Joined once: its length is known, and the head goes out with it.
+            my $data = join '', @$body;
+            utf8::downgrade($data, 1)
+                or die "the response body has a character above 255: encode it (PSGI bodies are bytes)\n";
+            $self->start($status, $headers, length $data);
+            $self->write($data);
+            $self->finish;
+            return;
+        }
+        $self->start($status, $headers, known_length($body));
         my $ok = eval { $self->body($body); 1 };
         my $error = $@;
-        if (ref $body ne 'ARRAY' && (!Scalar::Util::blessed($body) || $body->can('close'))) {
+        if (!Scalar::Util::blessed($body) || $body->can('close')) {
             eval { $body->close; 1 } or Monodon::PSGI::logline("the body's close failed: $@");
         }
         die $error unless $ok;
@@ -917,13 +991,12 @@ package Monodon::PSGI::Worker {
 
     sub new {
         my ($class, $app, $settings, $options) = @_;
-        open my $channel, '+<&=', Monodon::PSGI::CHANNEL_FD or die "the channel (fd 3): $!\n";
         my $self = bless {
             app                => $app,
             settings           => $settings,
             underscore_headers => $options->{underscore_headers},
             board              => Monodon::PSGI::Scoreboard->new,
-            channel            => $channel,
+            channel            => Monodon::PSGI::Channel->new($settings->{max_message}),
             remaining          => $settings->{max_requests} > 0 ? $settings->{max_requests} : undef,
         }, $class;
         if ($settings->{access_log}) {
@@ -936,14 +1009,10 @@ package Monodon::PSGI::Worker {
 
     sub run {
         my ($self) = @_;
-        Monodon::PSGI::send_message($self->{channel}, Monodon::PSGI::READY,
+        $self->{channel}->send(Monodon::PSGI::READY,
             pack('VC', $$, Monodon::PSGI::FEATURE_PARSED));
-        my $hdr = Socket::MsgHdr->new(
-            buflen => $self->{settings}{max_message}, controllen => Monodon::PSGI::CONTROL_LEN);
         while (1) {
-            $hdr->buflen($self->{settings}{max_message});
-            $hdr->controllen(Monodon::PSGI::CONTROL_LEN);
-            my ($msg, @fds) = Monodon::PSGI::receive($self->{channel}, $hdr, 1);
+            my ($msg, @fds) = $self->{channel}->receive(1);
             return 0 unless defined $msg;
             Monodon::PSGI::protocol_error('a request without its connection') unless @fds == 1;
             return 0 if $self->serve(Monodon::PSGI::decode_request($msg), $fds[0]);
@@ -955,7 +1024,7 @@ package Monodon::PSGI::Worker {
         my ($self, $r, $fd) = @_;
         my $board = $self->{board};
         my $last = defined $self->{remaining} && $self->{remaining} <= 1 && !$board->limit_held;
-        Monodon::PSGI::send_message($self->{channel}, Monodon::PSGI::RETIRING) if $last;
+        $self->{channel}->send(Monodon::PSGI::RETIRING) if $last;
         my $conn = Monodon::PSGI::Connection->new($fd, $self->{settings}{io_timeout});
         $board->begin_connection($r->{conn_id});
         $board->begin_request("$r->{method} $r->{target}");
@@ -971,8 +1040,8 @@ package Monodon::PSGI::Worker {
         # supervisor closes its own.
         $conn->close;
         my $retire = $env && $env->{'psgix.harakiri.commit'};
-        Monodon::PSGI::send_message($self->{channel}, Monodon::PSGI::RETIRING) if $retire && !$last;
-        Monodon::PSGI::send_message($self->{channel}, Monodon::PSGI::DONE,
+        $self->{channel}->send(Monodon::PSGI::RETIRING) if $retire && !$last;
+        $self->{channel}->send(Monodon::PSGI::DONE,
             pack('Q< V C', $r->{conn_id}, $r->{served} + 1, $keep ? 1 : 0) . ($keep ? $leftover : ''));
         if ($env) {
             for my $handler (@{ $env->{'psgix.cleanup.handlers'} || [] }) {
@@ -1060,24 +1129,21 @@ sub load_app {
 sub template {
     my ($options, $settings) = @_;
     my $app = $options->{no_preload} ? undef : load_app($options->{app});
-    open my $channel, '+<&=', CHANNEL_FD or die "the channel (fd 3): $!\n";
-    send_message($channel, TEMPLATE_READY, pack('V', $$));
-    my $hdr = Socket::MsgHdr->new(buflen => 65536, controllen => Monodon::PSGI::CONTROL_LEN);
+    my $channel = Monodon::PSGI::Channel->new(65536);
+    $channel->send(TEMPLATE_READY, pack('V', $$));
     while (1) {
-        $hdr->buflen(65536);
-        $hdr->controllen(Monodon::PSGI::CONTROL_LEN);
-        my ($msg, @fds) = receive($channel, $hdr, 2);
+        my ($msg, @fds) = $channel->receive(2);
         return 0 unless defined $msg;
         protocol_error('expected Fork with two descriptors')
             unless @fds == 2 && substr($msg, 0, 2) eq pack('CC', VERSION, FORK);
         my ($count, $at) = unpack 'x2 v .', $msg;
         my %variables = unpack "x$at (v/a V/a)$count", $msg;
         if ($INC{'threads.pm'} && threads->can('list') && threads->list) {
-            send_message($channel, FORK_FAILED, 'the app started threads in the template; a fork copies only one');
+            $channel->send(FORK_FAILED, 'the app started threads in the template; a fork copies only one');
         } elsif (my $pid = fork_worker(\@fds, \%variables, $app, $options, $settings)) {
-            send_message($channel, FORKED, pack('V', $pid));
+            $channel->send(FORKED, pack('V', $pid));
         } else {
-            send_message($channel, FORK_FAILED, "fork failed: $!");
+            $channel->send(FORK_FAILED, "fork failed: $!");
         }
         POSIX::close($_) for @fds;
     }
@@ -1163,9 +1229,13 @@ sub main {
 
 package main;
 
-my $code = eval { Monodon::PSGI::main() };
-if (!defined $code) {
-    Monodon::PSGI::logline(Monodon::PSGI::describe_error($@));
-    exit 1;
+# Run as a program; `require`d (by a benchmark of its parts), it only defines them.
+unless (caller) {
+    my $code = eval { Monodon::PSGI::main() };
+    if (!defined $code) {
+        Monodon::PSGI::logline(Monodon::PSGI::describe_error($@));
+        exit 1;
+    }
+    exit $code;
 }
-exit $code;
+1;

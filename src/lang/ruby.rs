@@ -10,7 +10,7 @@ use crate::cli::ServeArgs;
 const WORKER: &str = include_str!("../../lang/ruby/monodon_rack.rb");
 
 /// The oldest Ruby the worker supports.
-const OLDEST: (u32, u32) = (2, 7);
+const OLDEST: (u32, u32) = (3, 1);
 
 /// The worker command for `--rack`: the interpreter, the worker script and
 /// its options.
