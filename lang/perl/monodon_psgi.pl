@@ -187,19 +187,17 @@ package Monodon::PSGI::Scoreboard {
         substr(${ $self->{map} }, Monodon::PSGI::BYTES_WRITTEN, 8) = pack 'Q', $self->{written} += $n;
     }
 
-    sub begin_connection {
-        my ($self, $conn_id) = @_;
-        # Offset 336 (bytes so far) before 328 (the id), and together.
-        substr(${ $self->{map} }, Monodon::PSGI::CONN_BASE, 8) = pack 'Q', $self->{written};
-        substr(${ $self->{map} }, Monodon::PSGI::CONN_ID, 8) = pack 'Q', $conn_id;
-    }
-
-    sub begin_request {
-        my ($self, $line) = @_;
+    # A request begins: the connection's id and its bytes so far (offset 336
+    # before 328), the request line (the sequence odd while it is written),
+    # and the start time.
+    sub begin {
+        my ($self, $conn_id, $line) = @_;
         my $map = $self->{map};
+        substr($$map, Monodon::PSGI::CONN_BASE, 8) = pack 'Q', $self->{written};
+        substr($$map, Monodon::PSGI::CONN_ID, 8) = pack 'Q', $conn_id;
         my $length = length $line;
         $length = Monodon::PSGI::REQUEST_LINE_MAX if $length > Monodon::PSGI::REQUEST_LINE_MAX;
-        substr($$map, Monodon::PSGI::REQUEST_SEQ, 8) = pack 'Q', ++$self->{seq};    # odd: being written
+        substr($$map, Monodon::PSGI::REQUEST_SEQ, 8) = pack 'Q', ++$self->{seq};
         substr($$map, Monodon::PSGI::REQUEST_LEN, 8 + $length) = pack('Q', $length) . substr($line, 0, $length);
         substr($$map, Monodon::PSGI::REQUEST_SEQ, 8) = pack 'Q', ++$self->{seq};
         my $ms = int(Monodon::PSGI::monotonic() * 1000);
@@ -304,19 +302,15 @@ package Monodon::PSGI::Channel {
     }
 }
 
-# A Parsed request (PROTOCOL.md, Parsed requests) as a hash.
+# A Parsed request (PROTOCOL.md, Parsed requests) as a hash, by one unpack.
 sub decode_request {
     my ($msg) = @_;
-    my ($version, $kind) = unpack 'CC', $msg;
-    protocol_error('expected a parsed request') unless $version == VERSION && $kind == PARSED;
-    my %r;
-    my ($at, $count);
-    (@r{qw(conn_id served client local minor flags framing length method target)}, $count, $at) =
-        unpack 'x2 Q< V v/a v/a C C C Q< v/a V/a v .', $msg;
-    protocol_error('a parsed request cut short') unless defined $at;
-    my @fields = unpack "x$at (v/a V/a)$count V/a .", $msg;
+    protocol_error('expected a parsed request') unless substr($msg, 0, 2) eq pack('CC', VERSION, PARSED);
+    my @fields = unpack 'x2 Q< V v/a v/a C C C Q< v/a V/a v/(v/a V/a) V/a .', $msg;
     my $end = pop @fields;
-    protocol_error('a parsed request cut short') unless defined $end && @fields == 2 * $count + 1;
+    protocol_error('a parsed request cut short') unless defined $end && @fields >= 11 && $end <= length $msg;
+    my %r;
+    @r{qw(conn_id served client local minor flags framing length method target)} = splice @fields, 0, 10;
     $r{body}            = pop @fields;
     $r{headers}         = \@fields;
     $r{rest}            = substr $msg, $end;
@@ -1026,8 +1020,7 @@ package Monodon::PSGI::Worker {
         my $last = defined $self->{remaining} && $self->{remaining} <= 1 && !$board->limit_held;
         $self->{channel}->send(Monodon::PSGI::RETIRING) if $last;
         my $conn = Monodon::PSGI::Connection->new($fd, $self->{settings}{io_timeout});
-        $board->begin_connection($r->{conn_id});
-        $board->begin_request("$r->{method} $r->{target}");
+        $board->begin($r->{conn_id}, "$r->{method} $r->{target}");
         my $started = Monodon::PSGI::monotonic();
         my $exchange = Monodon::PSGI::Exchange->new($self, $r, $conn);
         my ($keep, $leftover, $env) = $self->exchange($exchange, $r, $conn);
