@@ -253,6 +253,28 @@ mod tests {
     }
 
     #[test]
+    fn a_perl_app_with_its_include_dirs_comes_from_the_file() {
+        let f = file("psgi = \"app.psgi\"\ninclude = [\"lib\", \"local/lib/perl5\"]\nno-preload = true\n");
+        let args = merge(&f.0, &[]).unwrap();
+        let want = [
+            "--no-preload",
+            "true",
+            "--psgi",
+            "app.psgi",
+            "--include",
+            "lib",
+            "--include",
+            "local/lib/perl5",
+        ];
+        assert_eq!(args, os(&want));
+        assert_eq!(
+            merge(&f.0, &os(&["-I", "other"])).unwrap()[4..],
+            os(&["-I", "other"])[..],
+            "-I on the command line wins"
+        );
+    }
+
+    #[test]
     fn sizes_and_durations_take_numbers_or_units() {
         let f = file("buffer-body = \"1M\"\nmax-body = 2048\nmin-body-rate = \"1KiB\"\nhead-timeout = 5\n");
         let args = merge(&f.0, &[]).unwrap();
