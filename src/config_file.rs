@@ -257,10 +257,10 @@ mod tests {
         let f = file("psgi = \"app.psgi\"\ninclude = [\"lib\", \"local/lib/perl5\"]\nno-preload = true\n");
         let args = merge(&f.0, &[]).unwrap();
         let want = [
-            "--no-preload",
-            "true",
             "--psgi",
             "app.psgi",
+            "--no-preload",
+            "true",
             "--include",
             "lib",
             "--include",
