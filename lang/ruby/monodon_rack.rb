@@ -131,17 +131,13 @@ module Monodon
       Fiddle::Function.new(HANDLE[name], args, ret, need_gvl: true)
     end
 
-    MMAP = function("mmap", [T::TYPE_VOIDP, T::TYPE_SIZE_T, T::TYPE_INT, T::TYPE_INT, T::TYPE_INT, T::TYPE_LONG],
-                    T::TYPE_VOIDP)
     MADVISE = function("madvise", [T::TYPE_VOIDP, T::TYPE_SIZE_T, T::TYPE_INT], T::TYPE_INT)
     PRCTL = function("prctl", [T::TYPE_INT, T::TYPE_LONG, T::TYPE_LONG, T::TYPE_LONG, T::TYPE_LONG], T::TYPE_INT)
     DUP2 = function("dup2", [T::TYPE_INT, T::TYPE_INT], T::TYPE_INT)
     CLOSE = function("close", [T::TYPE_INT], T::TYPE_INT)
-    RECVMSG = function("recvmsg", [T::TYPE_INT, T::TYPE_VOIDP, T::TYPE_INT], T::TYPE_SSIZE_T)
+    RECVMSG = function("recvmsg", [T::TYPE_INT, T::TYPE_INTPTR_T, T::TYPE_INT], T::TYPE_SSIZE_T) # the msghdr's address
     SENDFILE = function("sendfile", [T::TYPE_INT, T::TYPE_INT, T::TYPE_VOIDP, T::TYPE_SIZE_T], T::TYPE_SSIZE_T)
 
-    PROT_READ_WRITE = 3
-    MAP_SHARED = 1
     MADV_DONTFORK = 10
     PR_SET_PDEATHSIG = 1
     MSG_DONTWAIT = 0x40
@@ -211,16 +207,15 @@ module Monodon
   # The worker's shared page: aligned 8-byte stores the supervisor reads
   # (the minimal profile's fields, plus the optional response counts). The
   # words only this worker writes are mirrored here, so a change is one
-  # store and no load.
+  # store and no load. Mapped as an IO::Buffer, whose get_value/set_value
+  # cost a quarter of a Fiddle::Pointer store (which packs a String).
   class Scoreboard
-    ZERO = ("\0" * 8).b.freeze
+    SIZE = 4096
 
     def initialize(fd)
-      addr = Libc::MMAP.call(nil, 4096, Libc::PROT_READ_WRITE, Libc::MAP_SHARED, fd, 0).to_i
-      raise SystemCallError.new("mmap of the scoreboard", Fiddle.last_error) if addr == -1
-
-      Libc::MADVISE.call(addr, 4096, Libc::MADV_DONTFORK) # best effort: the app's children never see it
-      @page = Fiddle::Pointer.new(addr, 4096)
+      file = File.for_fd(fd, "r+", autoclose: false)
+      @page = Scoreboard.map(file)
+      Scoreboard.keep_from_children(file)
       @written = load(BYTES_WRITTEN)
       @requests = load(REQUESTS)
       @seq = load(REQUEST_SEQ)
@@ -229,54 +224,75 @@ module Monodon
       @duration_sum = load(DURATION_SUM)
     end
 
+    # IO::Buffer is "experimental" in Ruby 3.1 to 3.3, and says so once.
+    def self.map(file)
+      warn = Warning[:experimental]
+      Warning[:experimental] = false
+      IO::Buffer.map(file, SIZE, 0, 0) # shared, read-write
+    ensure
+      Warning[:experimental] = warn
+    end
+
+    # MADV_DONTFORK, so that processes the app forks never see the page: its
+    # address from /proc/self/maps (best effort, as IO::Buffer does not tell).
+    def self.keep_from_children(file)
+      inode = file.stat.ino
+      File.foreach("/proc/self/maps") do |line|
+        range, mode, _offset, _device, node = line.split(" ", 6)
+        next unless node.to_i == inode && mode.end_with?("s")
+
+        from, to = range.split("-").map { |a| a.to_i(16) }
+        Libc::MADVISE.call(from, to - from, Libc::MADV_DONTFORK)
+      end
+    rescue SystemCallError, IOError
+      nil
+    end
+
     # Counted before the bytes go out: a worker that dies mid-write must not
     # have the supervisor answer 502 after part of a response.
     def add_written(n)
-      store(BYTES_WRITTEN, @written += n)
+      @page.set_value(:u64, BYTES_WRITTEN, @written += n)
     end
 
     def begin_connection(conn_id)
-      store(CONN_BASE, @written)
-      store(CONN_ID, conn_id)
+      @page.set_value(:u64, CONN_BASE, @written)
+      @page.set_value(:u64, CONN_ID, conn_id)
     end
 
     def begin_request(line)
-      line = line.byteslice(0, REQUEST_LINE_MAX) if line.bytesize > REQUEST_LINE_MAX
-      store(REQUEST_SEQ, @seq += 1) # odd: being written
-      @page[REQUEST_LINE, line.bytesize] = line
-      store(REQUEST_LEN, line.bytesize)
-      store(REQUEST_SEQ, @seq += 1)
-      store(STARTED_MS, [1, Process.clock_gettime(Process::CLOCK_MONOTONIC, :millisecond)].max)
+      length = line.bytesize > REQUEST_LINE_MAX ? REQUEST_LINE_MAX : line.bytesize
+      @page.set_value(:u64, REQUEST_SEQ, @seq += 1) # odd: being written
+      @page.set_string(line, REQUEST_LINE, length)
+      @page.set_value(:u64, REQUEST_LEN, length)
+      @page.set_value(:u64, REQUEST_SEQ, @seq += 1)
+      @page.set_value(:u64, STARTED_MS, [1, Process.clock_gettime(Process::CLOCK_MONOTONIC, :millisecond)].max)
     end
 
     def end_request(status, took_us)
       if status >= 100 && status <= 599
         i = status / 100 - 1
-        store(RESPONSES + 8 * i, @responses[i] += 1)
+        @page.set_value(:u64, RESPONSES + 8 * i, @responses[i] += 1)
       end
-      bucket = DURATION_BOUNDS_US.bsearch_index { |bound| bound >= took_us } || DURATION_BOUNDS_US.size
-      store(DURATIONS + 8 * bucket, @durations[bucket] += 1)
-      store(DURATION_SUM, @duration_sum += took_us)
-      store(STARTED_MS, 0)
-      store(REQUESTS, @requests += 1)
+      bucket = 0
+      bucket += 1 while bucket < DURATION_BOUNDS_US.size && DURATION_BOUNDS_US[bucket] < took_us
+      @page.set_value(:u64, DURATIONS + 8 * bucket, @durations[bucket] += 1)
+      @page.set_value(:u64, DURATION_SUM, @duration_sum += took_us)
+      @page.set_value(:u64, STARTED_MS, 0)
+      @page.set_value(:u64, REQUESTS, @requests += 1)
     end
 
     def draining?
-      @page[DRAINING, 8] != ZERO
+      @page.get_value(:u64, DRAINING) != 0
     end
 
     def limit_held?
-      @page[HOLD_LIMIT, 8] != ZERO
+      @page.get_value(:u64, HOLD_LIMIT) != 0
     end
 
     private
 
     def load(offset)
-      @page[offset, 8].unpack1("Q")
-    end
-
-    def store(offset, value)
-      @page[offset, 8] = [value].pack("Q")
+      @page.get_value(:u64, offset)
     end
   end
 
@@ -287,8 +303,13 @@ module Monodon
   # recvmsg allocates a buffer of the largest message for each one), with
   # the descriptors as plain numbers.
   class Channel
-    CONTROL_SIZE = 64 # room for a few descriptors
-    HEADER_SIZE = 56 # struct msghdr on LP64
+    # One block: struct msghdr (56 bytes on LP64), its iovec, then room for
+    # the control messages (a few descriptors).
+    HEADER_SIZE = 56
+    IOV_AT = 56
+    CONTROL_AT = 72
+    CONTROL_SIZE = 64
+    ONE_FD_CONTROL = 24 # CMSG_SPACE(4): one SCM_RIGHTS message with one descriptor
 
     def initialize(fd, max_message)
       raise "this worker needs a 64-bit Linux" unless Fiddle::SIZEOF_VOIDP == 8
@@ -297,30 +318,29 @@ module Monodon
       @io = Socket.for_fd(fd)
       @io.autoclose = false # fd 3 is replaced under it in a forked worker
       @buffer = Fiddle::Pointer.malloc(max_message, Fiddle::RUBY_FREE)
-      @control = Fiddle::Pointer.malloc(CONTROL_SIZE, Fiddle::RUBY_FREE)
-      @iov = Fiddle::Pointer.malloc(16, Fiddle::RUBY_FREE)
-      @iov[0, 16] = [@buffer.to_i, max_message].pack("QQ")
-      @header = Fiddle::Pointer.malloc(HEADER_SIZE, Fiddle::RUBY_FREE)
+      @block = Fiddle::Pointer.malloc(CONTROL_AT + CONTROL_SIZE, Fiddle::RUBY_FREE)
+      @address = @block.to_i # an Integer argument costs Fiddle no conversion call
+      @block[IOV_AT, 16] = [@buffer.to_i, max_message].pack("QQ")
       # msg_name, msg_namelen, msg_iov, msg_iovlen, msg_control, msg_controllen, msg_flags
-      @blank_header = [0, 0, @iov.to_i, 1, @control.to_i, CONTROL_SIZE, 0].pack("Q7").freeze
+      @blank_header = [0, 0, @address + IOV_AT, 1, @address + CONTROL_AT, CONTROL_SIZE, 0].pack("Q7").freeze
     end
 
     def post(kind, payload = EMPTY)
       message = [PROTOCOL_VERSION, kind].pack("CC")
       message << payload unless payload.empty?
-      @io.sendmsg(message)
+      @io.send(message, 0)
     end
 
     # A message already framed with its version and kind.
     def post_raw(message)
-      @io.sendmsg(message)
+      @io.send(message, 0)
     end
 
     # One message and its descriptors; nil once the channel is closed.
     def receive(max_fds)
       loop do
-        @header[0, HEADER_SIZE] = @blank_header
-        n = Libc::RECVMSG.call(@fd, @header, Libc::MSG_CMSG_CLOEXEC | Libc::MSG_DONTWAIT)
+        @block[0, HEADER_SIZE] = @blank_header
+        n = Libc::RECVMSG.call(@fd, @address, Libc::MSG_CMSG_CLOEXEC | Libc::MSG_DONTWAIT)
         if n.negative?
           errno = Fiddle.last_error
           if errno == Errno::EAGAIN::Errno
@@ -331,8 +351,16 @@ module Monodon
 
           raise SystemCallError.new("recvmsg on the channel", errno)
         end
-        control_len, flags = @header[40, 12].unpack("QL")
-        fds = descriptors(control_len)
+        # msg_controllen, msg_flags, and the first control message's
+        # length, level, type and descriptor, in one read.
+        control_len, flags, cmsg_len, level, type, first_fd =
+          @block[40, CONTROL_AT + 20 - 40].unpack("Q<L<@32Q<l<L<l<")
+        fds =
+          if control_len == ONE_FD_CONTROL && cmsg_len == 20 && level == Libc::SOL_SOCKET && type == Libc::SCM_RIGHTS
+            [first_fd]
+          else
+            descriptors(control_len)
+          end
         if (flags & (Libc::MSG_TRUNC | Libc::MSG_CTRUNC)).nonzero? || fds.size > max_fds
           fds.each { |fd| Libc.close(fd) }
           raise ProtocolError, "a message or its descriptors cut short"
@@ -349,11 +377,11 @@ module Monodon
       fds = []
       at = 0
       while at + 16 <= control_len
-        len, level, type = @control[at, 16].unpack("QlL")
+        len, level, type = @block[CONTROL_AT + at, 16].unpack("QlL")
         break if len < 16
 
         if level == Libc::SOL_SOCKET && type == Libc::SCM_RIGHTS
-          fds.concat(@control[at + 16, len - 16].unpack("l*"))
+          fds.concat(@block[CONTROL_AT + at + 16, len - 16].unpack("l*"))
         end
         at += (len + 7) & ~7
       end
@@ -754,14 +782,22 @@ module Monodon
   module Clock
     @second = nil
     @date = nil
+    @field = nil
 
     def self.http_date
       now = Process.clock_gettime(Process::CLOCK_REALTIME, :second)
       if now != @second
         @second = now
         @date = Time.at(now).utc.strftime("%a, %d %b %Y %H:%M:%S GMT").freeze
+        @field = "Date: #{@date}\r\n".freeze
       end
       @date
+    end
+
+    # The whole "Date: ...\r\n" line.
+    def self.date_field
+      http_date
+      @field
     end
   end
 
@@ -860,44 +896,25 @@ module Monodon
       target = r.target
       query_at = target.index("?")
       path = query_at ? target.byteslice(0, query_at) : target
-      query = query_at ? target.byteslice(query_at + 1, target.bytesize) : EMPTY
       if path.include?("://") # absolute-form: the path is what follows the authority
         after = path.byteslice(path.index("://") + 3, path.bytesize)
         slash = after.index("/")
         path = slash ? after.byteslice(slash, after.bytesize) : "/"
       end
-      remote_addr, remote_port = Monodon.split_address(r.client)
-      server_name, server_port = r.local == "unix" ? server_address : @worker.server_address(r.local)
-      protocol = PROTOCOLS[r.minor_version] || PROTOCOLS[1]
-      @after_reply = []
-      @response_finished = []
-      env = {
-        "REQUEST_METHOD" => r.method,
-        "SCRIPT_NAME" => EMPTY,
-        "PATH_INFO" => path,
-        "QUERY_STRING" => query,
-        "SERVER_NAME" => server_name,
-        "SERVER_PORT" => server_port,
-        "SERVER_PROTOCOL" => protocol,
-        "SERVER_SOFTWARE" => SERVER_SOFTWARE,
-        "REMOTE_ADDR" => remote_addr,
-        "REMOTE_PORT" => remote_port,
-        "REQUEST_URI" => target,
-        "rack.version" => @worker.rack_version,
-        "rack.url_scheme" => r.https? ? "https" : "http",
-        "rack.input" => input,
-        "rack.errors" => $stderr,
-        "rack.multithread" => false,
-        "rack.multiprocess" => true,
-        "rack.run_once" => false,
-        "rack.hijack?" => false,
-        "rack.after_reply" => @after_reply,
-        "rack.response_finished" => @response_finished,
-        "monodon.retire" => @worker.retire_callable,
-        "monodon.generation" => @worker.settings.generation
-      }
+      minor = r.minor_version.zero? ? 0 : 1
+      env = @worker.env_template(r.local, minor, r.https?).dup
+      env["REQUEST_METHOD"] = r.method
+      env["PATH_INFO"] = path
+      env["QUERY_STRING"] = query_at ? target.byteslice(query_at + 1, target.bytesize) : EMPTY
+      env["SERVER_NAME"], env["SERVER_PORT"] = server_address if r.local == "unix"
+      env["REMOTE_ADDR"], env["REMOTE_PORT"] = Monodon.split_address(r.client)
+      env["REQUEST_URI"] = target
+      env["rack.input"] = input
+      env["rack.errors"] = $stderr
+      env["rack.after_reply"] = @after_reply = []
+      env["rack.response_finished"] = @response_finished = []
       add_fields(env, r.headers)
-      env["HTTP_VERSION"] = protocol
+      env["HTTP_VERSION"] = PROTOCOLS[minor] # whatever a "Version" field said
       @env = env
     end
 
@@ -907,11 +924,15 @@ module Monodon
     def add_fields(env, headers)
       underscored = nil
       headers.each do |name, value|
-        if name.include?("_")
-          (underscored ||= []) << [name, value]
-          next
+        key = HEADER_KEYS[name] # names with "_" are never kept there
+        if key.nil?
+          if name.include?("_")
+            (underscored ||= []) << [name, value]
+            next
+          end
+          key = Exchange.header_key(name)
         end
-        add_field(env, HEADER_KEYS[name] || Exchange.header_key(name), value)
+        add_field(env, key, value)
       end
       return unless underscored
 
@@ -929,7 +950,9 @@ module Monodon
 
     def add_field(env, key, value)
       previous = env[key]
-      if previous && key.start_with?("HTTP_")
+      if previous.nil?
+        env[key] = value
+      elsif key.start_with?("HTTP_")
         env[key] = previous + (key == "HTTP_COOKIE" ? "; " : ", ") + value
       else
         env[key] = value
@@ -953,14 +976,14 @@ module Monodon
     # --- The response
 
     def respond(status, headers, body)
-      @status = Integer(status)
+      @status = status.is_a?(Integer) ? status : Integer(status)
       raise ArgumentError, "status #{status.inspect} is not an HTTP status" unless @status.between?(100, 999)
 
       @headers = headers
-      if body.respond_to?(:to_path) && (path = body.to_path) && File.file?(path)
-        send_file(path)
-      elsif body.instance_of?(Array)
+      if body.instance_of?(Array) # first: an Array has no to_path
         send_array(body)
+      elsif body.respond_to?(:to_path) && (path = body.to_path) && File.file?(path)
+        send_file(path)
       elsif body.respond_to?(:each)
         send_head(nil)
         body.each { |part| write_body(part) } unless @head_only # a HEAD's body is never sent
@@ -974,15 +997,20 @@ module Monodon
     end
 
     def send_array(parts)
-      length = 0
-      parts.each { |part| length += bytes(part).bytesize }
+      if parts.size == 1
+        whole = bytes(parts[0])
+        length = whole.bytesize
+      else
+        length = 0
+        parts.each { |part| length += bytes(part).bytesize }
+      end
       send_head(length)
       if length <= SMALL_RESPONSE && !@head_only && !@bodiless
         # One write for the head and the body.
-        length = [length, @length_left].min if @length_left
-        whole = parts.size == 1 ? parts[0] : parts.join
+        length = @length_left if @length_left < length
+        whole ||= parts.join
         whole = whole.byteslice(0, length) if whole.bytesize > length
-        @length_left -= whole.bytesize if @length_left
+        @length_left -= whole.bytesize
         @sent_bytes += whole.bytesize
         emit(whole)
       else
@@ -1041,33 +1069,57 @@ module Monodon
       [Errno::EINVAL::Errno, Errno::ENOSYS::Errno, Errno::EOPNOTSUPP::Errno].include?(errno)
     end
 
+    # What send_head does with a response field, by its name as the app
+    # gave it (looked up in FIELD_KINDS, so that a name is downcased once).
+    FIELD_KINDS = {}
+
+    def self.field_kind(name)
+      lower = name.downcase
+      kind =
+        if lower == "connection" then :connection
+        elsif HOP_BY_HOP[lower] then :hop_by_hop
+        elsif lower == "content-length" then :content_length
+        elsif lower == "date" then :date
+        elsif lower == "rack.hijack" then :hijack
+        else :field
+        end
+      FIELD_KINDS[name] = kind if FIELD_KINDS.size < 1000 # the Hash keeps a frozen copy
+      kind
+    end
+
     def send_head(known_length)
       r = @request
       keep = r.keep_alive? && !@board.draining?
       minor = r.minor_version
       @bodiless = @status < 200 || @status == 204 || @status == 304
-      head = String.new(@worker.status_line(minor, @status), capacity: 512, encoding: BINARY)
+      head = +@worker.status_line(minor, @status)
       declared = nil
       dated = false
       @headers.each do |name, value|
         name = name.to_s
-        lower = name.downcase
-        if HOP_BY_HOP[lower]
-          keep = false if lower == "connection" && value.to_s.downcase.include?("close")
+        case FIELD_KINDS[name] || Exchange.field_kind(name)
+        when :field
+          # The common case, a single-line String, here; add_header does the rest.
+          if value.instance_of?(String) && !value.include?("\n") && !value.include?("\r") && value.ascii_only?
+            head << name << ": " << value << CRLF
+            next
+          end
+        when :connection
+          keep = false if value.to_s.downcase.include?("close")
           next
-        end
-        case lower
-        when "content-length"
-          declared = Integer(value.to_s, 10, exception: false)
+        when :hop_by_hop
+          next
+        when :content_length
+          declared = content_length(value)
           keep = false if declared.nil? || declared.negative?
-        when "date"
+        when :date
           dated = true
-        when "rack.hijack"
+        when :hijack
           raise NotImplementedError, "monodon does not support hijacking (a rack.hijack response header)"
         end
         add_header(head, name, value)
       end
-      head << "Date: " << Clock.http_date << CRLF unless dated
+      head << Clock.date_field unless dated
       if @bodiless
         nil
       elsif declared
@@ -1094,6 +1146,13 @@ module Monodon
       # The head waits for the first piece of body, so that a small
       # response is one write.
       @pending_head = head
+    end
+
+    # The app's content-length, or nil if it is not a number.
+    def content_length(value)
+      Integer(value.to_s, 10)
+    rescue ArgumentError
+      nil
     end
 
     # A Rack 2 value with "\n" is one field per line; a Rack 3 Array, one
@@ -1302,6 +1361,46 @@ module Monodon
       @reasons = defined?(::Rack::Utils::HTTP_STATUS_CODES) ? ::Rack::Utils::HTTP_STATUS_CODES : REASONS
       @status_lines = [{}, {}]
       @server_addresses = {}
+      @env_templates = {}
+    end
+
+    # The env entries every request on a listener shares for an HTTP
+    # version and scheme, made once and frozen: a request's env is a copy,
+    # cheaper than a literal of two dozen entries (no key is hashed again).
+    # The entries a request sets are there too, so that its copy does not
+    # grow.
+    def env_template(local, minor, https)
+      templates = (@env_templates[local] ||= Array.new(4))
+      templates[2 * minor + (https ? 1 : 0)] ||= begin
+        protocol = PROTOCOLS[minor]
+        server_name, server_port = local == "unix" ? [EMPTY, EMPTY] : server_address(local)
+        {
+          "REQUEST_METHOD" => EMPTY,
+          "SCRIPT_NAME" => EMPTY,
+          "PATH_INFO" => EMPTY,
+          "QUERY_STRING" => EMPTY,
+          "SERVER_NAME" => server_name,
+          "SERVER_PORT" => server_port,
+          "SERVER_PROTOCOL" => protocol,
+          "SERVER_SOFTWARE" => SERVER_SOFTWARE,
+          "REMOTE_ADDR" => EMPTY,
+          "REMOTE_PORT" => EMPTY,
+          "REQUEST_URI" => EMPTY,
+          "rack.version" => @rack_version,
+          "rack.url_scheme" => https ? "https" : "http",
+          "rack.input" => nil,
+          "rack.errors" => nil,
+          "rack.multithread" => false,
+          "rack.multiprocess" => true,
+          "rack.run_once" => false,
+          "rack.hijack?" => false,
+          "rack.after_reply" => nil,
+          "rack.response_finished" => nil,
+          "monodon.retire" => @retire_callable,
+          "monodon.generation" => @settings.generation,
+          "HTTP_VERSION" => protocol
+        }.freeze
+      end
     end
 
     # SERVER_NAME and SERVER_PORT of a listener's address, worked out once.
@@ -1311,7 +1410,7 @@ module Monodon
 
     def status_line(minor, status)
       @status_lines[minor][status] ||=
-        "HTTP/1.#{minor} #{status} #{@reasons.fetch(status) { REASONS.fetch(status, 'Unknown') }}\r\n".freeze
+        "HTTP/1.#{minor} #{status} #{@reasons.fetch(status) { REASONS.fetch(status, 'Unknown') }}\r\n".b.freeze
     end
 
     def run
