@@ -234,3 +234,32 @@ fn a_generation_whose_template_cannot_restart_is_degraded_and_recovers() {
     let stats = load.stop();
     assert_eq!(stats.failed, 0, "{stats:?}");
 }
+
+/// A template that loads and then dies at every Fork is restarted with a
+/// growing back-off, not ten times a second for ever: only a worker it
+/// forked coming ready shows that it works. It is written in Python (the
+/// protocol's TemplateReady, then an exit when the Fork comes).
+#[test]
+fn a_template_that_dies_at_every_fork_is_restarted_with_a_growing_back_off() {
+    if !common::installed("python3", "--version", "python3") {
+        return;
+    }
+    let scratch = Scratch::new("templates-flapping");
+    let template = scratch.0.join("dies_at_fork.py");
+    std::fs::write(
+        &template,
+        "import os, socket, struct\n\
+         channel = socket.socket(fileno=3)\n\
+         channel.sendmsg([bytes((1, 16)) + struct.pack('<I', os.getpid())])\n\
+         channel.recvmsg(65536, 64)\n\
+         os._exit(3)\n",
+    )
+    .unwrap();
+    let mut cmd = common::monodon();
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--workers", "1", "--", "python3"]).arg(&template);
+    let server = Server::start_cmd(&mut cmd, 0);
+    // 100, 200, 400, 800 ms: the fourth restart in a row waits 800 ms.
+    server.wait_for_log("its workers keep serving; next start in 800ms", Duration::from_secs(20));
+    let status = server.status().unwrap();
+    assert!(status["generations"][0]["template"]["restarts"].as_u64() >= Some(3), "{status}");
+}

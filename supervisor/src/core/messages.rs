@@ -54,6 +54,9 @@ impl<C: Peer, W: Named> Core<C, W> {
             // Workers can be made again (exec'd: its command works).
             self.hold_limits(generation, false);
         }
+        if template_ready {
+            self.template_proved(generation);
+        }
         self.worker_idle(wkey, port, now);
         self.retire_outgoing(generation, port, now);
         Ok(())

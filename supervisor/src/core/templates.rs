@@ -120,12 +120,24 @@ impl<C: Peer, W: Named> Core<C, W> {
     }
 
     /// The template of `generation` has loaded the app: workers can be forked.
+    /// Its back-off is kept until a worker it forked comes ready: a template
+    /// that loads and then dies at every Fork must not be restarted ten
+    /// times a second for ever.
     pub fn template_ready(&mut self, generation: u64) {
         if let Some(t) = self.templates.get_mut(&generation) {
             if t.life == TemplateLife::Starting {
                 t.life = TemplateLife::Ready;
-                t.backoff = Backoff::default();
                 self.hold_limits(generation, false);
+            }
+        }
+    }
+
+    /// A worker forked from `generation`'s template is ready: the template
+    /// works, and its next failure starts the back-off afresh.
+    pub(super) fn template_proved(&mut self, generation: u64) {
+        if let Some(t) = self.templates.get_mut(&generation) {
+            if t.life == TemplateLife::Ready {
+                t.backoff = Backoff::default();
             }
         }
     }
