@@ -423,20 +423,23 @@ module Monodon
       at += 4 + n
       count = m.unpack1("S<", offset: at)
       at += 2
-      @headers = Array.new(count) do
+      @headers = Array.new(count)
+      i = 0
+      while i < count
         n = m.unpack1("S<", offset: at)
         name = m.byteslice(at + 2, n)
         at += 2 + n
         n = m.unpack1("L<", offset: at)
-        value = m.byteslice(at + 4, n)
+        @headers[i] = [name, m.byteslice(at + 4, n)]
         at += 4 + n
-        [name, value]
+        i += 1
       end
       n = m.unpack1("L<", offset: at)
       @body = m.byteslice(at + 4, n)
       raise ProtocolError, "message truncated" unless @body && @body.bytesize == n
 
-      @rest = m.byteslice(at + 4 + n, m.bytesize) || EMPTY
+      at += 4 + n
+      @rest = at == m.bytesize ? EMPTY : m.byteslice(at, m.bytesize)
     end
 
     def keep_alive?
