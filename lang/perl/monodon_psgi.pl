@@ -82,6 +82,10 @@ use constant {
     BODY_RATE_GRACE  => 10,    # seconds before --min-body-rate applies
     SENDFILE_CHUNK   => 1 << 20,
     CONTROL_LEN      => 256,    # room for a few descriptors
+    FLAG_KEEP_ALIVE  => 1,      # the Parsed request's flags
+    FLAG_CONTINUE    => 2,
+    FLAG_COMPLETE    => 4,
+    FLAG_HTTPS       => 8,
 };
 
 # System calls Perl has no word for, by architecture.
@@ -303,6 +307,7 @@ package Monodon::PSGI::Channel {
 }
 
 # A Parsed request (PROTOCOL.md, Parsed requests) as a hash, by one unpack.
+# Its flags are read where they are used (FLAG_*).
 sub decode_request {
     my ($msg) = @_;
     protocol_error('expected a parsed request') unless substr($msg, 0, 2) eq pack('CC', VERSION, PARSED);
@@ -314,10 +319,6 @@ sub decode_request {
     $r{body}            = pop @fields;
     $r{headers}         = \@fields;
     $r{rest}            = substr $msg, $end;
-    $r{keep_alive}      = $r{flags} & 1;
-    $r{expect_continue} = $r{flags} & 2;
-    $r{body_complete}   = $r{flags} & 4;
-    $r{https}           = $r{flags} & 8;
     return \%r;
 }
 
@@ -416,7 +417,7 @@ package Monodon::PSGI::Input {
             min_rate  => $settings->{min_body_rate},
             received  => 0,
             since     => undef,
-            continue  => $request->{expect_continue},
+            continue  => $request->{flags} & Monodon::PSGI::FLAG_CONTINUE,
         }, $class;
         if ($request->{framing} == 1) {
             $self->{mode}      = 'length';
@@ -613,20 +614,16 @@ package Monodon::PSGI::Exchange {
 
     sub new {
         my ($class, $worker, $request, $conn) = @_;
+        # Also, as the response goes: head_sent, pending (the head, waiting
+        # for the first body bytes), chunked, length_left, bodiless, keep,
+        # finished; each false until set.
         return bless {
             worker     => $worker,
             request    => $request,
             conn       => $conn,
             status     => 0,
-            head_sent  => 0,
-            pending    => undef,    # the head, waiting for the first body bytes
-            chunked    => 0,
-            length_left => undef,
             sent_bytes => 0,
             head_only  => $request->{method} eq 'HEAD',
-            bodiless   => 0,
-            keep       => 0,
-            finished   => 0,
         }, $class;
     }
 
@@ -652,7 +649,7 @@ package Monodon::PSGI::Exchange {
             my ($host) = map { $headers->[ 2 * $_ + 1 ] } grep { lc $headers->[ 2 * $_ ] eq 'host' } 0 .. @$headers / 2 - 1;
             ($server_name, $server_port) = ($host // '') =~ /\A\[?(.*?)\]?(?::(\d+))?\z/;
             $server_name = 'localhost' unless length($server_name // '');
-            $server_port //= $r->{https} ? 443 : 80;
+            $server_port //= $r->{flags} & Monodon::PSGI::FLAG_HTTPS ? 443 : 80;
         }
         my %env = (
             REQUEST_METHOD         => $r->{method},
@@ -666,7 +663,7 @@ package Monodon::PSGI::Exchange {
             REMOTE_ADDR            => $remote_addr,
             REMOTE_PORT            => $remote_port,
             'psgi.version'         => [ 1, 1 ],
-            'psgi.url_scheme'      => $r->{https} ? 'https' : 'http',
+            'psgi.url_scheme'      => $r->{flags} & Monodon::PSGI::FLAG_HTTPS ? 'https' : 'http',
             'psgi.input'           => $input,
             'psgi.errors'          => *STDERR,
             'psgi.multithread'     => '',
@@ -725,7 +722,7 @@ package Monodon::PSGI::Exchange {
             unless defined $status && $status =~ /\A[1-5]\d\d\z/;
         my $r = $self->{request};
         $self->{status} = $status;
-        my $keep = $r->{keep_alive} && !$self->{worker}{board}->draining;
+        my $keep = $r->{flags} & Monodon::PSGI::FLAG_KEEP_ALIVE && !$self->{worker}{board}->draining;
         my $bodiless = $status < 200 || $status == 204 || $status == 304;
         my $reason = $REASONS{$status} // 'Unknown';
         my $head = "HTTP/1.$r->{minor} $status $reason\r\n";
@@ -867,8 +864,16 @@ package Monodon::PSGI::Exchange {
             utf8::downgrade($data, 1)
                 or die "the response body has a character above 255: encode it (PSGI bodies are bytes)\n";
             $self->start($status, $headers, length $data);
-            $self->write($data);
-            $self->finish;
+            if ($self->{head_only} || $self->{bodiless}) {
+                $data = '';
+            } elsif (defined(my $left = $self->{length_left})) {
+                # The app's own Content-Length counts: more is cut, less ends the connection.
+                substr($data, $left) = '' if length $data > $left;
+                $self->{keep} = 0 if length $data < $left;
+            }
+            $self->{sent_bytes} = length $data;
+            $self->{finished}   = 1;
+            $self->send($data);    # after the head, in one write
             return;
         }
         $self->start($status, $headers, known_length($body));
@@ -1050,7 +1055,7 @@ package Monodon::PSGI::Worker {
         my $board = $self->{board};
         # A body the supervisor had whole is read from memory; only one still
         # on the wire needs our reader.
-        my $input = $r->{body_complete} ? undef : Monodon::PSGI::Input->new($r, $conn, $self->{settings});
+        my $input = $r->{flags} & Monodon::PSGI::FLAG_COMPLETE ? undef : Monodon::PSGI::Input->new($r, $conn, $self->{settings});
         my $env;
         my $ok = eval {
             $env = $exchange->env($input // Monodon::PSGI::complete_body($r->{body}), $input ? '' : 1);
