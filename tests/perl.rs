@@ -5,10 +5,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::time::Duration;
 
-use common::{eventually, Client, Load, Scratch, Server};
+use common::{eventually, Client, Scratch, Server};
 
 fn apps_dir() -> String {
     concat!(env!("CARGO_MANIFEST_DIR"), "/tests/perl").to_owned()
@@ -319,45 +319,14 @@ fn recycling_timeouts_status_streaming_and_the_access_log_work_as_for_any_worker
     }
     let scratch = Scratch::new("psgi-ops");
     let log = scratch.0.join("access.log");
-    let log_arg = log.to_str().unwrap().to_owned();
-    let server = spec(&["--max-requests-per-child", "5", "--timeout", "2", "--access-log", &log_arg], 2);
-    let first = server.children();
-    for _ in 0..20 {
-        assert_eq!(request(&server, "GET", "/environ", "", b"").status, 200);
-    }
-    let status = server.wait_status(Duration::from_secs(20), "recycled by max-requests", |s| {
-        s["totals"]["recycled"]["max-requests"].as_u64() >= Some(2)
-            && s["totals"]["requests"].as_u64() >= Some(20)
-    });
-    assert!(first.iter().all(|p| !server.children().contains(p)), "{status}");
-    assert_eq!(status["totals"]["worker_responses"]["2xx"], 20, "{status}");
+    let args = common::lang::operations_args(&log);
+    let server = spec(&args.iter().map(String::as_str).collect::<Vec<_>>(), 2);
+    common::lang::check_operations(&server, &log);
     // A streamed response goes out chunked and whole.
     let r = request(&server, "GET", "/stream", "", b"");
     assert_eq!(r.header("transfer-encoding"), Some("chunked"));
     assert_eq!(r.text().lines().count(), 100);
     assert!(r.text().ends_with("row 100\n"));
-    // The request being served shows in the status.
-    let addr = server.addr;
-    let slow = std::thread::spawn(move || {
-        let mut c = Client::connect(addr);
-        c.send(b"GET /sleep?ms=1500 HTTP/1.1\r\nHost: x\r\n\r\n");
-        c.response().map(|r| r.status)
-    });
-    server.wait_status(Duration::from_secs(10), "the slow request in the status", |s| {
-        s["worker_list"].as_array().is_some_and(|l| l.iter().any(|w| w["request"] == "GET /sleep?ms=1500"))
-    });
-    assert_eq!(slow.join().unwrap().unwrap(), 200);
-    // Past --timeout: 504, and the worker is replaced.
-    let r = request(&server, "GET", "/sleep?ms=10000", "", b"");
-    assert_eq!(r.status, 504);
-    server.wait_status(Duration::from_secs(10), "the stuck worker replaced", |s| {
-        s["totals"]["timeouts"] == 1 && s["workers"]["idle"] == 2
-    });
-    let logged = eventually(Duration::from_secs(5), || {
-        std::fs::read_to_string(&log)
-            .is_ok_and(|l| l.contains("\"GET /environ HTTP/1.1\" 200 ") && l.starts_with("127.0.0.1 - - ["))
-    });
-    assert!(logged, "{}", std::fs::read_to_string(&log).unwrap_or_default());
     assert_clean_log(&server);
 }
 
@@ -370,46 +339,14 @@ fn hup_serves_new_code_and_a_broken_file_never_takes_the_service_down() {
     if !have_perl() {
         return;
     }
-    let scratch = Scratch::new("psgi-deploy");
-    let dir = scratch.0.to_str().unwrap().to_owned();
-    let app = scratch.0.join("app.psgi");
-    let version = |v: &str| format!("sub {{ [200, ['Content-Type' => 'text/plain'], [\"{v}\\n\"]] }};\n");
-    let replace = |text: &str| {
-        // A new file renamed over the old one, as a deploy does.
-        let tmp = scratch.0.join("app.psgi.new");
-        std::fs::File::create(&tmp).unwrap().write_all(text.as_bytes()).unwrap();
-        std::fs::rename(&tmp, &app).unwrap();
-    };
-    replace(&version("v1"));
-    let server = psgi_in(&dir, "app.psgi", &["--max-requests-per-child", "20"], 2);
-    assert_eq!(server.get("/").text(), "v1\n");
-    let load = Load::start(server.addr, 2, 1, "/");
-    load.wait_answered(100, Duration::from_secs(30));
-    replace(&version("v2"));
-    server.signal(libc::SIGHUP);
-    server.wait_serving(2, Duration::from_secs(30));
-    load.wait_answered(100, Duration::from_secs(30));
-    assert_eq!(server.get("/").text(), "v2\n");
-    // Broken in place: the running generation recycles on its own code.
-    std::fs::write(&app, "sub { [200, [], [\n").unwrap();
-    let recycled_before =
-        server.status().unwrap()["totals"]["recycled"]["max-requests"].as_u64().unwrap_or(0);
-    load.wait_answered(200, Duration::from_secs(30));
-    let status = server.status().unwrap();
-    assert!(
-        status["totals"]["recycled"]["max-requests"].as_u64().unwrap_or(0) >= recycled_before + 2,
-        "{status}"
+    common::lang::check_hot_deploy(
+        &Scratch::new("psgi-deploy"),
+        "app.psgi",
+        |v| format!("sub {{ [200, ['Content-Type' => 'text/plain'], [\"{v}\\n\"]] }};\n"),
+        "sub { [200, [], [\n",
+        |dir| psgi_in(dir, "app.psgi", &["--max-requests-per-child", "20"], 2),
+        "loading app.psgi: syntax error",
     );
-    assert_eq!(server.get("/").text(), "v2\n");
-    // A reload that cannot load the app is abandoned; v2 serves on.
-    server.signal(libc::SIGHUP);
-    let why = server.wait_reload_failed(Duration::from_secs(30));
-    assert!(!why.is_empty());
-    load.wait_answered(100, Duration::from_secs(30));
-    assert_eq!(server.get("/").text(), "v2\n");
-    let stats = load.stop();
-    assert_eq!(stats.failed, 0, "{:?}", stats.errors);
-    assert!(server.logs().contains("loading app.psgi: syntax error"), "the failed load is in the log");
 }
 
 /// An app that cannot be loaded never serves: its template's error is in

@@ -75,6 +75,30 @@ fn run_probe(program: &Path, args: &[&str]) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Runs `program probe`, which prints its version as `major minor`, and
+/// checks it is at least `oldest`; errors name the program and what the
+/// `worker` needs.
+fn check_version(
+    program: &Path,
+    probe: &[&str],
+    language: &str,
+    oldest: (u32, u32),
+    worker: &str,
+) -> Result<(), String> {
+    let printed = run_probe(program, probe)
+        .map_err(|e| format!("{} did not run as {language}: {e}", program.display()))?;
+    match major_minor(&printed) {
+        Some(version) if version >= oldest => Ok(()),
+        Some((major, minor)) => Err(format!(
+            "{} is {language} {major}.{minor}; the {worker} worker needs {}.{} or later",
+            program.display(),
+            oldest.0,
+            oldest.1
+        )),
+        None => Err(format!("{} did not run as {language}: it printed {printed:?}", program.display())),
+    }
+}
+
 /// The first two numbers of a version printed as `major minor`.
 fn major_minor(text: &str) -> Option<(u32, u32)> {
     let mut parts = text.split_whitespace().map(|p| p.parse::<u32>().ok());

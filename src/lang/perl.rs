@@ -3,7 +3,7 @@
 use std::ffi::OsString;
 use std::path::Path;
 
-use super::{common_options, interpreter, major_minor, run_probe, script_dir, write_worker};
+use super::{common_options, interpreter, run_probe, script_dir, write_worker};
 use crate::cli::ServeArgs;
 
 /// The worker's source.
@@ -35,20 +35,13 @@ pub fn worker_command(args: &ServeArgs, psgi: &Path) -> Result<Vec<OsString>, St
 /// Perl's version, and the modules the worker loads, each missing one
 /// named with its package.
 fn check(perl: &Path) -> Result<(), String> {
-    let printed = run_probe(perl, &["-e", "printf '%d %d', $] =~ /^(\\d+)\\.(\\d{3})/"])
-        .map_err(|e| format!("{} did not run as Perl: {e}", perl.display()))?;
-    match major_minor(&printed) {
-        Some(version) if version >= OLDEST => {}
-        Some((major, minor)) => {
-            return Err(format!(
-                "{} is Perl {major}.{minor}; the PSGI worker needs {}.{} or later",
-                perl.display(),
-                OLDEST.0,
-                OLDEST.1
-            ))
-        }
-        None => return Err(format!("{} did not run as Perl: it printed {printed:?}", perl.display())),
-    }
+    super::check_version(
+        perl,
+        &["-e", "printf '%d %d', $] =~ /^(\\d+)\\.(\\d{3})/"],
+        "Perl",
+        OLDEST,
+        "PSGI",
+    )?;
     let missing: Vec<String> = MODULES
         .iter()
         .filter(|(module, _)| run_probe(perl, &[&format!("-M{module}"), "-e", "1"]).is_err())

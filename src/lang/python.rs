@@ -3,7 +3,7 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use super::{common_options, major_minor, run_probe, script_dir, write_worker};
+use super::{common_options, script_dir, write_worker};
 use crate::cli::ServeArgs;
 
 /// The worker's source.
@@ -41,16 +41,6 @@ fn interpreter(given: Option<&Path>) -> Result<PathBuf, String> {
 }
 
 fn check_version(python: &Path) -> Result<(), String> {
-    let printed = run_probe(python, &["-c", "import sys; print('%d %d' % sys.version_info[:2])"])
-        .map_err(|e| format!("{} did not run as Python: {e}", python.display()))?;
-    match major_minor(&printed) {
-        Some(version) if version >= OLDEST => Ok(()),
-        Some((major, minor)) => Err(format!(
-            "{} is Python {major}.{minor}; the WSGI worker needs {}.{} or later",
-            python.display(),
-            OLDEST.0,
-            OLDEST.1
-        )),
-        None => Err(format!("{} did not run as Python: it printed {printed:?}", python.display())),
-    }
+    let probe = ["-c", "import sys; print('%d %d' % sys.version_info[:2])"];
+    super::check_version(python, &probe, "Python", OLDEST, "WSGI")
 }

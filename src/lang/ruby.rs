@@ -3,7 +3,7 @@
 use std::ffi::OsString;
 use std::path::Path;
 
-use super::{common_options, interpreter, major_minor, run_probe, script_dir, write_worker};
+use super::{common_options, interpreter, script_dir, write_worker};
 use crate::cli::ServeArgs;
 
 /// The worker's source.
@@ -25,16 +25,6 @@ pub fn worker_command(args: &ServeArgs, rackup: &Path) -> Result<Vec<OsString>, 
 }
 
 fn check_version(ruby: &Path) -> Result<(), String> {
-    let printed = run_probe(ruby, &["-e", "print RUBY_VERSION.split('.').first(2).join(' ')"])
-        .map_err(|e| format!("{} did not run as Ruby: {e}", ruby.display()))?;
-    match major_minor(&printed) {
-        Some(version) if version >= OLDEST => Ok(()),
-        Some((major, minor)) => Err(format!(
-            "{} is Ruby {major}.{minor}; the Rack worker needs {}.{} or later",
-            ruby.display(),
-            OLDEST.0,
-            OLDEST.1
-        )),
-        None => Err(format!("{} did not run as Ruby: it printed {printed:?}", ruby.display())),
-    }
+    let probe = ["-e", "print RUBY_VERSION.split('.').first(2).join(' ')"];
+    super::check_version(ruby, &probe, "Ruby", OLDEST, "Rack")
 }

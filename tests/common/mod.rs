@@ -2,6 +2,8 @@
 //! real sockets, and look at its processes and descriptors through /proc.
 #![allow(dead_code)]
 
+pub mod lang;
+
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;

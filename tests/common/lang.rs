@@ -1,0 +1,112 @@
+//! What every language worker (Python, Perl, Ruby) must show as a monodon
+//! worker, one procedure each, run by `tests/python.rs`, `perl.rs` and
+//! `ruby.rs` against their own apps.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use super::{eventually, Client, Load, Scratch, Server};
+
+/// One `GET target` on a fresh connection.
+fn get(server: &Server, target: &str) -> super::Response {
+    let mut c = server.connect();
+    c.send(format!("GET {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes());
+    c.response().expect("a response")
+}
+
+/// The flags `check_operations` needs the server started with.
+pub fn operations_args(access_log: &Path) -> Vec<String> {
+    let log = access_log.to_str().expect("a UTF-8 path").to_owned();
+    ["--max-requests-per-child", "5", "--timeout", "2", "--access-log", &log].map(str::to_owned).to_vec()
+}
+
+/// Recycling by max-requests (the 2xx count exact across recycled
+/// workers), the request being served in the status, 504 past `--timeout`
+/// with the worker replaced, and the access log's line. `server` runs 2
+/// workers with `operations_args(access_log)` and answers `GET /environ`
+/// with 200 and `GET /sleep?ms=N` after N ms.
+pub fn check_operations(server: &Server, access_log: &Path) {
+    let first = server.children();
+    for _ in 0..20 {
+        assert_eq!(get(server, "/environ").status, 200);
+    }
+    let status = server.wait_status(Duration::from_secs(20), "recycled by max-requests", |s| {
+        s["totals"]["recycled"]["max-requests"].as_u64() >= Some(2)
+            && s["totals"]["requests"].as_u64() >= Some(20)
+    });
+    assert!(first.iter().all(|p| !server.children().contains(p)), "{status}");
+    assert_eq!(status["totals"]["worker_responses"]["2xx"], 20, "{status}");
+    let addr = server.addr;
+    let slow = std::thread::spawn(move || {
+        let mut c = Client::connect(addr);
+        c.send(b"GET /sleep?ms=1500 HTTP/1.1\r\nHost: x\r\n\r\n");
+        c.response().map(|r| r.status)
+    });
+    server.wait_status(Duration::from_secs(10), "the slow request in the status", |s| {
+        s["worker_list"].as_array().is_some_and(|l| l.iter().any(|w| w["request"] == "GET /sleep?ms=1500"))
+    });
+    assert_eq!(slow.join().unwrap().unwrap(), 200);
+    assert_eq!(get(server, "/sleep?ms=10000").status, 504);
+    server.wait_status(Duration::from_secs(10), "the stuck worker replaced", |s| {
+        s["totals"]["timeouts"] == 1 && s["workers"]["idle"] == 2
+    });
+    let logged = eventually(Duration::from_secs(5), || {
+        std::fs::read_to_string(access_log)
+            .is_ok_and(|l| l.contains("\"GET /environ HTTP/1.1\" 200 ") && l.starts_with("127.0.0.1 - - ["))
+    });
+    assert!(logged, "{}", std::fs::read_to_string(access_log).unwrap_or_default());
+}
+
+/// A hot deploy of the app in `scratch`'s file `app`: v1, then v2 by a
+/// new file renamed over it and a HUP, served under load without a failed
+/// request; then the file broken in place (`broken`), which never reaches
+/// the running generation (its template keeps the code it loaded, and
+/// recycling forks from it); then a HUP that cannot load it, abandoned
+/// while v2 serves on, with `failure_logged` in the log. `version(v)` is
+/// the app's source answering `v\n`; `start(dir)` serves `app` from `dir`
+/// with 2 workers and `--max-requests-per-child 20`.
+pub fn check_hot_deploy(
+    scratch: &Scratch,
+    app: &str,
+    version: impl Fn(&str) -> String,
+    broken: &str,
+    start: impl FnOnce(&str) -> Server,
+    failure_logged: &str,
+) {
+    let file = scratch.0.join(app);
+    let replace = |text: &str| {
+        let tmp = scratch.0.join(format!("{app}.new"));
+        std::fs::File::create(&tmp).unwrap().write_all(text.as_bytes()).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+        // Python's bytecode cache, which would otherwise outlive the source.
+        let _ = std::fs::remove_dir_all(scratch.0.join("__pycache__"));
+    };
+    replace(&version("v1"));
+    let server = start(scratch.0.to_str().expect("a UTF-8 path"));
+    assert_eq!(server.get("/").text(), "v1\n");
+    let load = Load::start(server.addr, 2, 1, "/");
+    load.wait_answered(100, Duration::from_secs(30));
+    replace(&version("v2"));
+    server.signal(libc::SIGHUP);
+    server.wait_serving(2, Duration::from_secs(30));
+    load.wait_answered(100, Duration::from_secs(30));
+    assert_eq!(server.get("/").text(), "v2\n");
+    // Broken in place: the running generation recycles on its own code.
+    std::fs::write(&file, broken).unwrap();
+    let recycled = |s: &serde_json::Value| s["totals"]["recycled"]["max-requests"].as_u64().unwrap_or(0);
+    let recycled_before = recycled(&server.status().unwrap());
+    load.wait_answered(200, Duration::from_secs(30));
+    let status = server.status().unwrap();
+    assert!(recycled(&status) >= recycled_before + 2, "{status}");
+    assert_eq!(server.get("/").text(), "v2\n");
+    // A reload that cannot load the app is abandoned; v2 serves on.
+    server.signal(libc::SIGHUP);
+    let why = server.wait_reload_failed(Duration::from_secs(30));
+    assert!(!why.is_empty());
+    load.wait_answered(100, Duration::from_secs(30));
+    assert_eq!(server.get("/").text(), "v2\n");
+    let stats = load.stop();
+    assert_eq!(stats.failed, 0, "{:?}", stats.errors);
+    assert!(server.logs().contains(failure_logged), "the failed load is in the log");
+}
