@@ -177,10 +177,8 @@ package Monodon::PSGI::Scoreboard {
         my ($class) = @_;
         open my $fh, '+<&=', Monodon::PSGI::SCOREBOARD_FD or die "the scoreboard (fd 4): $!\n";
         File::Map::map_handle(my $map, $fh, '+<', 0, 4096);
-        return bless {
-            map => \$map, fh => $fh, written => 0, requests => 0, seq => 0,
-            responses => [ (0) x 5 ], durations => [ (0) x 17 ], duration_sum => 0,
-        }, $class;
+        return bless { map => \$map, fh => $fh, written => 0, requests => 0, seq => 0, counts => [ (0) x 23 ] },
+            $class;
     }
 
     sub put { substr(${ $_[0]{map} }, $_[1], 8) = pack 'Q', $_[2] }
@@ -191,11 +189,11 @@ package Monodon::PSGI::Scoreboard {
         substr(${ $self->{map} }, Monodon::PSGI::BYTES_WRITTEN, 8) = pack 'Q', $self->{written} += $n;
     }
 
-    # A request begins: the connection's id and its bytes so far (offset 336
-    # before 328), the request line (the sequence odd while it is written),
-    # and the start time.
+    # A request begins, at `now` (monotonic seconds): the connection's id
+    # and its bytes so far (offset 336 before 328), the request line (the
+    # sequence odd while it is written), and the start time.
     sub begin {
-        my ($self, $conn_id, $line) = @_;
+        my ($self, $conn_id, $line, $now) = @_;
         my $map = $self->{map};
         substr($$map, Monodon::PSGI::CONN_BASE, 8) = pack 'Q', $self->{written};
         substr($$map, Monodon::PSGI::CONN_ID, 8) = pack 'Q', $conn_id;
@@ -204,23 +202,24 @@ package Monodon::PSGI::Scoreboard {
         substr($$map, Monodon::PSGI::REQUEST_SEQ, 8) = pack 'Q', ++$self->{seq};
         substr($$map, Monodon::PSGI::REQUEST_LEN, 8 + $length) = pack('Q', $length) . substr($line, 0, $length);
         substr($$map, Monodon::PSGI::REQUEST_SEQ, 8) = pack 'Q', ++$self->{seq};
-        my $ms = int(Monodon::PSGI::monotonic() * 1000);
+        my $ms = int($now * 1000);
         substr($$map, Monodon::PSGI::STARTED_MS, 8) = pack 'Q', $ms > 0 ? $ms : 1;
     }
 
+    # The request is answered: its status class and duration counted (the
+    # words at 352-535 are only ours, so they go in one store), then the
+    # start time back to 0 and the request count up.
     sub end_request {
         my ($self, $status, $took_us) = @_;
-        my $map = $self->{map};
-        if ($status >= 100 && $status <= 599) {
-            my $class = int($status / 100) - 1;
-            substr($$map, Monodon::PSGI::RESPONSES + 8 * $class, 8) = pack 'Q', ++$self->{responses}[$class];
-        }
+        my $counts = $self->{counts};    # 5 classes, 17 buckets, the sum
+        $counts->[ int($status / 100) - 1 ]++ if $status >= 100 && $status <= 599;
         my $bucket = 0;
         $bucket++ while $bucket < @DURATION_BOUNDS_US && $took_us > $DURATION_BOUNDS_US[$bucket];
-        substr($$map, Monodon::PSGI::DURATIONS + 8 * $bucket, 8) = pack 'Q', ++$self->{durations}[$bucket];
-        substr($$map, Monodon::PSGI::DURATION_SUM, 8) = pack 'Q', $self->{duration_sum} += $took_us;
-        substr($$map, Monodon::PSGI::STARTED_MS, 8) = pack 'Q', 0;
-        substr($$map, Monodon::PSGI::REQUESTS, 8) = pack 'Q', ++$self->{requests};
+        $counts->[ 5 + $bucket ]++;
+        $counts->[22] += $took_us;
+        my $map = $self->{map};
+        substr($$map, Monodon::PSGI::RESPONSES, 184) = pack 'Q23', @$counts;
+        substr($$map, Monodon::PSGI::REQUESTS, 16) = pack 'QQ', ++$self->{requests}, 0;
     }
 
     sub draining   { substr(${ $_[0]{map} }, Monodon::PSGI::DRAINING, 8) ne "\0" x 8 }
@@ -1025,8 +1024,8 @@ package Monodon::PSGI::Worker {
         my $last = defined $self->{remaining} && $self->{remaining} <= 1 && !$board->limit_held;
         $self->{channel}->send(Monodon::PSGI::RETIRING) if $last;
         my $conn = Monodon::PSGI::Connection->new($fd, $self->{settings}{io_timeout});
-        $board->begin($r->{conn_id}, "$r->{method} $r->{target}");
         my $started = Monodon::PSGI::monotonic();
+        $board->begin($r->{conn_id}, "$r->{method} $r->{target}", $started);
         my $exchange = Monodon::PSGI::Exchange->new($self, $r, $conn);
         my ($keep, $leftover, $env) = $self->exchange($exchange, $r, $conn);
         my $took_us = int((Monodon::PSGI::monotonic() - $started) * 1e6);
