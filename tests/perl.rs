@@ -8,6 +8,7 @@ mod common;
 use std::io::{BufRead, BufReader, Read};
 use std::time::Duration;
 
+use common::lang::{checksum, chunked, request};
 use common::{eventually, Client, Scratch, Server};
 
 fn apps_dir() -> String {
@@ -35,36 +36,11 @@ fn spec(args: &[&str], workers: usize) -> Server {
     psgi_in(&apps_dir(), "spec.psgi", args, workers)
 }
 
-/// One request on a fresh connection, with `extra` header lines and `body`.
-fn request(server: &Server, method: &str, target: &str, extra: &str, body: &[u8]) -> common::Response {
-    let mut c = server.connect();
-    c.send(
-        format!("{method} {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{extra}\r\n").as_bytes(),
-    );
-    c.send(body);
-    c.response().expect("a response")
-}
-
 /// Plack's Lint found nothing.
 fn assert_clean_log(server: &Server) {
     let logs = server.logs();
     assert!(!logs.contains("Lint"), "Plack::Middleware::Lint objected:\n{logs}");
     assert!(!logs.contains("the app failed"), "{logs}");
-}
-
-fn checksum(data: &[u8]) -> u64 {
-    data.iter().map(|&b| u64::from(b)).sum::<u64>() & 0xFFFF_FFFF
-}
-
-fn chunked(data: &[u8], chunk: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    for part in data.chunks(chunk) {
-        out.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
-        out.extend_from_slice(part);
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"0\r\n\r\n");
-    out
 }
 
 /// Plack::Test::Suite, the suite every PSGI server is held to, run the way

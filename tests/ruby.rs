@@ -10,6 +10,7 @@ mod common;
 use std::io::Write;
 use std::time::Duration;
 
+use common::lang::{checksum, chunked, lines_body, request};
 use common::{Client, Scratch, Server};
 
 fn ruby() -> &'static str {
@@ -49,20 +50,6 @@ fn spec(args: &[&str], workers: usize) -> Server {
     rack_in(&apps_dir(), "spec.ru", args, workers)
 }
 
-/// One request on a fresh connection, with `extra` header lines and `body`.
-fn request(server: &Server, method: &str, target: &str, extra: &str, body: &[u8]) -> common::Response {
-    let mut c = server.connect();
-    c.send(
-        format!("{method} {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{extra}\r\n").as_bytes(),
-    );
-    c.send(body);
-    if method == "HEAD" {
-        c.head_response().expect("a response")
-    } else {
-        c.response().expect("a response")
-    }
-}
-
 /// Rack::Lint found nothing, and no app code failed unexpectedly.
 fn assert_clean_log(server: &Server) {
     let logs = server.logs();
@@ -84,26 +71,6 @@ impl Drop for Marks {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
-}
-
-fn lines_body(lines: usize) -> Vec<u8> {
-    (0..lines).flat_map(|i| format!("line {i} of the body, {}\n", "x".repeat(i % 50)).into_bytes()).collect()
-}
-
-/// Ruby's `String#sum(32)`: the bytes added up, modulo 2^32.
-fn checksum(data: &[u8]) -> u64 {
-    data.iter().map(|&b| u64::from(b)).sum::<u64>() & 0xFFFF_FFFF
-}
-
-fn chunked(data: &[u8], chunk: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    for part in data.chunks(chunk) {
-        out.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
-        out.extend_from_slice(part);
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"0\r\n\r\n");
-    out
 }
 
 #[test]

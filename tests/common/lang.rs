@@ -8,11 +8,44 @@ use std::time::Duration;
 
 use super::{eventually, Client, Load, Scratch, Server};
 
-/// One `GET target` on a fresh connection.
-fn get(server: &Server, target: &str) -> super::Response {
+/// One request on a fresh connection, with `extra` header lines and `body`.
+pub fn request(server: &Server, method: &str, target: &str, extra: &str, body: &[u8]) -> super::Response {
     let mut c = server.connect();
-    c.send(format!("GET {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes());
-    c.response().expect("a response")
+    c.send(
+        format!("{method} {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{extra}\r\n").as_bytes(),
+    );
+    c.send(body);
+    if method == "HEAD" {
+        c.head_response().expect("a response")
+    } else {
+        c.response().expect("a response")
+    }
+}
+
+fn get(server: &Server, target: &str) -> super::Response {
+    request(server, "GET", target, "", b"")
+}
+
+/// A body of `lines` lines of different lengths, for line-by-line reading.
+pub fn lines_body(lines: usize) -> Vec<u8> {
+    (0..lines).flat_map(|i| format!("line {i} of the body, {}\n", "x".repeat(i % 50)).into_bytes()).collect()
+}
+
+/// The sum of the bytes, as the test apps answer it.
+pub fn checksum(data: &[u8]) -> u64 {
+    data.iter().map(|&b| u64::from(b)).sum::<u64>() & 0xFFFF_FFFF
+}
+
+/// `data` in chunked framing, `chunk` bytes a chunk.
+pub fn chunked(data: &[u8], chunk: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for part in data.chunks(chunk) {
+        out.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+        out.extend_from_slice(part);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
 }
 
 /// The flags `check_operations` needs the server started with.
