@@ -335,7 +335,7 @@ fn underscore_header_names_never_frame_and_are_dropped_refused_or_allowed() {
 }
 
 #[test]
-fn workers_are_reseeded_and_retire_when_asked() {
+fn workers_are_reseeded_run_after_fork_and_retire_when_asked() {
     if !have_rack() {
         return;
     }
@@ -350,7 +350,13 @@ fn workers_are_reseeded_and_retire_when_asked() {
     let (a, b) = (std::thread::spawn(draw), std::thread::spawn(draw));
     let mut draws = std::collections::BTreeMap::new();
     for doc in [a.join().unwrap(), b.join().unwrap()] {
-        draws.insert(doc["pid"].as_u64().unwrap(), doc["random"].as_f64().unwrap());
+        let pid = doc["pid"].as_u64().unwrap();
+        assert_eq!(
+            doc["after_fork"],
+            serde_json::json!([pid]),
+            "Monodon.after_fork ran in this worker, once"
+        );
+        draws.insert(pid, doc["random"].as_f64().unwrap());
     }
     assert_eq!(draws.len(), 2, "both workers answered: {draws:?}");
     let values: Vec<f64> = draws.values().copied().collect();

@@ -1613,6 +1613,17 @@ module Monodon
     end
   end
 
+  # Blocks that config.ru hands to Monodon.after_fork: run in each worker
+  # after its fork, before it serves (reconnect to databases there), as
+  # Unicorn's after_fork and Puma's on_worker_boot are.
+  AFTER_FORK = []
+
+  def self.after_fork(&block)
+    raise ArgumentError, "Monodon.after_fork needs a block" unless block
+
+    AFTER_FORK << block
+  end
+
   # The app config.ru builds: with Rack's builder if there is one.
   def self.load_app(path)
     path = File.expand_path(path)
@@ -1763,6 +1774,7 @@ module Monodon
   def self.serve_as_worker(app, options, settings)
     die_with_supervisor(settings.supervisor_pid)
     srand # each worker its own random numbers, not the template's
+    AFTER_FORK.each(&:call)
     Worker.new(app, settings, options[:underscore_headers]).run
   rescue ProtocolError => e
     log("protocol error: #{e.message}")

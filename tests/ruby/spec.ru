@@ -11,6 +11,9 @@ require "rack/lint"
 
 # Where this file was loaded: the template, or with --no-preload the worker.
 IMPORTED_IN = Process.pid
+# The processes Monodon.after_fork ran in (each worker's own copy).
+$after_fork = []
+Monodon.after_fork { $after_fork << Process.pid } if defined?(Monodon)
 MARKS = File.join(Dir.tmpdir, "monodon-rack-marks-#{Process.ppid}")
 
 module Spec
@@ -126,7 +129,7 @@ module Spec
       json({ "pid" => Process.pid })
     when "/random"
       sleep(Integer(param(env, "ms", "0")) / 1000.0)
-      json({ "pid" => Process.pid, "random" => rand })
+      json({ "pid" => Process.pid, "random" => rand, "after_fork" => $after_fork })
     when "/status"
       code = Integer(param(env, "code", "404"))
       if code == 204 || code == 304
