@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::time::Duration;
 
 use common::lang::{checksum, chunked, request};
-use common::{eventually, Client, Scratch, Server};
+use common::{eventually, Scratch, Server};
 
 fn apps_dir() -> String {
     concat!(env!("CARGO_MANIFEST_DIR"), "/tests/perl").to_owned()
@@ -242,15 +242,8 @@ fn workers_are_reseeded_and_harakiri_and_cleanup_handlers_work() {
         return;
     }
     let server = spec(&[], 2);
-    let addr = server.addr;
-    let draw = move || {
-        let mut c = Client::connect(addr);
-        c.send(b"GET /random?ms=500 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        c.response().unwrap().json()
-    };
-    let (a, b) = (std::thread::spawn(draw), std::thread::spawn(draw));
     let mut draws = std::collections::BTreeMap::new();
-    for doc in [a.join().unwrap(), b.join().unwrap()] {
+    for doc in common::lang::draw_on_two_workers(&server) {
         draws.insert(doc["pid"].as_u64().unwrap(), doc["random"].as_f64().unwrap());
     }
     assert_eq!(draws.len(), 2, "both workers answered: {draws:?}");
@@ -373,4 +366,40 @@ fn load_errors_include_dirs_and_missing_modules_are_reported() {
     assert_eq!(e.status.code(), Some(2));
     let said = String::from_utf8_lossy(&e.stderr);
     assert!(said.contains("missing: File::Map (Debian: libfile-map-perl)"), "{said}");
+}
+
+/// SERVER_NAME and SERVER_PORT come from the connection's own address on
+/// IPv6 and unix listeners too (from Host on a unix socket, which has none).
+#[test]
+fn the_server_address_is_right_on_ipv6_and_unix_listeners() {
+    if !have_perl() {
+        return;
+    }
+    let scratch = Scratch::new("psgi-listeners");
+    let path = scratch.0.join("app.sock");
+    let unix = format!("unix:{}", path.display());
+    let server = spec(&["--listen", "[::1]:0", "--listen", &unix], 1);
+    let (v6_port, over_v6, cgi) = common::lang::environ_on_ipv6_and_unix(&server, &path);
+    assert_eq!(
+        (over_v6["SERVER_NAME"].as_str(), over_v6["REMOTE_ADDR"].as_str()),
+        (Some("::1"), Some("::1"))
+    );
+    assert_eq!(over_v6["SERVER_PORT"], v6_port.to_string());
+    assert_eq!(
+        (cgi["SERVER_NAME"].as_str(), cgi["SERVER_PORT"].as_str()),
+        (Some("app.example"), Some("8443"))
+    );
+    assert_eq!(cgi["REMOTE_ADDR"], "");
+    assert_clean_log(&server);
+}
+
+/// A body trickled below --min-body-rate is cut off with 408 once the 10 s
+/// grace has passed, so a slow sender cannot hold a Perl worker.
+#[test]
+fn a_body_trickled_below_the_minimum_rate_is_cut_off() {
+    if !have_perl() {
+        return;
+    }
+    let server = spec(&["--min-body-rate", "4KiB"], 1);
+    common::lang::check_trickled_body_is_cut_off(&server, "/body?piece=1000");
 }

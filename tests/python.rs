@@ -6,11 +6,10 @@
 
 mod common;
 
-use std::io::Write;
 use std::time::Duration;
 
 use common::lang::{checksum, chunked, lines_body, request};
-use common::{Client, Scratch, Server};
+use common::{Scratch, Server};
 
 fn python() -> &'static str {
     if std::path::Path::new("/usr/bin/python3").exists() {
@@ -239,15 +238,8 @@ fn underscore_header_names_never_frame_and_are_dropped_refused_or_allowed() {
 fn workers_are_reseeded_run_the_post_fork_hook_and_retire_when_asked() {
     let server = spec(&["--post-fork", "spec_app:post_fork"], 2);
     // Two at once: one on each worker.
-    let addr = server.addr;
-    let draw = move || {
-        let mut c = Client::connect(addr);
-        c.send(b"GET /random?ms=500 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        c.response().unwrap().json()
-    };
-    let (a, b) = (std::thread::spawn(draw), std::thread::spawn(draw));
     let mut draws = std::collections::BTreeMap::new();
-    for doc in [a.join().unwrap(), b.join().unwrap()] {
+    for doc in common::lang::draw_on_two_workers(&server) {
         let pid = doc["pid"].as_u64().unwrap();
         assert_eq!(doc["post_fork"], serde_json::json!([pid]), "the hook ran in this worker, once");
         draws.insert(pid, doc["random"].as_f64().unwrap());
@@ -448,25 +440,12 @@ fn the_server_address_is_right_on_ipv6_and_unix_listeners() {
     let path = scratch.0.join("app.sock");
     let unix = format!("unix:{}", path.display());
     let server = spec(&["--listen", "[::1]:0", "--listen", &unix], 1);
-    let status = server.status().unwrap();
-    let v6 = status["listeners"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|l| l.as_str())
-        .find(|l| l.starts_with('['));
-    let v6: std::net::SocketAddr = v6.expect("an IPv6 listener").parse().unwrap();
-    let mut c = Client::connect(v6);
-    c.send(b"GET /environ HTTP/1.1\r\nHost: x\r\n\r\n");
-    let cgi = c.response().unwrap().json()["cgi"].clone();
-    assert_eq!((cgi["SERVER_NAME"].as_str(), cgi["REMOTE_ADDR"].as_str()), (Some("::1"), Some("::1")));
-    assert_eq!(cgi["SERVER_PORT"], v6.port().to_string());
-    let mut stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
-    stream
-        .write_all(b"GET /environ HTTP/1.1\r\nHost: app.example:8443\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let r = common::read_response(&mut std::io::BufReader::new(stream), false).unwrap();
-    let cgi = r.json()["cgi"].clone();
+    let (v6_port, over_v6, cgi) = common::lang::environ_on_ipv6_and_unix(&server, &path);
+    assert_eq!(
+        (over_v6["SERVER_NAME"].as_str(), over_v6["REMOTE_ADDR"].as_str()),
+        (Some("::1"), Some("::1"))
+    );
+    assert_eq!(over_v6["SERVER_PORT"], v6_port.to_string());
     assert_eq!(
         (cgi["SERVER_NAME"].as_str(), cgi["SERVER_PORT"].as_str()),
         (Some("app.example"), Some("8443"))
@@ -479,27 +458,5 @@ fn the_server_address_is_right_on_ipv6_and_unix_listeners() {
 #[test]
 fn a_body_trickled_below_the_minimum_rate_is_cut_off() {
     let server = spec(&["--min-body-rate", "4KiB"], 1);
-    let mut c = server.connect();
-    // Larger than --buffer-body: the worker streams it.
-    c.send(b"POST /body?how=read-small HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n");
-    let started = std::time::Instant::now();
-    let mut refused = None;
-    while started.elapsed() < Duration::from_secs(30) {
-        // 100 bytes every 100 ms: 1 KB/s, below 4 KiB/s.
-        if c.stream().try_clone().and_then(|mut s| s.write_all(&[b'y'; 100])).is_err() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-        c.stream().set_nonblocking(true).unwrap();
-        let mut peek = [0u8; 1];
-        let answered = c.stream().peek(&mut peek).is_ok_and(|n| n > 0);
-        c.stream().set_nonblocking(false).unwrap();
-        if answered {
-            refused = Some(c.response().unwrap());
-            break;
-        }
-    }
-    let r = refused.expect("an answer within 30 s");
-    assert_eq!(r.status, 408, "{}", r.text());
-    assert!(started.elapsed() >= Duration::from_secs(9), "not before the grace period");
+    common::lang::check_trickled_body_is_cut_off(&server, "/body?how=read-small");
 }

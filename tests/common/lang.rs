@@ -143,3 +143,74 @@ pub fn check_hot_deploy(
     assert_eq!(stats.failed, 0, "{:?}", stats.errors);
     assert!(server.logs().contains(failure_logged), "the failed load is in the log");
 }
+
+/// Two `GET /random?ms=500` at once, so that each of two workers answers
+/// one: their JSON documents (the worker's `pid`, its `random` draw, and
+/// whatever else the app adds).
+pub fn draw_on_two_workers(server: &Server) -> Vec<serde_json::Value> {
+    let addr = server.addr;
+    let draw = move || {
+        let mut c = Client::connect(addr);
+        c.send(b"GET /random?ms=500 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        c.response().unwrap().json()
+    };
+    let (a, b) = (std::thread::spawn(draw), std::thread::spawn(draw));
+    vec![a.join().unwrap(), b.join().unwrap()]
+}
+
+/// `GET /environ` over an IPv6 listener and over the unix socket at
+/// `unix_path` (with `Host: app.example:8443`): the IPv6 listener's port,
+/// and the `cgi` object of each answer. `server` listens on `[::1]:0` and
+/// `unix:UNIX_PATH`.
+pub fn environ_on_ipv6_and_unix(
+    server: &Server,
+    unix_path: &Path,
+) -> (u16, serde_json::Value, serde_json::Value) {
+    let status = server.status().unwrap();
+    let v6 = status["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l.as_str())
+        .find(|l| l.starts_with('['));
+    let v6: std::net::SocketAddr = v6.expect("an IPv6 listener").parse().unwrap();
+    let mut c = Client::connect(v6);
+    c.send(b"GET /environ HTTP/1.1\r\nHost: x\r\n\r\n");
+    let over_v6 = c.response().unwrap().json()["cgi"].clone();
+    let mut stream = std::os::unix::net::UnixStream::connect(unix_path).unwrap();
+    stream
+        .write_all(b"GET /environ HTTP/1.1\r\nHost: app.example:8443\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let r = super::read_response(&mut std::io::BufReader::new(stream), false).unwrap();
+    (v6.port(), over_v6, r.json()["cgi"].clone())
+}
+
+/// A body trickled below `--min-body-rate` (the server runs with 4KiB and
+/// one worker) to `target`, which streams it: 408 once the 10 s grace has
+/// passed, so a slow sender cannot hold a worker. The trickle is paced at
+/// 100 bytes every 100 ms (1 KB/s); its answer is watched for between
+/// steps.
+pub fn check_trickled_body_is_cut_off(server: &Server, target: &str) {
+    let mut c = server.connect();
+    // Larger than --buffer-body: the worker streams it.
+    c.send(format!("POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n").as_bytes());
+    let started = std::time::Instant::now();
+    let mut refused = None;
+    while started.elapsed() < Duration::from_secs(30) {
+        if c.stream().try_clone().and_then(|mut s| s.write_all(&[b'y'; 100])).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        c.stream().set_nonblocking(true).unwrap();
+        let mut peek = [0u8; 1];
+        let answered = c.stream().peek(&mut peek).is_ok_and(|n| n > 0);
+        c.stream().set_nonblocking(false).unwrap();
+        if answered {
+            refused = Some(c.response().unwrap());
+            break;
+        }
+    }
+    let r = refused.expect("an answer within 30 s");
+    assert_eq!(r.status, 408, "{}", r.text());
+    assert!(started.elapsed() >= Duration::from_secs(9), "not before the grace period");
+}
