@@ -181,9 +181,6 @@ package Monodon::PSGI::Scoreboard {
             $class;
     }
 
-    sub put { substr(${ $_[0]{map} }, $_[1], 8) = pack 'Q', $_[2] }
-    sub get { unpack 'Q', substr(${ $_[0]{map} }, $_[1], 8) }
-
     sub add_written {
         my ($self, $n) = @_;
         substr(${ $self->{map} }, Monodon::PSGI::BYTES_WRITTEN, 8) = pack 'Q', $self->{written} += $n;
