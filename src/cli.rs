@@ -349,6 +349,18 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     pub health_path: Option<String>,
 
+    /// Let a free worker accept a new connection itself and serve it, when
+    /// its whole request is there, without the supervisor (which still
+    /// holds whatever must wait: an incomplete head, a keep-alive client
+    /// between requests, connections while every worker is busy). Faster
+    /// for a new connection per request; responses, timeouts and 502/504
+    /// are as for connections the supervisor hands over. Only workers built
+    /// on monodon's Rust runtime do it (not --wsgi, --psgi, --rack), and
+    /// never with --proxy-protocol.
+    #[arg(long, value_name = "BOOL", action = clap::ArgAction::Set, num_args = 0..=1,
+          default_value_t = true, default_missing_value = "true")]
+    pub worker_accept: bool,
+
     /// How workers are made. `template`: each generation starts one template
     /// process from the worker command, which loads the app once and forks
     /// every worker of that generation, so a generation keeps running the
@@ -489,6 +501,7 @@ impl ServeArgs {
         config.proxy_protocol = self.proxy_protocol;
         config.forwarded_allow = self.forwarded_allow_ips.clone();
         config.health_path = self.health_path.clone();
+        config.worker_accept = self.worker_accept;
         // clap has checked it is one of the two.
         config.spawn = self.spawn.parse().unwrap_or_default();
         config.read_ahead = self.read_ahead.0;

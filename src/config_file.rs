@@ -65,6 +65,7 @@ struct Settings {
     proxy_protocol: Option<bool>,
     forwarded_allow_ips: Option<String>,
     health_path: Option<String>,
+    worker_accept: Option<bool>,
     spawn: Option<String>,
     access_log: Option<String>,
     access_log_format: Option<String>,
@@ -122,6 +123,7 @@ impl Settings {
         one("--proxy-protocol", self.proxy_protocol.map(|b| b.to_string()));
         one("--forwarded-allow-ips", self.forwarded_allow_ips.clone());
         one("--health-path", self.health_path.clone());
+        one("--worker-accept", self.worker_accept.map(|b| b.to_string()));
         one("--spawn", self.spawn.clone());
         one("--access-log", self.access_log.clone());
         one("--access-log-format", self.access_log_format.clone());

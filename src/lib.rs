@@ -84,11 +84,15 @@ fn load_config(
 ) -> Result<monodon_supervisor::Config, String> {
     let args = serve_args(argv)?;
     args.validate()?;
-    let command = match lang::worker_command(&args) {
-        Some(command) => command?,
-        None => default(&args, exe),
+    let (command, language) = match lang::worker_command(&args) {
+        Some(command) => (command?, true),
+        None => (default(&args, exe), false),
     };
-    Ok(args.to_config(command))
+    let mut config = args.to_config(command);
+    // The Python, Perl and Ruby workers keep to the minimal profile: the
+    // supervisor accepts for them, and they are given no listeners.
+    config.worker_accept &= !language;
+    Ok(config)
 }
 
 fn serve(default: DefaultCommand) -> ExitCode {

@@ -10,6 +10,8 @@ use std::time::Duration;
 use common::{eventually, monodon, Client, Server};
 
 /// Supervisor debug logs say when a connection is sent ahead or taken back.
+/// Workers do not accept here: what is dispatched is what the supervisor
+/// holds, and with workers accepting, new connections would not be its.
 fn start() -> Server {
     start_with(2)
 }
@@ -24,6 +26,8 @@ fn start_with(workers: usize) -> Server {
             "echo",
             "--workers",
             &n,
+            "--worker-accept",
+            "false",
         ]),
         workers,
     );

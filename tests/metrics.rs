@@ -138,7 +138,20 @@ fn stalled_scrapers_cost_the_supervisor_nothing_and_are_closed() {
 #[test]
 fn responses_by_class_and_request_durations_count_every_answer() {
     let server = Server::start(
-        &["--app", "echo", "--workers", "2", "--metrics", "127.0.0.1:0", "--max-requests-per-child", "4"],
+        // The queue wait is counted at hand-overs: with workers accepting,
+        // a request served by the worker that accepted it has none.
+        &[
+            "--app",
+            "echo",
+            "--workers",
+            "2",
+            "--metrics",
+            "127.0.0.1:0",
+            "--max-requests-per-child",
+            "4",
+            "--worker-accept",
+            "false",
+        ],
         2,
     );
     let first = server.children();

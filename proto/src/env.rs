@@ -38,13 +38,19 @@ pub const IO_TIMEOUT: &str = "MONODON_IO_TIMEOUT";
 /// The peers whose `Forwarded`/`X-Forwarded-*` fields name the client, as
 /// `TrustedProxies::to_list` writes them; absent: none.
 pub const FORWARDED_ALLOW_IPS: &str = "MONODON_FORWARDED_ALLOW_IPS";
+/// How many listening sockets the worker may accept from itself, on fds
+/// 5, 6, ... (`FEATURE_ACCEPT`); absent or 0: none, it accepts nothing.
+pub const LISTENERS: &str = "MONODON_LISTENERS";
+/// The path the supervisor answers as a health check (`--health-path`):
+/// a worker that accepts hands such a request to the supervisor. Empty: none.
+pub const HEALTH_PATH: &str = "MONODON_HEALTH_PATH";
 /// `template`: the process is its generation's template, not a worker: it
 /// loads the app and forks workers when asked (PROTOCOL.md, "Templates").
 /// Absent in a worker.
 pub const ROLE: &str = "MONODON_ROLE";
 
 /// Every variable the supervisor sets for a worker.
-pub const ALL: [&str; 12] = [
+pub const ALL: [&str; 14] = [
     CHANNEL_FD,
     SCOREBOARD_FD,
     SUPERVISOR_PID,
@@ -57,11 +63,15 @@ pub const ALL: [&str; 12] = [
     ACCESS_LOG_FORMAT,
     MIN_BODY_RATE,
     FORWARDED_ALLOW_IPS,
+    LISTENERS,
+    HEALTH_PATH,
 ];
 
 /// Where the worker finds its channel and scoreboard.
 pub const CHANNEL: i32 = 3;
 pub const SCOREBOARD: i32 = 4;
+/// The first listener's fd, for a worker given [`LISTENERS`].
+pub const FIRST_LISTENER: i32 = 5;
 
 /// What one worker is told at start.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +90,9 @@ pub struct WorkerEnv {
     pub read_ahead: Duration,
     pub min_body_rate: u64,
     pub forwarded_allow: TrustedProxies,
+    /// Listeners on fds [`FIRST_LISTENER`].. that the worker accepts from.
+    pub listeners: u16,
+    pub health_path: Option<String>,
 }
 
 /// A variable the worker cannot use, named with what it holds.
@@ -113,6 +126,8 @@ impl WorkerEnv {
             (ACCESS_LOG_FORMAT, self.access_log_format.name().to_owned()),
             (MIN_BODY_RATE, self.min_body_rate.to_string()),
             (FORWARDED_ALLOW_IPS, self.forwarded_allow.to_list()),
+            (LISTENERS, self.listeners.to_string()),
+            (HEALTH_PATH, self.health_path.clone().unwrap_or_default()),
         ]
     }
 
@@ -147,6 +162,8 @@ impl WorkerEnv {
             forwarded_allow: read(&get, FORWARDED_ALLOW_IPS, TrustedProxies::none(), |s| {
                 TrustedProxies::parse(s).ok()
             })?,
+            listeners: read(&get, LISTENERS, 0, |s| s.parse().ok())?,
+            health_path: read(&get, HEALTH_PATH, None, |s| Some((!s.is_empty()).then(|| s.to_owned())))?,
         })
     }
 
@@ -173,6 +190,8 @@ mod tests {
             read_ahead: Duration::from_micros(150),
             min_body_rate: 2048,
             forwarded_allow: TrustedProxies::parse("10.0.0.0/8,unix").unwrap(),
+            listeners: 2,
+            health_path: Some("/healthz".into()),
         }
     }
 
@@ -199,7 +218,9 @@ mod tests {
 
     #[test]
     fn malformed_values_are_errors_naming_the_variable() {
-        for variable in ALL.iter().filter(|v| ![CHANNEL_FD, SCOREBOARD_FD, ACCESS_LOG].contains(v)) {
+        for variable in
+            ALL.iter().filter(|v| ![CHANNEL_FD, SCOREBOARD_FD, ACCESS_LOG, HEALTH_PATH].contains(v))
+        {
             let mut written = vars(&sample());
             written.insert(variable, "bogus".into());
             let e = WorkerEnv::from_vars(|k| written.get(k).cloned()).unwrap_err();

@@ -66,6 +66,42 @@ pub struct Slot {
     /// cumulative), and their sum in microseconds.
     pub duration_counts: [AtomicU64; histogram::BUCKETS],
     pub duration_sum_us: AtomicU64,
+    /// Whose the worker's attention is, for a worker that accepts
+    /// connections itself (`FEATURE_ACCEPT`): [`attention`]'s values.
+    /// The worker takes a connection from a listener only by swapping
+    /// `FREE` for `OWN`; the supervisor hands it one only by swapping
+    /// `FREE` for `HELD`: exactly one of them wins.
+    pub attention: AtomicU64,
+    /// Connections the worker accepted itself (served or handed over).
+    pub accepted: AtomicU64,
+}
+
+/// The values of [`Slot::attention`].
+pub mod attention {
+    /// The supervisor's (the start, and from its claim until it lets the
+    /// worker go again): the worker serves what its channel brings and
+    /// accepts nothing. Zero, so a fresh page holds a worker back until its
+    /// generation serves.
+    pub const HELD: u64 = 0;
+    /// Nobody's: the worker waits on its channel and the listeners.
+    pub const FREE: u64 = 1;
+    /// The worker serves a connection it accepted itself.
+    pub const OWN: u64 = 2;
+    /// As `OWN`, and the supervisor has asked for the worker: when it is
+    /// done it sets `HELD` and sends Free.
+    pub const WATCHED: u64 = 3;
+    /// As `HELD`, and the worker, woken by a listener it may not take
+    /// from, sleeps on its channel: letting it go takes a Go message.
+    pub const PARKED: u64 = 4;
+}
+
+/// What the supervisor's claim on an idle worker found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// The worker is the supervisor's until it lets it go.
+    Held,
+    /// The worker is serving a connection of its own; it sends Free when done.
+    Own,
 }
 
 /// Responses by status class (1xx at index 0 ... 5xx at 4) and the
@@ -103,7 +139,7 @@ pub const REQUEST_LINE_MAX: usize = 256;
 /// Where each field of a [`Slot`] lies, as PROTOCOL.md gives it: workers in
 /// other languages map the page and use these offsets. Checked against the
 /// struct at compile time and against PROTOCOL.md by a test.
-pub const LAYOUT: [(usize, &str); 15] = [
+pub const LAYOUT: [(usize, &str); 17] = [
     (0, "bytes_written"),
     (8, "requests"),
     (16, "request_started_ms"),
@@ -119,6 +155,8 @@ pub const LAYOUT: [(usize, &str); 15] = [
     (352, "responses"),
     (392, "duration_counts"),
     (528, "duration_sum_us"),
+    (536, "attention"),
+    (544, "accepted"),
 ];
 
 const _: () = {
@@ -139,6 +177,8 @@ const _: () = {
         offset_of!(Slot, responses),
         offset_of!(Slot, duration_counts),
         offset_of!(Slot, duration_sum_us),
+        offset_of!(Slot, attention),
+        offset_of!(Slot, accepted),
     ];
     let mut i = 0;
     while i < LAYOUT.len() {
@@ -148,7 +188,7 @@ const _: () = {
         );
         i += 1;
     }
-    assert!(std::mem::size_of::<Slot>() == 536, "the Slot grew or shrank: say so in PROTOCOL.md");
+    assert!(std::mem::size_of::<Slot>() == 552, "the Slot grew or shrank: say so in PROTOCOL.md");
     assert!(std::mem::size_of::<Slot>() <= 4096, "a Slot must fit its page");
 };
 
@@ -184,6 +224,85 @@ impl Slot {
                 sum_us: self.duration_sum_us.load(Ordering::Relaxed),
             },
         }
+    }
+
+    /// Worker side: takes its attention for a connection of its own, if
+    /// nobody has it.
+    pub fn take_own(&self) -> bool {
+        self.attention
+            .compare_exchange(attention::FREE, attention::OWN, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Worker side: counts a connection it accepted.
+    pub fn count_accepted(&self) {
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections the worker accepted itself.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Worker side: done with its own connection. True if the supervisor
+    /// asked for it meanwhile: it is the supervisor's now (send Free).
+    pub fn end_own(&self) -> bool {
+        match self.attention.compare_exchange(
+            attention::OWN,
+            attention::FREE,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => false,
+            Err(_) => {
+                self.attention.store(attention::HELD, Ordering::Release);
+                true
+            }
+        }
+    }
+
+    /// Worker side: a listener woke it while the supervisor holds it: it
+    /// sleeps on its channel until a message (Go, when it is let go).
+    /// False if it has been let go meanwhile (it may accept).
+    pub fn park(&self) -> bool {
+        match self.attention.compare_exchange(
+            attention::HELD,
+            attention::PARKED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => true,
+            Err(seen) => seen == attention::PARKED,
+        }
+    }
+
+    /// Supervisor side: claims an idle worker before handing it anything
+    /// or letting it go. A worker on a connection of its own is asked to
+    /// say Free when it is done.
+    pub fn claim(&self) -> Claim {
+        use attention::*;
+        let mut seen = self.attention.load(Ordering::Acquire);
+        loop {
+            let (next, claim) = match seen {
+                FREE => (HELD, Claim::Held),
+                OWN => (WATCHED, Claim::Own),
+                WATCHED => return Claim::Own,
+                // HELD, or a value no worker writes: ours already.
+                _ => return Claim::Held,
+            };
+            match self.attention.compare_exchange(seen, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return claim,
+                Err(now) => seen = now,
+            }
+        }
+    }
+
+    /// Supervisor side: lets an idle worker accept on its own again; true
+    /// if it was parked (send it Go).
+    pub fn let_go(&self) -> bool {
+        use attention::*;
+        let swap = |from| self.attention.compare_exchange(from, FREE, Ordering::AcqRel, Ordering::Acquire);
+        swap(HELD).is_err() && swap(PARKED).is_ok()
     }
 
     /// Worker side: starts serving connection `conn_id`.
@@ -413,9 +532,12 @@ impl Scoreboard {
             responses,
             duration_counts,
             duration_sum_us,
+            attention,
+            accepted,
         } = self.slot();
         let words = [bytes_written, requests, request_started_ms, draining, others_waiting, request_seq];
-        let more = [request_len, conn_id, conn_written_base, hold_limit, duration_sum_us];
+        let more =
+            [request_len, conn_id, conn_written_base, hold_limit, duration_sum_us, attention, accepted];
         for word in words.into_iter().chain(more).chain(ahead).chain(responses).chain(duration_counts) {
             word.store(0, Ordering::Relaxed);
         }
@@ -449,6 +571,36 @@ mod tests {
     use super::*;
 
     /// PROTOCOL.md's scoreboard table gives the offsets of [`LAYOUT`].
+    /// The attention cell: the worker takes its attention only when free,
+    /// the supervisor's claim and the worker's own exclude each other, and
+    /// each way back says what the other must be told (Free, Go).
+    #[test]
+    fn attention_passes_between_the_two_sides_by_compare_and_swap() {
+        let board = Scoreboard::create().unwrap();
+        let slot = board.slot();
+        assert!(!slot.take_own(), "a new worker is held until let go");
+        assert!(slot.park(), "woken while held, it parks");
+        assert!(slot.park(), "and stays parked");
+        assert_eq!(slot.claim(), Claim::Held, "parked is the supervisor's");
+        assert!(slot.let_go(), "letting a parked worker go says: send Go");
+        assert!(!slot.park(), "free: no parking");
+        assert!(slot.take_own());
+        assert!(!slot.take_own(), "one connection of its own at a time");
+        assert!(!slot.end_own(), "nobody asked: no Free");
+        assert!(slot.take_own());
+        assert_eq!(slot.claim(), Claim::Own, "the supervisor finds it busy");
+        assert_eq!(slot.claim(), Claim::Own, "and again, still watched");
+        assert!(slot.end_own(), "asked for: it says Free");
+        assert!(!slot.take_own(), "and is the supervisor's");
+        assert!(!slot.let_go(), "held, not parked: no Go");
+        assert_eq!(slot.claim(), Claim::Held);
+        assert_eq!(slot.claim(), Claim::Held, "a claim of a held worker holds");
+        slot.let_go();
+        assert!(slot.take_own());
+        board.reset();
+        assert!(!board.slot().take_own(), "a reused page holds its next worker");
+    }
+
     #[test]
     fn protocol_md_gives_the_layout() {
         let protocol = include_str!("../../PROTOCOL.md");

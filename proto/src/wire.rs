@@ -22,6 +22,10 @@ const DONE: u8 = 3;
 const RETIRING: u8 = 4;
 const ASSIGN_AHEAD: u8 = 5;
 const SKIPPED: u8 = 6;
+const ADOPT: u8 = 8;
+const FREE: u8 = 9;
+const DEPOSIT: u8 = 10;
+const GO: u8 = 11;
 
 /// `Ready` feature bit: the worker takes connections sent ahead (it claims
 /// each on its scoreboard and answers `Skipped` for one taken back).
@@ -30,6 +34,11 @@ pub const FEATURE_AHEAD: u8 = 1;
 /// `Ready` feature bit: the worker wants each request parsed by the
 /// supervisor (`parsed::ParsedRequest`, kind 7) instead of Assign's bytes.
 pub const FEATURE_PARSED: u8 = 2;
+
+/// `Ready` feature bit: the worker accepts connections from the listeners
+/// it was given (`MONODON_LISTEN_FDS`) while its scoreboard's `attention`
+/// is free, and its Ready carries its vault (see [`Deposit`]).
+pub const FEATURE_ACCEPT: u8 = 4;
 
 /// The largest message either side may send, for request limits `limits`:
 /// the supervisor passes at most a head plus one read's worth of bytes, and
@@ -47,6 +56,9 @@ pub enum ToWorker<'a> {
     /// `ahead`: sent while the worker was busy; serve it only if it can be
     /// claimed on the scoreboard, else answer `Skipped`.
     Assign { conn_id: u64, served: u32, peer: &'a str, data: &'a [u8], ahead: bool },
+    /// A worker that accepts and was parked may accept again (its
+    /// scoreboard's attention is free).
+    Go,
 }
 
 /// Worker → supervisor.
@@ -65,6 +77,44 @@ pub enum FromWorker<'a> {
     /// A connection sent ahead was taken back before the worker got to it;
     /// the worker has closed its copy.
     Skipped { conn_id: u64 },
+    /// A connection the worker accepted itself is the supervisor's now (its
+    /// fd rides along): its head was not all there or not the worker's to
+    /// serve (`served` 0), or it is kept alive after `served` requests
+    /// (`keep`), or it closes with input pending (`keep` false: the
+    /// supervisor lingers). `leftover`: the bytes read and not served.
+    Adopt { conn_id: u64, served: u32, keep: bool, leftover: &'a [u8] },
+    /// The supervisor asked for the worker while it served a connection of
+    /// its own; that is done, and the worker waits on its channel only.
+    Free,
+}
+
+/// What a worker that accepts puts in its vault (a socketpair whose
+/// receiving end the supervisor holds too) before it serves a connection
+/// of its own, with a copy of the connection's fd, and takes out again
+/// when it is done: if the worker dies meanwhile, the supervisor finds the
+/// connection there and answers 502 (or 504) as for one it handed over.
+/// `written`: the worker's response bytes when it began the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deposit {
+    pub conn_id: u64,
+    pub written: u64,
+}
+
+impl Deposit {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.clear();
+        out.extend_from_slice(&[VERSION, DEPOSIT]);
+        out.extend_from_slice(&self.conn_id.to_le_bytes());
+        out.extend_from_slice(&self.written.to_le_bytes());
+    }
+
+    pub fn decode(msg: &[u8]) -> Result<Deposit, WireError> {
+        let mut r = Cursor::new(msg)?;
+        if r.kind != DEPOSIT {
+            return Err(WireError("not a deposit"));
+        }
+        Ok(Deposit { conn_id: r.u64()?, written: r.u64()? })
+    }
 }
 
 /// A message that does not follow this protocol.
@@ -98,6 +148,7 @@ impl ToWorker<'_> {
                 out.extend_from_slice(peer);
                 out.extend_from_slice(data);
             }
+            ToWorker::Go => out.extend_from_slice(&[VERSION, GO]),
         }
     }
 
@@ -112,6 +163,7 @@ impl ToWorker<'_> {
                     std::str::from_utf8(r.bytes(peer_len)?).map_err(|_| WireError("peer is not UTF-8"))?;
                 Ok(ToWorker::Assign { conn_id, served, peer, data: r.rest(), ahead: kind == ASSIGN_AHEAD })
             }
+            GO => Ok(ToWorker::Go),
             _ => Err(WireError("unknown message kind")),
         }
     }
@@ -138,6 +190,14 @@ impl FromWorker<'_> {
                 out.extend_from_slice(&[VERSION, SKIPPED]);
                 out.extend_from_slice(&conn_id.to_le_bytes());
             }
+            FromWorker::Adopt { conn_id, served, keep, leftover } => {
+                out.extend_from_slice(&[VERSION, ADOPT]);
+                out.extend_from_slice(&conn_id.to_le_bytes());
+                out.extend_from_slice(&served.to_le_bytes());
+                out.push(u8::from(*keep));
+                out.extend_from_slice(leftover);
+            }
+            FromWorker::Free => out.extend_from_slice(&[VERSION, FREE]),
         }
     }
 
@@ -150,7 +210,7 @@ impl FromWorker<'_> {
                 let features = r.rest().first().copied().unwrap_or(0);
                 Ok(FromWorker::Ready { pid, features })
             }
-            DONE => {
+            kind @ (DONE | ADOPT) => {
                 let conn_id = r.u64()?;
                 let served = r.u32()?;
                 let keep = match r.bytes(1)?[0] {
@@ -158,8 +218,14 @@ impl FromWorker<'_> {
                     1 => true,
                     _ => return Err(WireError("keep flag is not 0 or 1")),
                 };
-                Ok(FromWorker::Done { conn_id, served, keep, leftover: r.rest() })
+                let leftover = r.rest();
+                Ok(if kind == DONE {
+                    FromWorker::Done { conn_id, served, keep, leftover }
+                } else {
+                    FromWorker::Adopt { conn_id, served, keep, leftover }
+                })
             }
+            FREE => Ok(FromWorker::Free),
             RETIRING => Ok(FromWorker::Retiring),
             SKIPPED => Ok(FromWorker::Skipped { conn_id: r.u64()? }),
             _ => Err(WireError("unknown message kind")),
@@ -265,12 +331,30 @@ pub fn recv_fds(
     buf: &mut [u8],
     max_fds: usize,
 ) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
+    recv_with(channel, buf, max_fds, MsgFlags::empty())
+}
+
+/// [`recv_fds`] with one fd at most that does not wait: `WouldBlock` when
+/// nothing is there (a vault is read this way, by both its holders).
+pub fn recv_nonblocking(
+    channel: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
+    recv_with(channel, buf, 1, MsgFlags::MSG_DONTWAIT)
+}
+
+fn recv_with(
+    channel: BorrowedFd<'_>,
+    buf: &mut [u8],
+    max_fds: usize,
+    extra: MsgFlags,
+) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
     // Room for several fds, so that a misbehaving peer's extras are seen
     // (and closed) instead of silently truncated.
     let mut cmsg_space = nix::cmsg_space!([RawFd; 8]);
     loop {
         let mut iov = [IoSliceMut::new(buf)];
-        let flags = MsgFlags::MSG_CMSG_CLOEXEC;
+        let flags = MsgFlags::MSG_CMSG_CLOEXEC | extra;
         let msg = match socket::recvmsg::<()>(channel.as_raw_fd(), &mut iov, Some(&mut cmsg_space), flags) {
             Ok(m) => m,
             Err(nix::errno::Errno::EINTR) => continue,
@@ -329,6 +413,19 @@ mod tests {
         assert_eq!(FromWorker::decode(&buf), Ok(FromWorker::Retiring));
         FromWorker::Skipped { conn_id: 9 }.encode(&mut buf);
         assert_eq!(FromWorker::decode(&buf), Ok(FromWorker::Skipped { conn_id: 9 }));
+        let adopt = FromWorker::Adopt { conn_id: 1 << 63 | 5, served: 2, keep: false, leftover: b"GET" };
+        adopt.encode(&mut buf);
+        assert_eq!(FromWorker::decode(&buf), Ok(adopt));
+        FromWorker::Free.encode(&mut buf);
+        assert_eq!(FromWorker::decode(&buf), Ok(FromWorker::Free));
+        ToWorker::Go.encode(&mut buf);
+        assert_eq!(ToWorker::decode(&buf), Ok(ToWorker::Go));
+        let deposit = Deposit { conn_id: 1 << 63 | 6, written: 1234 };
+        deposit.encode(&mut buf);
+        assert_eq!(Deposit::decode(&buf), Ok(deposit));
+        assert!(Deposit::decode(&buf[..10]).is_err(), "a deposit cut short");
+        FromWorker::Free.encode(&mut buf);
+        assert!(Deposit::decode(&buf).is_err(), "a message that is no deposit");
     }
 
     #[test]

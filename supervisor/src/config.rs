@@ -174,6 +174,10 @@ pub struct Config {
     pub forwarded_allow: monodon_proto::forwarded::TrustedProxies,
     /// The path the supervisor answers itself for health checks.
     pub health_path: Option<String>,
+    /// Workers that can (the Rust runtime's) accept connections from the
+    /// listeners themselves while free (`--worker-accept`; never with
+    /// `--proxy-protocol`, whose headers the supervisor reads).
+    pub worker_accept: bool,
     /// Workers forked from their generation's template, or each exec'd.
     pub spawn: SpawnMode,
     /// Where workers write the access log (`-`: stdout; `None`: nowhere).
@@ -233,6 +237,7 @@ impl Config {
             )
             .unwrap_or_default(),
             health_path: None,
+            worker_accept: true,
             spawn: SpawnMode::default(),
             access_log: None,
             access_log_format: Format::Combined,

@@ -186,7 +186,11 @@ pub struct WorkerCounts {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Totals {
+    /// Connections accepted, by the supervisor and by workers.
     pub accepted: u64,
+    /// Of those, the ones workers accepted themselves (`--worker-accept`).
+    #[serde(default)]
+    pub accepted_by_workers: u64,
     pub requests: u64,
     pub reloads: u64,
     pub failed_reloads: u64,

@@ -69,6 +69,15 @@ impl Listener {
         self.fd.as_fd()
     }
 
+    /// Shuts the socket down for every process that holds it (workers that
+    /// accept have copies): it stops listening, and connections waiting in
+    /// its backlog are reset, as a close by the only holder would.
+    pub fn stop_listening(&self) {
+        if let Err(e) = socket::shutdown(self.fd.as_raw_fd(), socket::Shutdown::Read) {
+            log::debug!("shutdown of listener {}: {e}", self.addr);
+        }
+    }
+
     /// Accepts one connection: `Ok(None)` when none is pending.
     /// The connection is non-blocking and close-on-exec; TCP gets NODELAY.
     pub fn accept(&self) -> io::Result<Option<(OwnedFd, String)>> {
@@ -225,5 +234,14 @@ pub fn local_address(fd: BorrowedFd<'_>) -> String {
     match socket::getsockname::<SockaddrStorage>(fd.as_raw_fd()) {
         Ok(a) if a.as_unix_addr().is_none() => a.to_string(),
         _ => "unix".to_owned(),
+    }
+}
+
+/// The peer of a connection a worker accepted, as `accept` names peers.
+pub fn peer_of(fd: BorrowedFd<'_>) -> String {
+    match socket::getpeername::<SockaddrStorage>(fd.as_raw_fd()) {
+        Ok(addr) if addr.family() == Some(AddressFamily::Unix) => "unix".to_owned(),
+        Ok(addr) => addr.to_string(),
+        Err(_) => "unknown".to_owned(),
     }
 }

@@ -108,6 +108,9 @@ impl Code {
 pub struct WorkerSpec<'a> {
     pub code: &'a Code,
     pub env: WorkerEnv,
+    /// The listeners a worker that accepts takes connections from: placed
+    /// on fds 5, 6, ... (`env.listeners` of them).
+    pub listeners: Vec<BorrowedFd<'a>>,
 }
 
 /// Kernel bookkeeping per message beyond its payload (the sk_buff and the
@@ -249,10 +252,24 @@ fn spawn_process(
     // SAFETY: F_DUPFD_CLOEXEC just created these descriptors for us alone.
     let (channel_high, board_high) =
         unsafe { (OwnedFd::from_raw_fd(channel_high), OwnedFd::from_raw_fd(board_high)) };
+    // The listeners likewise, above every fd they are placed on.
+    let above = 10.max(env::FIRST_LISTENER + spec.listeners.len() as i32);
+    let listeners_high = spec
+        .listeners
+        .iter()
+        .map(|l| {
+            let raw = nix::fcntl::fcntl(l, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(above))?;
+            // SAFETY: F_DUPFD_CLOEXEC just created this descriptor for us alone.
+            Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+        })
+        .collect::<io::Result<Vec<OwnedFd>>>()?;
     let mut actions = PosixSpawnFileActions::init()?;
     actions.add_open(0, "/dev/null", OFlag::O_RDONLY, Mode::empty())?;
     actions.add_dup2(channel_high.as_raw_fd(), 3)?;
     actions.add_dup2(board_high.as_raw_fd(), 4)?;
+    for (i, l) in listeners_high.iter().enumerate() {
+        actions.add_dup2(l.as_raw_fd(), env::FIRST_LISTENER + i as i32)?;
+    }
     if let Some(dir) = &spec.code.dir {
         add_chdir(&mut actions, dir)?;
     }
@@ -289,6 +306,6 @@ fn spawn_process(
     let pid = posix_spawnp(&argv[0], &actions, &attr, &argv, &envp).map_err(|e| {
         io::Error::new(io::Error::from(e).kind(), format!("cannot start worker {program:?}: {e}"))
     })?;
-    drop((channel_high, board_high, theirs));
+    drop((channel_high, board_high, theirs, listeners_high));
     Ok(Spawned { pid, channel: ours, scoreboard })
 }

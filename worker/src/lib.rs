@@ -10,6 +10,7 @@
 //! A Rust application links this crate, implements [`App`], and calls
 //! [`run`] when [`is_worker`] says it was started as a worker.
 
+mod accept;
 mod app;
 mod date;
 #[cfg(test)]
@@ -134,14 +135,108 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
         None => None,
     };
 
+    let mut accepter = match settings.listeners {
+        0 => None,
+        n => Some(accept::Accepter::new(n, channel.as_fd(), settings.health_path.clone())?),
+    };
     let mut out = Vec::with_capacity(256);
-    FromWorker::Ready { pid, features: wire::FEATURE_AHEAD }.encode(&mut out);
-    wire::send(channel.as_fd(), &out, None)?;
+    let features = wire::FEATURE_AHEAD | if accepter.is_some() { wire::FEATURE_ACCEPT } else { 0 };
+    FromWorker::Ready { pid, features }.encode(&mut out);
+    wire::send(channel.as_fd(), &out, accepter.as_ref().map(|a| a.vault_for_supervisor()))?;
     // The supervisor logs each worker's start and exit; ours are detail.
     debug!("worker {pid} (generation {generation}) ready");
 
     let mut buf = vec![0u8; wire::max_message(&limits)];
+    let slot = scoreboard.slot();
+    let send_free = || {
+        let mut msg = Vec::with_capacity(2);
+        FromWorker::Free.encode(&mut msg);
+        if let Err(e) = wire::send(channel.as_fd(), &msg, None) {
+            debug!("worker {pid}: cannot say Free: {e}");
+        }
+    };
     loop {
+        if let Some(acc) = accepter.as_mut() {
+            match acc.wait(slot)? {
+                accept::Wake::Channel => {}
+                accept::Wake::Missed => {
+                    send_free();
+                    continue;
+                }
+                accept::Wake::Accepted { fd, peer } => {
+                    let id = acc.next_id();
+                    let data = match acc.first_read(fd.as_fd(), &limits) {
+                        accept::Arrival::Serve(data) => data,
+                        accept::Arrival::HandOver(data) => {
+                            hand_over_or_close(channel.as_fd(), fd.as_fd(), id, 0, true, &data);
+                            if slot.end_own() {
+                                send_free();
+                            }
+                            continue;
+                        }
+                        accept::Arrival::Gone => {
+                            if slot.end_own() {
+                                send_free();
+                            }
+                            continue;
+                        }
+                    };
+                    // In the vault while we serve it: if we die, the
+                    // supervisor finds it there and answers for it.
+                    slot.begin_connection(id);
+                    if let Err(e) = acc.deposit(fd.as_fd(), id, slot.written()) {
+                        debug!("worker {pid}: vault: {e}; handing the connection over");
+                        hand_over_or_close(channel.as_fd(), fd.as_fd(), id, 0, true, &data);
+                        if slot.end_own() {
+                            send_free();
+                        }
+                        continue;
+                    }
+                    let ctx = Context {
+                        read_ahead,
+                        min_body_rate,
+                        limits: &limits,
+                        pid,
+                        generation,
+                        slot,
+                        peer: &peer,
+                        forwarded_allow: &settings.forwarded_allow,
+                        access_log: access_log.as_ref(),
+                    };
+                    let mut input = Input::new(Stream::new(fd, io_timeout, slot), &data);
+                    let mut announce = || announce_retiring(channel.as_fd(), pid);
+                    let mut budget = Budget { remaining, on_last: &mut announce };
+                    let outcome = serve_connection(app, &mut input, 0, &ctx, &mut budget);
+                    remaining = budget.remaining;
+                    let conn = input.stream.as_fd();
+                    // Kept alive, or closing with input to linger on: the
+                    // supervisor's from here.
+                    let keep = outcome.keep;
+                    if keep || !input.buffered().is_empty() || accept::input_pending(conn) {
+                        hand_over_or_close(
+                            channel.as_fd(),
+                            conn,
+                            id,
+                            outcome.served,
+                            keep,
+                            &outcome.leftover,
+                        );
+                    }
+                    drop(input);
+                    acc.withdraw();
+                    if outcome.retiring {
+                        // Our attention stays our own: nothing may be handed
+                        // to us between here and our exit.
+                        debug!("worker {pid} served its {max_requests} requests; exiting");
+                        return Ok(());
+                    }
+                    if slot.end_own() {
+                        send_free();
+                    }
+                    continue;
+                }
+            }
+        }
         // A reset is the supervisor letting us go with a message of ours
         // unread (a Skipped): as good as a close.
         let received = match wire::recv(channel.as_fd(), &mut buf) {
@@ -155,7 +250,11 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
             }
             Received::Message(len, fd) => (len, fd),
         };
-        let ToWorker::Assign { conn_id, served, peer, data, ahead } = ToWorker::decode(&buf[..len])?;
+        let (conn_id, served, peer, data, ahead) = match ToWorker::decode(&buf[..len])? {
+            ToWorker::Assign { conn_id, served, peer, data, ahead } => (conn_id, served, peer, data, ahead),
+            // Let go after being parked: accept again.
+            ToWorker::Go => continue,
+        };
         let Some(fd) = fd else {
             return Err(wire::WireError("Assign without a connection").into());
         };
@@ -178,20 +277,14 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
             limits: &limits,
             pid,
             generation,
-            slot: scoreboard.slot(),
+            slot,
             peer,
             forwarded_allow: &settings.forwarded_allow,
             access_log: access_log.as_ref(),
         };
-        scoreboard.slot().begin_connection(conn_id);
-        let mut input = Input::new(Stream::new(fd, io_timeout, scoreboard.slot()), data);
-        let mut announce = || {
-            let mut msg = Vec::with_capacity(2);
-            FromWorker::Retiring.encode(&mut msg);
-            if let Err(e) = wire::send(channel.as_fd(), &msg, None) {
-                error!("worker {pid}: cannot announce retirement: {e}");
-            }
-        };
+        slot.begin_connection(conn_id);
+        let mut input = Input::new(Stream::new(fd, io_timeout, slot), data);
+        let mut announce = || announce_retiring(channel.as_fd(), pid);
         let mut budget = Budget { remaining, on_last: &mut announce };
         let outcome = serve_connection(app, &mut input, served, &ctx, &mut budget);
         remaining = budget.remaining;
@@ -205,5 +298,30 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
             debug!("worker {pid} served its {max_requests} requests; exiting");
             return Ok(());
         }
+    }
+}
+
+/// Tells the supervisor the last request has started (max requests).
+fn announce_retiring(channel: std::os::fd::BorrowedFd<'_>, pid: u32) {
+    let mut msg = Vec::with_capacity(2);
+    FromWorker::Retiring.encode(&mut msg);
+    if let Err(e) = wire::send(channel, &msg, None) {
+        error!("worker {pid}: cannot announce retirement: {e}");
+    }
+}
+
+/// Hands a connection of our own to the supervisor. If it cannot take it
+/// (it has let us go: a stop, or a protocol error), the connection closes
+/// with us: its response, if any, is out.
+fn hand_over_or_close(
+    channel: std::os::fd::BorrowedFd<'_>,
+    conn: std::os::fd::BorrowedFd<'_>,
+    id: u64,
+    served: u32,
+    keep: bool,
+    leftover: &[u8],
+) {
+    if let Err(e) = accept::hand_over(channel, conn, id, served, keep, leftover) {
+        debug!("handing a connection to the supervisor: {e}; closing it");
     }
 }

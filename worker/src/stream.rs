@@ -74,6 +74,12 @@ impl<'s> Stream<'s> {
     }
 }
 
+impl std::os::fd::AsFd for Stream<'_> {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 impl Connection for Stream<'_> {
     fn readable_within(&self, window: Duration) -> bool {
         let ts = nix::sys::time::TimeSpec::from_duration(window);

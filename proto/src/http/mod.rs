@@ -181,6 +181,19 @@ mod body;
 mod head;
 mod pending;
 
+/// Whether a complete request is for the health-check `path` (GET or HEAD,
+/// any query): `Some(head_only)` if it is.
+pub fn is_health_check(received: &[u8], path: &str) -> Option<bool> {
+    let line = crate::access_log::RawRequestLine::from_bytes(received);
+    let (method, target, _) = line.parts();
+    let head_only = match method {
+        "GET" => false,
+        "HEAD" => true,
+        _ => return None,
+    };
+    (target.split('?').next() == Some(path)).then_some(head_only)
+}
+
 pub use body::{
     body_rejection, chunked_body_len, parse_chunk_size_line, BodyError, BodyReader, ChunkedScanner,
 };

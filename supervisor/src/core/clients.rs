@@ -62,6 +62,30 @@ impl<C: Peer, W: Named> Core<C, W> {
         }))
     }
 
+    /// A connection a worker accepted itself is handed to us (Adopt), after
+    /// `served` requests: read on (the shell has put what the worker read
+    /// in its buffer), or, `keep` false, close it after its last response.
+    pub fn adopt(&mut self, io: C, served: u32, keep: bool, now: Instant) -> ConnKey {
+        let key = self.accept(io, now);
+        // Counted by the worker that accepted it.
+        self.totals.accepted -= 1;
+        let conn = &mut self.conns[key.0];
+        conn.served = served;
+        if served > 0 {
+            conn.place = Place::Reading { deadline: now + self.settings.keepalive_timeout, partial: false };
+        }
+        // A new one is read whatever happens (a stop serves what has
+        // arrived); one kept alive after a response closes at a stop, as
+        // after a Done.
+        let resume = keep && (served == 0 || self.stopping == Stopping::No);
+        self.act(if resume {
+            super::Action::Resume { conn: key }
+        } else {
+            super::Action::CloseAfterResponse { conn: key }
+        });
+        key
+    }
+
     /// Part of a request has arrived on an empty connection: the head timeout runs.
     pub fn head_started(&mut self, key: ConnKey, now: Instant) {
         let head_timeout = self.settings.head_timeout;

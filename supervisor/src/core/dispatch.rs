@@ -19,6 +19,14 @@ impl<C: Peer, W: Named> Core<C, W> {
         port: &mut impl Port<C, W>,
         now: Instant,
     ) {
+        if !self.claim_idle(wkey, port, now) {
+            // On a connection of its own: another idle worker, or the queue.
+            match self.dispatcher.conn_back(ckey) {
+                Some(idle) => self.hand_over(idle, ckey, port, now),
+                None => self.send_ahead_to_a_busy_worker(port, now),
+            }
+            return;
+        }
         match self.send_assign(wkey, ckey, false, port, now) {
             Ok(()) => {
                 if let Some(w) = self.workers.get_mut(wkey.0) {

@@ -161,7 +161,7 @@ impl<C: Peer, W: Named> Core<C, W> {
                         _ if w.outgoing.is_some() => 0,
                         Activity::Idle => 1,
                         Activity::Starting => 2,
-                        Activity::Busy { .. } => 3,
+                        Activity::Busy { .. } | Activity::Own { .. } => 3,
                     };
                     (rank, WorkerKey(k))
                 })

@@ -101,6 +101,23 @@ impl<C: Peer, W: Named> Core<C, W> {
         if idle.len() != idle.iter().collect::<HashSet<_>>().len() {
             return Err(format!("a worker is offered as idle twice: {idle:?}"));
         }
+        // A worker on a connection of its own is one that accepts, known
+        // from a claim that found it so; it has no connection of ours.
+        for (k, w) in self.workers.iter() {
+            if !matches!(w.activity, Activity::Own { .. }) {
+                continue;
+            }
+            if !w.accepts_own {
+                return Err(format!("worker w{k} is on a connection of its own but does not accept"));
+            }
+            if let Some((c, _)) = self
+                .conns
+                .iter()
+                .find(|(_, c)| matches!(c.place, Place::InWorker { worker, .. } if worker.0 == k))
+            {
+                return Err(format!("worker w{k} is on a connection of its own and holds c{c} of ours"));
+            }
+        }
         Ok(())
     }
 

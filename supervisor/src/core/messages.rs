@@ -33,11 +33,13 @@ pub struct Exit<W> {
 }
 
 impl<C: Peer, W: Named> Core<C, W> {
-    /// Ready: its app is up; `accepts_ahead` if it takes connections sent ahead.
+    /// Ready: its app is up; `accepts_ahead` if it takes connections sent
+    /// ahead, `accepts_own` if it accepts connections itself when let go.
     pub fn worker_ready(
         &mut self,
         wkey: WorkerKey,
         accepts_ahead: bool,
+        accepts_own: bool,
         port: &mut impl Port<C, W>,
         now: Instant,
     ) -> Result<(), Misbehaviour> {
@@ -46,6 +48,7 @@ impl<C: Peer, W: Named> Core<C, W> {
             return Err(self.misbehaving(wkey, "unexpected Ready"));
         }
         w.accepts_ahead = accepts_ahead;
+        w.accepts_own = accepts_own;
         debug!("worker {} ready", w.io.pid());
         let (took, generation) = (now.saturating_duration_since(w.started), w.generation);
         self.record_start(took);
@@ -73,6 +76,39 @@ impl<C: Peer, W: Named> Core<C, W> {
         self.dispatcher.remove_worker(wkey);
         // It exits after this request: it will never read the next one.
         self.take_back_ahead(wkey, port, now);
+    }
+
+    /// Free: asked for while on a connection of its own, it is done with it
+    /// and the core's again.
+    pub fn worker_free(
+        &mut self,
+        wkey: WorkerKey,
+        port: &mut impl Port<C, W>,
+        now: Instant,
+    ) -> Result<(), Misbehaviour> {
+        let w = self.workers.get_mut(wkey.0).ok_or(Misbehaviour("no such worker"))?;
+        if !matches!(w.activity, Activity::Own { .. }) {
+            return Err(self.misbehaving(wkey, "Free while not asked for"));
+        }
+        self.worker_idle(wkey, port, now);
+        Ok(())
+    }
+
+    /// A connection a worker accepted itself was in its vault when it died
+    /// (the shell found it there): it is the worker's current connection,
+    /// answered at the exit like one handed over (`id`: the worker's own).
+    /// `None` (the shell closes it) if the worker had one of ours instead.
+    pub fn vaulted(&mut self, wkey: WorkerKey, io: C, id: u64, now: Instant) -> Option<ConnKey> {
+        let w = self.workers.get(wkey.0)?;
+        if !w.accepts_own || !matches!(w.activity, Activity::Idle | Activity::Own { .. }) {
+            return None;
+        }
+        let since = w.busy_since().unwrap_or(now);
+        let place = Place::InWorker { worker: wkey, ahead: false };
+        let ckey = ConnKey(self.conns.insert(super::Conn { io, id, served: 0, place, ready_at: None }));
+        self.dispatcher.remove_worker(wkey);
+        self.workers[wkey.0].activity = Activity::Busy { conn: ckey, since, ahead: None };
+        Some(ckey)
     }
 
     /// Skipped: it found a connection we had taken back.

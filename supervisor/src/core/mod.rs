@@ -51,8 +51,14 @@ mod templates;
 pub use clients::{Conn, Place};
 pub use generations::Reload;
 pub use messages::{Exit, Misbehaviour};
+pub use monodon_proto::scoreboard::Claim;
 pub use pool::{Activity, Channel, Kill, Retirement, Service, SpawnOrder, Worker};
 pub use templates::{Make, TemplateLife};
+
+/// How long a worker that accepts may be on a request of its own before
+/// the tick asks for it (a claim), so that the core knows it is busy: with
+/// every worker so, the supervisor accepts again and holds what comes.
+pub const OWN_NOTICE: Duration = Duration::from_millis(100);
 
 /// How long a connection sent ahead may wait behind its worker's current
 /// request before a worker that comes free takes it instead.
@@ -229,6 +235,12 @@ pub trait Port<C, W> {
     fn served(&self, worker: &W) -> u64;
     /// The worker's private memory in bytes (read only when asked).
     fn private_memory(&self, worker: &W) -> Option<u64>;
+    /// Claims an idle worker that accepts connections itself
+    /// (`FEATURE_ACCEPT`) before it is handed anything or let go: `Own` if
+    /// it is serving a connection of its own (it says Free when done).
+    fn claim(&mut self, worker: &W) -> Claim;
+    /// Lets a claimed worker that is idle accept on its own again.
+    fn let_go(&mut self, worker: &W);
 }
 
 /// What the log says about a worker: its process, and the request it is on
@@ -287,6 +299,9 @@ pub struct Core<C, W> {
     /// Generations that cannot make workers now: theirs serve on past
     /// their max-requests limit (`Action::HoldLimits`).
     limits_held: std::collections::BTreeSet<u64>,
+    /// Workers are not to accept connections themselves (the shell holds
+    /// as many as `--max-connections` allows): idle ones stay claimed.
+    accept_held: bool,
 }
 
 /// Start times kept for the status.
@@ -317,6 +332,7 @@ impl<C: Peer, W: Named> Core<C, W> {
             start_times: VecDeque::new(),
             templates: Default::default(),
             limits_held: Default::default(),
+            accept_held: false,
         }
     }
 
@@ -374,6 +390,38 @@ impl<C: Peer, W: Named> Core<C, W> {
 
     pub fn queue_full(&self) -> bool {
         self.dispatcher.is_full()
+    }
+
+    /// An idle worker of the serving generation accepts connections itself:
+    /// the supervisor need not (it would only race it for them).
+    pub fn workers_accept(&self) -> bool {
+        !self.accept_held
+            && self.stopping == Stopping::No
+            && self.dispatcher.idle().iter().any(|w| self.workers.get(w.0).is_some_and(|w| w.accepts_own))
+    }
+
+    /// Whether workers are kept from accepting ([`Core::hold_accepting`]).
+    #[cfg(test)]
+    pub fn accept_held(&self) -> bool {
+        self.accept_held
+    }
+
+    /// Whether workers may accept connections themselves: not while the
+    /// supervisor may take no more (`--max-connections`), for what they
+    /// cannot serve at once comes to it. Idle ones are claimed, or let go.
+    pub fn hold_accepting(&mut self, hold: bool, port: &mut impl Port<C, W>, now: Instant) {
+        if hold == self.accept_held {
+            return;
+        }
+        self.accept_held = hold;
+        let idle: Vec<WorkerKey> = self.dispatcher.idle().to_vec();
+        for wkey in idle {
+            if hold {
+                self.claim_idle(wkey, port, now);
+            } else if let Some(w) = self.workers.get(wkey.0).filter(|w| w.accepts_own) {
+                port.let_go(&w.io);
+            }
+        }
     }
 
     pub fn serving_generation(&self) -> u64 {

@@ -20,6 +20,12 @@ pub enum Activity {
         since: Instant,
         ahead: Option<ConnKey>,
     },
+    /// Serving a connection it accepted itself (known from a claim that
+    /// found it so, at `since`); it says Free when done. Its connection is
+    /// in its vault, not in the core, until it dies.
+    Own {
+        since: Instant,
+    },
 }
 
 /// Whether a worker takes new connections.
@@ -103,6 +109,8 @@ pub struct Worker<W> {
     pub age_limit: Option<Duration>,
     /// It said in Ready that it takes connections sent ahead.
     pub accepts_ahead: bool,
+    /// It said in Ready that it accepts connections itself when free.
+    pub accepts_own: bool,
     /// Connections sent ahead and taken back whose Skipped has not come
     /// yet: while any is unread in its channel nothing more is sent ahead,
     /// so the channel never holds more than two messages from us.
@@ -138,7 +146,7 @@ impl<W> Worker<W> {
     /// When its current connection was handed to it.
     pub fn busy_since(&self) -> Option<Instant> {
         match self.activity {
-            Activity::Busy { since, .. } => Some(since),
+            Activity::Busy { since, .. } | Activity::Own { since } => Some(since),
             _ => None,
         }
     }
@@ -248,6 +256,7 @@ impl<C: Peer, W: Named> Core<C, W> {
             max_requests: order.max_requests,
             age_limit: order.age_limit,
             accepts_ahead: false,
+            accepts_own: false,
             skips_pending: 0,
             outgoing: None,
         }))
@@ -307,7 +316,28 @@ impl<C: Peer, W: Named> Core<C, W> {
         } else if let Some(ckey) = self.dispatcher.worker_idle(wkey) {
             self.hand_over(wkey, ckey, port, now);
         } else {
+            if self.stopping == Stopping::No && !self.accept_held && self.workers[wkey.0].accepts_own {
+                port.let_go(&self.workers[wkey.0].io);
+            }
             self.release_idle_workers();
+        }
+    }
+
+    /// Makes sure idle worker `wkey` is the core's, not on a connection of
+    /// its own, before it is handed one or let go. One that is on its own
+    /// leaves the idle list until its Free.
+    pub(super) fn claim_idle(&mut self, wkey: WorkerKey, port: &mut impl Port<C, W>, now: Instant) -> bool {
+        let Some(w) = self.workers.get_mut(wkey.0) else { return false };
+        if !w.accepts_own || w.activity != Activity::Idle {
+            return true;
+        }
+        match port.claim(&w.io) {
+            super::Claim::Held => true,
+            super::Claim::Own => {
+                w.activity = Activity::Own { since: now };
+                self.dispatcher.remove_worker(wkey);
+                false
+            }
         }
     }
 
@@ -319,7 +349,9 @@ impl<C: Peer, W: Named> Core<C, W> {
             .count()
     }
 
-    /// Closes a worker's channel: it exits when it next waits for work.
+    /// Closes a worker's channel: it exits when it next waits for work (one
+    /// on a connection of its own first finishes it: at a stop, whose
+    /// responses say `Connection: close`, it has nothing to hand back).
     pub(super) fn release(&mut self, wkey: WorkerKey) {
         // Nothing may be handed to it any more.
         self.dispatcher.remove_worker(wkey);
@@ -343,6 +375,9 @@ impl<C: Peer, W: Named> Core<C, W> {
         now: Instant,
     ) {
         self.take_back_ahead(wkey, port, now);
+        // One on a connection of its own is let go after its Free: it may
+        // have a keep-alive connection to hand back first.
+        self.claim_idle(wkey, port, now);
         self.leave_service(wkey, why);
     }
 
@@ -390,7 +425,7 @@ impl<C: Peer, W: Named> Core<C, W> {
         let Some(w) = self.workers.get_mut(wkey.0) else { return };
         w.service = Service::Retiring(why);
         w.outgoing = None;
-        let busy = matches!(w.activity, Activity::Busy { .. });
+        let busy = matches!(w.activity, Activity::Busy { .. } | Activity::Own { .. });
         self.count_recycle(why);
         self.dispatcher.remove_worker(wkey);
         if !busy {

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use log::{info, warn};
+use log::{debug, info, warn};
 
 use super::{
     Action, Activity, Channel, Core, Kill, Named, Peer, Port, Retirement, Signal, Stopping, WorkerKey,
@@ -93,9 +93,28 @@ impl<C: Peer, W: Named> Core<C, W> {
             );
             self.abandon_reload(&reason, now);
         }
+        self.notice_own_requests(now, port);
         self.check_stuck_workers(now, port);
         if self.stopping == Stopping::No {
             self.retire_aged_and_grown(now, read_memory, port);
+        }
+    }
+
+    /// Idle workers that have been on a request of their own for
+    /// `OWN_NOTICE` are claimed, so the core knows they are busy (with all
+    /// of them so, the supervisor accepts again) and times them out.
+    fn notice_own_requests(&mut self, now: Instant, port: &mut impl Port<C, W>) {
+        let long: Vec<WorkerKey> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.accepts_own && w.activity == Activity::Idle)
+            .filter(|(_, w)| port.request_age(&w.io).is_some_and(|age| age >= super::OWN_NOTICE))
+            .map(|(k, _)| WorkerKey(k))
+            .collect();
+        for wkey in long {
+            if !self.claim_idle(wkey, port, now) {
+                debug!("worker {} is on a long request of its own", self.workers[wkey.0].io.pid());
+            }
         }
     }
 
@@ -124,13 +143,18 @@ impl<C: Peer, W: Named> Core<C, W> {
                 }
                 Some(_) => {}
                 None => {
-                    let Activity::Busy { conn, since, .. } = w.activity else { continue };
+                    let (conn, since) = match w.activity {
+                        Activity::Busy { conn, since, .. } => (Some(conn), since),
+                        Activity::Own { since } => (None, since),
+                        _ => continue,
+                    };
                     // A worker that never even started the request counts from the hand-over.
                     let age = port.request_age(&w.io).unwrap_or_else(|| now.saturating_duration_since(since));
                     if age <= timeout {
                         continue;
                     }
-                    let peer = self.conns.get(conn.0).map_or("?", |c| c.io.peer());
+                    let peer =
+                        conn.and_then(|c| self.conns.get(c.0)).map_or("its own client", |c| c.io.peer());
                     let request = w.io.request_line().unwrap_or_else(|| "(not started)".into());
                     warn!(
                         "worker {} has been busy for {:.1}s on {request:?} from {peer} (--timeout {timeout:?}); killing it",

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, error, warn};
 use monodon_proto::access_log::{Entry, RawRequestLine};
-use monodon_proto::http::{PendingRequest, Rejection};
+use monodon_proto::http::Rejection;
 use monodon_proto::proxy;
 use nix::errno::Errno;
 use nix::sys::socket::{self, MsgFlags, Shutdown};
@@ -23,7 +23,18 @@ impl Supervisor {
         }
         let paused = self.accept_paused_until.is_some_and(|t| Instant::now() < t);
         let full = self.core.conn_count() >= self.max_connections;
-        let want = self.core.stopping() == Stopping::No && !paused && !self.core.queue_full() && !full;
+        // What a worker accepts and cannot serve at once comes here: at the
+        // limit, workers accept nothing either.
+        let hold = full || self.workers_stalled;
+        self.core.hold_accepting(hold, &mut Wire { msg: &mut self.msg }, Instant::now());
+        // While a worker is free to accept, the supervisor leaves new
+        // connections to it (it would only race it for them); with all of
+        // them busy it accepts and holds what comes.
+        let want = self.core.stopping() == Stopping::No
+            && !paused
+            && !self.core.queue_full()
+            && !full
+            && !self.core.workers_accept();
         if want == self.accepting {
             return;
         }
@@ -69,16 +80,7 @@ impl Supervisor {
     }
 
     pub(super) fn on_accepted(&mut self, fd: OwnedFd, peer: String) {
-        let io = ConnIo {
-            fd,
-            peer,
-            pending: PendingRequest::default(),
-            unread: true,
-            watched: false,
-            proxy_pending: self.config.proxy_protocol,
-            written_before: 0,
-            local: None,
-        };
+        let io = ConnIo { proxy_pending: self.config.proxy_protocol, ..ConnIo::new(fd, peer) };
         let key = self.core.accept(io, Instant::now());
         // With TCP_DEFER_ACCEPT the request is usually here already.
         self.on_conn_readable(key);
@@ -251,14 +253,7 @@ impl Supervisor {
     /// query): `Some(head_only)` if it is.
     fn health_check(&self, key: ConnKey) -> Option<bool> {
         let path = self.config.health_path.as_deref()?;
-        let line = RawRequestLine::from_bytes(self.core.conn(key)?.io.pending.bytes());
-        let (method, target, _) = line.parts();
-        let head_only = match method {
-            "GET" => false,
-            "HEAD" => true,
-            _ => return None,
-        };
-        (target.split('?').next() == Some(path)).then_some(head_only)
+        monodon_proto::http::is_health_check(self.core.conn(key)?.io.pending.bytes(), path)
     }
 
     /// Answers a health check from the supervisor's state, and closes: 200
@@ -360,7 +355,7 @@ impl Supervisor {
     /// connections (a batch, so a flood of new clients does not scan the
     /// table for each one). With none idle, accepting pauses until a
     /// connection ends: the kernel's backlog holds the newcomers.
-    fn make_room(&mut self) {
+    pub(super) fn make_room(&mut self) {
         let batch = (self.max_connections / 64).clamp(1, 256);
         let idle = self.core.longest_idle(batch);
         if idle.is_empty() {

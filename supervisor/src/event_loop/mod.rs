@@ -33,7 +33,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use log::info;
+use log::{debug, info};
 use monodon_proto::access_log::AccessLog;
 use monodon_proto::http::{PendingRequest, Rejection};
 use monodon_proto::parsed::ParsedRequest;
@@ -108,6 +108,22 @@ struct ConnIo {
     local: Option<String>,
 }
 
+impl ConnIo {
+    /// A connection as accepted, with nothing read from it yet.
+    fn new(fd: OwnedFd, peer: String) -> ConnIo {
+        ConnIo {
+            fd,
+            peer,
+            pending: PendingRequest::default(),
+            unread: true,
+            watched: false,
+            proxy_pending: false,
+            written_before: 0,
+            local: None,
+        }
+    }
+}
+
 impl core::Peer for ConnIo {
     fn peer(&self) -> &str {
         &self.peer
@@ -130,6 +146,13 @@ struct WorkerIo {
     /// Set at Ready if the worker asked for parsed requests
     /// (`FEATURE_PARSED`): what the parse needs from its generation.
     parsed: Option<Box<ParsedFor>>,
+    /// For a worker that accepts (`FEATURE_ACCEPT`), the receiving end of
+    /// its vault, from its Ready: read only when it dies.
+    vault: Option<OwnedFd>,
+    /// The id of the last connection of its own it handed us (Adopt): its
+    /// copy in the vault, if the worker died before taking it out, is
+    /// ours already.
+    adopted_own: u64,
 }
 
 /// What sending a worker parsed requests takes: its generation's limits
@@ -199,6 +222,12 @@ pub struct Supervisor {
     accepting: bool,
     /// After EMFILE and the like, accepting pauses until then.
     accept_paused_until: Option<Instant>,
+    /// Connections waited on a listener at the last sweep while workers
+    /// were free to accept: how many they had accepted then.
+    backlog_seen: Option<u64>,
+    /// Workers free to accept took none of the connections waiting over a
+    /// sweep (a worker wedged outside a request): the supervisor accepts.
+    workers_stalled: bool,
     signals: SignalDelivery<UnixStream, SignalOnly>,
     /// The code of the serving generation (command and directory),
     /// resolved when that generation started, so its replacements run the
@@ -342,6 +371,10 @@ impl Supervisor {
                     }
                 }
                 Action::CloseChannel { worker } => {
+                    // What it sent first is read first: a worker that accepts
+                    // may have handed us a connection (Adopt), which a close
+                    // would reset.
+                    self.drain_channel(worker);
                     if let Some(ch) = self.core.worker_io_mut(worker).and_then(|w| w.channel.take()) {
                         let _ = self.poller.delete(&ch);
                     }
@@ -448,6 +481,23 @@ impl Port<ConnIo, WorkerIo> for Wire<'_> {
 
     fn wrote_on(&self, worker: &WorkerIo, conn: &ConnIo, id: u64) -> bool {
         worker.scoreboard.slot().wrote_on(id, conn.written_before)
+    }
+
+    fn claim(&mut self, worker: &WorkerIo) -> core::Claim {
+        worker.scoreboard.slot().claim()
+    }
+
+    fn let_go(&mut self, worker: &WorkerIo) {
+        if !worker.scoreboard.slot().let_go() {
+            return;
+        }
+        // It sleeps on its channel: wake it. (One gone is found by its exit.)
+        if let Some(channel) = &worker.channel {
+            ToWorker::Go.encode(self.msg);
+            if let Err(e) = wire::send(channel.as_fd(), self.msg, None) {
+                debug!("telling worker {} it may accept: {e}", core::Named::pid(worker));
+            }
+        }
     }
 
     fn served(&self, worker: &WorkerIo) -> u64 {

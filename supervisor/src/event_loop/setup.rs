@@ -125,6 +125,8 @@ impl Supervisor {
             listeners,
             accepting: true,
             accept_paused_until: None,
+            backlog_seen: None,
+            workers_stalled: false,
             signals,
             scratch: vec![0; READ_CHUNK],
             channel_buf: Vec::new(),

@@ -40,18 +40,29 @@ impl Supervisor {
         };
         let mut worker_list = Vec::with_capacity(self.core.worker_count());
         let mut live_requests = 0;
+        let mut live_accepted = 0;
         let mut responses = self.departed_responses;
         for (_, w) in self.core.workers() {
             let slot = w.io.scoreboard.slot();
             let requests = slot.requests.load(std::sync::atomic::Ordering::Relaxed);
             live_requests += requests;
+            live_accepted += slot.accepted();
             responses.merge(&slot.responses());
+            // A worker on a connection it accepted itself is idle to the
+            // core until it is asked for; its scoreboard says.
+            let own = matches!(w.activity, Activity::Own { .. })
+                || (w.activity == Activity::Idle && slot.request_age_ms().is_some());
             let state = match (w.retiring(), w.activity) {
                 (Some(_), _) => "retiring",
                 (None, Activity::Starting) => "starting",
-                (None, Activity::Idle) => "idle",
-                (None, Activity::Busy { .. }) => "busy",
+                (None, Activity::Idle) if !own => "idle",
+                (None, _) => "busy",
             };
+            if own {
+                // Its connection is in the worker, not in our table.
+                connections.in_workers += 1;
+                connections.total += 1;
+            }
             match state {
                 "retiring" => workers.retiring += 1,
                 "starting" => workers.starting += 1,
@@ -68,6 +79,11 @@ impl Supervisor {
                     let secs = slot.request_age_ms().map(|ms| ms as f64 / 1000.0);
                     let request = slot.current_request().unwrap_or_else(|| "(not started yet)".to_owned());
                     (Some(request), secs, started)
+                }
+                None if own => {
+                    let secs = slot.request_age_ms().map(|ms| ms as f64 / 1000.0);
+                    let base = slot.conn_written_base.load(std::sync::atomic::Ordering::Relaxed);
+                    (slot.current_request(), secs, Some(slot.written() != base))
                 }
                 None => (None, None, None),
             };
@@ -91,6 +107,8 @@ impl Supervisor {
         worker_list.sort_by_key(|w| (w.generation, w.pid));
         let mut totals = self.core.totals().clone();
         totals.requests += live_requests;
+        totals.accepted_by_workers += live_accepted;
+        totals.accepted += totals.accepted_by_workers;
         totals.worker_responses = crate::control::by_class(&responses.by_class);
         totals.supervisor_responses = crate::control::by_class(&self.own_responses.by_class);
         totals.request_duration = (&responses.durations).into();

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use log::{debug, info};
+use log::{debug, info, warn};
 use nix::sys::signal::{kill, Signal};
 use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1};
 
@@ -62,6 +62,11 @@ impl Supervisor {
         }
         self.accepting = false;
         for l in &self.listeners {
+            // Workers that accept hold copies: ours stops listening for
+            // them too. (An inherited one is its owner's to keep open.)
+            if !l.is_inherited() {
+                l.stop_listening();
+            }
             l.unlink();
         }
         self.listeners.clear();
@@ -76,6 +81,32 @@ impl Supervisor {
             for (_, w) in self.core.workers() {
                 w.io.scoreboard.slot().set_others_waiting(waiting);
             }
+        }
+    }
+
+    /// While workers are free to accept, connections should not wait on a
+    /// listener: ones that wait from one sweep to the next with no worker
+    /// accepting anything meanwhile mean the workers are not (one wedged
+    /// outside a request, stopped, swapping): the supervisor accepts again
+    /// and hands them over, under `--timeout`, until the backlog is empty.
+    fn check_backlog(&mut self) {
+        if !self.core.workers_accept() && !self.workers_stalled {
+            self.backlog_seen = None;
+            return;
+        }
+        let waiting = self.listeners.iter().any(|l| {
+            let mut fds = [nix::poll::PollFd::new(l.fd(), nix::poll::PollFlags::POLLIN)];
+            nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).is_ok_and(|n| n > 0)
+        });
+        let accepted: u64 = self.core.workers().map(|(_, w)| w.io.scoreboard.slot().accepted()).sum();
+        let stalled = waiting && self.backlog_seen == Some(accepted);
+        self.backlog_seen = waiting.then_some(accepted);
+        if stalled != self.workers_stalled {
+            if stalled {
+                warn!("connections wait on the listeners and no free worker takes them; accepting them here");
+            }
+            self.workers_stalled = stalled;
+            self.update_accepting();
         }
     }
 
@@ -94,6 +125,7 @@ impl Supervisor {
             let line = self.notifier.status_due(now).then(|| self.status_line());
             self.notifier.tick(now, line);
         }
+        self.check_backlog();
         if self.accept_paused_until.is_some_and(|t| now >= t) {
             self.accept_paused_until = None;
             self.update_accepting();

@@ -55,7 +55,11 @@ impl Supervisor {
     pub(super) fn start_template(&mut self, generation: u64) {
         let now = Instant::now();
         let (code, config) = self.code_of(generation);
-        let spec = WorkerSpec { code, env: self.worker_env(generation, 0, config) };
+        let spec = WorkerSpec {
+            code,
+            env: self.worker_env(generation, 0, config),
+            listeners: self.listeners_for(config),
+        };
         let s = match spawn_template(&spec) {
             Ok(s) => s,
             Err(e) => return self.core.template_down(generation, &format!("cannot start it: {e}"), now),
@@ -100,6 +104,8 @@ impl Supervisor {
                 scoreboard,
                 max_message,
                 parsed: None,
+                vault: None,
+                adopted_own: 0,
             }),
             Err(e) => {
                 self.template_broken(order.generation, &format!("a fork request failed: {e}"));

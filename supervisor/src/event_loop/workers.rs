@@ -3,7 +3,7 @@
 //! died mid-request.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::Instant;
 
 use log::{debug, error, info, warn};
@@ -88,7 +88,11 @@ impl Supervisor {
     fn spawn(&mut self, order: SpawnOrder) -> io::Result<WorkerIo> {
         let board = self.spare_boards.take()?;
         let (code, config) = self.code_of(order.generation);
-        let spec = WorkerSpec { code, env: self.worker_env(order.generation, order.max_requests, config) };
+        let spec = WorkerSpec {
+            code,
+            env: self.worker_env(order.generation, order.max_requests, config),
+            listeners: self.listeners_for(config),
+        };
         let max_message = wire::max_message(&config.limits);
         let s = spawn_worker(&spec, board)?;
         Ok(WorkerIo {
@@ -98,6 +102,8 @@ impl Supervisor {
             scoreboard: s.scoreboard,
             max_message,
             parsed: None,
+            vault: None,
+            adopted_own: 0,
         })
     }
 
@@ -114,7 +120,19 @@ impl Supervisor {
             read_ahead: config.read_ahead,
             min_body_rate: config.min_body_rate,
             forwarded_allow: config.forwarded_allow.clone(),
+            listeners: u16::try_from(self.listeners_for(config).len()).unwrap_or(0),
+            health_path: config.health_path.clone(),
         }
+    }
+
+    /// The listeners the workers of a generation with `config` accept from
+    /// themselves: none without `--worker-accept`, or with
+    /// `--proxy-protocol` (whose headers only the supervisor reads).
+    pub(super) fn listeners_for(&self, config: &Config) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        if !config.worker_accept || config.proxy_protocol {
+            return Vec::new();
+        }
+        self.listeners.iter().map(|l| l.fd()).collect()
     }
 
     /// The code and configuration of `generation`: the serving one's, or
@@ -154,8 +172,9 @@ impl Supervisor {
         self.receive_from(wkey);
     }
 
-    /// Handles every message a worker has sent (it is exiting).
-    fn drain_channel(&mut self, wkey: WorkerKey) {
+    /// Handles every message a worker has sent (it is exiting, or its
+    /// channel is being closed).
+    pub(super) fn drain_channel(&mut self, wkey: WorkerKey) {
         while self.receive_from(wkey) {}
     }
 
@@ -175,13 +194,9 @@ impl Supervisor {
             return false;
         };
         let more = match wire::recv(channel.as_fd(), &mut buf) {
-            Ok(Received::Message(_, Some(_))) => {
-                self.core.misbehaved(wkey, "sent a descriptor");
-                false
-            }
-            Ok(Received::Message(n, None)) => match FromWorker::decode(&buf[..n]) {
+            Ok(Received::Message(n, fd)) => match FromWorker::decode(&buf[..n]) {
                 Ok(msg) => {
-                    self.on_worker_message(wkey, msg);
+                    self.on_worker_message(wkey, msg, fd);
                     true
                 }
                 Err(e) => {
@@ -221,8 +236,25 @@ impl Supervisor {
         self.core.channel_closed(wkey, Instant::now());
     }
 
-    fn on_worker_message(&mut self, wkey: WorkerKey, msg: FromWorker<'_>) {
+    /// Handles a message, and the descriptor it carried: a worker's vault
+    /// comes with a Ready announcing `FEATURE_ACCEPT`, a connection with an
+    /// Adopt; anything else with one breaks the protocol.
+    fn on_worker_message(&mut self, wkey: WorkerKey, msg: FromWorker<'_>, fd: Option<OwnedFd>) {
         let now = Instant::now();
+        let fd = match (msg.clone(), fd) {
+            (FromWorker::Adopt { conn_id, served, keep, leftover }, Some(conn)) => {
+                return self.on_adopt(wkey, conn, conn_id, served, keep, leftover);
+            }
+            (FromWorker::Adopt { .. }, None) => {
+                return self.core.misbehaved(wkey, "Adopt without a connection")
+            }
+            (FromWorker::Ready { features, .. }, fd) if features & wire::FEATURE_ACCEPT != 0 => match fd {
+                Some(vault) => Some(vault),
+                None => return self.core.misbehaved(wkey, "FEATURE_ACCEPT without its vault"),
+            },
+            (_, Some(_)) => return self.core.misbehaved(wkey, "sent a descriptor"),
+            (_, None) => None,
+        };
         // A worker that wants parsed requests gets them under its own
         // generation's settings.
         let parsed = match msg {
@@ -253,13 +285,19 @@ impl Supervisor {
                     }
                     Some(_) => {}
                 }
-                self.core.worker_ready(wkey, features & wire::FEATURE_AHEAD != 0, &mut port, now)
+                let ahead = features & wire::FEATURE_AHEAD != 0;
+                let own = features & wire::FEATURE_ACCEPT != 0;
+                w.vault = fd;
+                self.core.worker_ready(wkey, ahead, own, &mut port, now)
             }
             FromWorker::Retiring => {
                 self.core.worker_retiring(wkey, &mut port, now);
                 Ok(())
             }
             FromWorker::Skipped { .. } => self.core.worker_skipped(wkey),
+            FromWorker::Free => self.core.worker_free(wkey, &mut port, now),
+            // Taken above, with its connection.
+            FromWorker::Adopt { .. } => Ok(()),
             FromWorker::Done { conn_id, served, keep, leftover } => {
                 self.core.worker_done(wkey, conn_id, served, keep, &mut port, now).map(|ckey| {
                     // Read on from here, when the core's Resume comes.
@@ -271,6 +309,66 @@ impl Supervisor {
         };
         if let Err(Misbehaviour(what)) = outcome {
             debug!("worker message refused: {what}");
+        }
+    }
+
+    /// A connection the worker accepted itself is ours now: read on from
+    /// what it had read, or close it after its response.
+    fn on_adopt(
+        &mut self,
+        wkey: WorkerKey,
+        fd: OwnedFd,
+        conn_id: u64,
+        served: u32,
+        keep: bool,
+        leftover: &[u8],
+    ) {
+        let Some(w) = self.core.worker_io_mut(wkey) else { return };
+        if w.vault.is_none() {
+            return self.core.misbehaved(wkey, "Adopt from a worker that does not accept");
+        }
+        w.adopted_own = conn_id;
+        let peer = crate::listener::peer_of(fd.as_fd());
+        let mut io = super::ConnIo::new(fd, peer);
+        io.pending.reset_to(leftover);
+        self.core.adopt(io, served, keep, Instant::now());
+        // At the limit, as after an accept of ours: the longest idle go,
+        // or, with none idle, workers stop accepting too (update_accepting).
+        if self.core.conn_count() >= self.max_connections {
+            self.make_room();
+        }
+    }
+
+    /// What a dead worker left in its vault: the connection of its own it
+    /// was serving, if any, becomes its current one, answered 502 (or 504)
+    /// at its exit like one handed over; one it had handed us already, or
+    /// had finished, is closed here.
+    fn empty_vault(&mut self, wkey: WorkerKey) {
+        let Some(w) = self.core.worker_io_mut(wkey) else { return };
+        let Some(vault) = w.vault.take() else { return };
+        let adopted = w.adopted_own;
+        let mut buf = [0u8; 64];
+        loop {
+            let (n, fd) = match wire::recv_nonblocking(vault.as_fd(), &mut buf) {
+                Ok(Some((n, mut fds))) if fds.len() == 1 => (n, fds.remove(0)),
+                Ok(Some(_)) => continue,
+                Ok(None) => return,
+                Err(e) => {
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        debug!("reading a vault: {e}");
+                    }
+                    return;
+                }
+            };
+            let Ok(deposit) = wire::Deposit::decode(&buf[..n]) else { continue };
+            if deposit.conn_id == adopted {
+                continue;
+            }
+            let peer = crate::listener::peer_of(fd.as_fd());
+            let mut io = super::ConnIo::new(fd, peer);
+            io.written_before = deposit.written;
+            // Unclaimed (the worker had one of ours): dropped, closed.
+            let _ = self.core.vaulted(wkey, io, deposit.conn_id, Instant::now());
         }
     }
 
@@ -312,6 +410,7 @@ impl Supervisor {
         // Whatever it said before dying comes first (typically the Done of a
         // worker that retired on purpose): SIGCHLD may overtake the channel.
         self.drain_channel(wkey);
+        self.empty_vault(wkey);
         self.forget_fork(wkey);
         let now = Instant::now();
         let Some(exit) = self.core.worker_exited(wkey, &how, &mut Wire { msg: &mut self.msg }, now) else {
@@ -319,6 +418,7 @@ impl Supervisor {
         };
         let Exit { io: w, generation, lived, conn, busy_for, expected, killed } = exit;
         self.core.totals_mut().requests += w.requests();
+        self.core.totals_mut().accepted_by_workers += w.scoreboard.slot().accepted();
         self.departed_responses.merge(&w.scoreboard.slot().responses());
         if let Some(ch) = &w.channel {
             let _ = self.poller.delete(ch);

@@ -21,10 +21,12 @@ impl Sim {
                 }
                 Action::CloseChannel { worker } => {
                     if let Some(p) = self.core.worker(worker).map(|w| w.io.proc_index) {
-                        let proc_ = &mut self.world.procs[p];
-                        proc_.released = true;
-                        // The supervisor's end is gone, and with it what was unread there.
-                        proc_.outbox.clear();
+                        // As the shell does, what the worker sent is read
+                        // first (a connection it handed over among it).
+                        while !self.world.procs[p].outbox.is_empty() {
+                            self.deliver_from(p);
+                        }
+                        self.world.procs[p].released = true;
                     }
                 }
                 Action::Resume { conn } => self.resume(conn),
@@ -72,7 +74,12 @@ impl Sim {
     pub(super) fn resume(&mut self, conn: ConnKey) {
         let Some(index) = self.client_of(conn) else { return };
         let c = &self.world.clients[index];
-        if c.partial && c.eager && c.sent < c.wants {
+        if c.in_flight() {
+            // Handed over by a worker that accepted it, its request whole.
+            let now = self.world.now;
+            self.core.head_started(conn, now);
+            self.core.request_ready(conn, &mut self.world, now);
+        } else if c.partial && c.eager && c.sent < c.wants {
             self.send_request(index);
         } else if c.partial {
             self.core.head_started(conn, self.world.now);

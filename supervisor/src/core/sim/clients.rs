@@ -1,6 +1,9 @@
 //! Simulated clients: connecting, sending heads whole or in parts,
 //! aborting, closing, and what they were answered.
 
+use monodon_proto::scoreboard::attention;
+
+use super::world::ProcLife;
 use super::{Client, Sim, SimConn, Stopping};
 use crate::core::{ConnKey, Place};
 
@@ -10,7 +13,27 @@ impl Sim {
             return self.advance();
         }
         let index = self.world.clients.len();
-        let key = self.core.accept(SimConn { client: index, written_before: 0 }, self.world.now);
+        // The supervisor listens only while no worker is free to accept (and
+        // a free worker may win the race for a connection even so).
+        let acceptor = self.random_proc(|p| {
+            p.accepts
+                && !p.template
+                && p.alive()
+                && p.life == ProcLife::Waiting
+                && !p.released
+                && p.inbox.is_empty()
+        });
+        let by_worker = match acceptor {
+            Some(_) if self.core.workers_accept() => true,
+            Some(p) => self.world.procs[p].attention == attention::FREE && self.rng.u8(..4) == 0,
+            None if self.core.workers_accept() => return self.advance(),
+            None => false,
+        };
+        let key = if by_worker {
+            ConnKey(usize::MAX)
+        } else {
+            self.core.accept(SimConn { client: index, written_before: 0 }, self.world.now)
+        };
         let wants = self.rng.u32(1..=4);
         let eager = self.rng.u8(..4) == 0;
         self.world.clients.push(Client {
@@ -19,10 +42,16 @@ impl Sim {
             sent: 0,
             answered: 0,
             partial: false,
+            own_by: None,
             eager,
             closed: false,
             errors: vec![],
         });
+        if let (true, Some(p)) = (by_worker, acceptor) {
+            let head = self.rng.u8(..4) != 0;
+            self.accept_own(p, index, head);
+            return self.carry_out();
+        }
         note!(self, "client {index} connects as {key} (wants {wants}, eager {eager})");
         match self.rng.u8(..3) {
             0 => self.send_request(index),
@@ -51,8 +80,9 @@ impl Sim {
     }
 
     pub(super) fn client_step(&mut self) {
-        let open: Vec<usize> =
-            (0..self.world.clients.len()).filter(|&i| !self.world.clients[i].closed).collect();
+        let open: Vec<usize> = (0..self.world.clients.len())
+            .filter(|&i| !self.world.clients[i].closed && self.world.clients[i].own_by.is_none())
+            .collect();
         if open.is_empty() {
             return self.advance();
         }

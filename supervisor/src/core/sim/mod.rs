@@ -79,6 +79,10 @@ struct Sim {
     chaos: bool,
     /// Exited processes the core has not been told about yet.
     unreaped: Vec<usize>,
+    /// Workers accept connections themselves (half the schedules).
+    accepting: bool,
+    /// What dead workers left in their vaults: client, id, byte count.
+    vaults: HashMap<usize, (usize, u64, u64)>,
     /// The last steps, for a failure report.
     trace: VecDeque<String>,
     origin: Instant,
@@ -91,6 +95,7 @@ impl Sim {
         let now = Instant::now();
         let workers = rng.usize(1..=4);
         let core = Core::new(settings(&mut rng), workers, now, rng.u64(..));
+        let accepting = rng.bool();
         let world = World {
             now,
             procs: Vec::new(),
@@ -100,6 +105,7 @@ impl Sim {
             broken_revoke,
             violation: None,
             next_pid: 100,
+            next_own_id: 0,
             notes: Vec::new(),
             tracing,
         };
@@ -111,6 +117,8 @@ impl Sim {
             templates: HashMap::new(),
             chaos: true,
             unreaped: Vec::new(),
+            accepting,
+            vaults: HashMap::new(),
             trace: VecDeque::new(),
             origin: now,
             steps: 0,

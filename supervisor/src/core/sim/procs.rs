@@ -4,7 +4,9 @@
 
 use std::collections::VecDeque;
 
-use super::world::{Last, Proc, ProcLife, Said, SimWorker};
+use monodon_proto::scoreboard::attention;
+
+use super::world::{Last, Proc, ProcLife, Said, SimConn, SimWorker};
 use super::{Deploy, Exit, Sim};
 use crate::core::{Make, TemplateLife, WorkerKey};
 
@@ -109,6 +111,8 @@ impl Sim {
             template: false,
             forked: false,
             refuses: false,
+            accepts: self.accepting,
+            attention: attention::HELD,
         });
         self.world.procs.len() - 1
     }
@@ -133,6 +137,11 @@ impl Sim {
         // Sent after the supervisor closed its end: lost (EPIPE).
         if !proc_.released {
             proc_.outbox.push_back(said);
+        } else if let Said::Adopt { client, .. } = said {
+            // Nobody to hand it to: the worker closes it.
+            self.world.clients[client].own_by = None;
+            note!(self, "worker {} closes client {client}'s connection: released", proc_.pid);
+            self.closed(client);
         }
     }
 
@@ -162,6 +171,7 @@ impl Sim {
             }
             ProcLife::Waiting => self.take_assign(p),
             ProcLife::Serving { .. } => self.serve(p),
+            ProcLife::Own { .. } => self.serve_own(p),
             ProcLife::Exited => {}
         }
     }
@@ -272,11 +282,124 @@ impl Sim {
         }
     }
 
+    /// A worker that accepts takes a new client itself (`head`: its whole
+    /// request came with it), or, the supervisor having its attention,
+    /// hands it over at once.
+    pub(super) fn accept_own(&mut self, p: usize, client: usize, head: bool) {
+        let now = self.world.now;
+        let proc_ = &mut self.world.procs[p];
+        if proc_.attention != attention::FREE {
+            note!(self, "worker {} accepts client {client} for the supervisor", proc_.pid);
+            self.world.clients[client].own_by = Some(p);
+            self.world.clients[client].partial = !head;
+            if head {
+                self.world.clients[client].sent = 1;
+            }
+            return self.say(p, Said::Adopt { client, id: 0, served: 0, keep: true });
+        }
+        proc_.attention = attention::OWN;
+        self.world.next_own_id += 1;
+        let id = (1 << 63) | self.world.next_own_id;
+        proc_.conn_written_base = proc_.written;
+        proc_.conn_id = id;
+        proc_.last = Some(Last { id, finished: false });
+        let deposited = proc_.written;
+        proc_.life = ProcLife::Own { client, id, started: now, partial: !head, deposited };
+        let pid = proc_.pid;
+        let c = &mut self.world.clients[client];
+        c.own_by = Some(p);
+        c.partial = !head;
+        if head {
+            c.sent = 1;
+            if let Some(other) = self.world.serving.insert(id, pid) {
+                self.world.violate(format!("connection {id} served by workers {other} and {pid} at once"));
+            }
+            let proc_ = &mut self.world.procs[p];
+            let last = proc_.max_requests > 0 && proc_.served + 1 >= proc_.max_requests && !proc_.limit_held;
+            proc_.last_request = last;
+            if last {
+                self.say(p, Said::Retiring);
+            }
+        }
+        note!(self, "worker {pid} accepts client {client} itself as connection {id} (head complete: {head})");
+    }
+
+    /// The worker on a connection of its own: hands over a partial head,
+    /// or serves the request (or crashes, or hangs), then hands it over if
+    /// it is kept alive; then its attention is free again, or the
+    /// supervisor's if it asked (Free).
+    fn serve_own(&mut self, p: usize) {
+        let ProcLife::Own { client, id, partial, .. } = self.world.procs[p].life else { return };
+        if !self.world.procs[p].inbox.is_empty() {
+            let pid = self.world.procs[p].pid;
+            return self.world.violate(format!("an Assign for worker {pid}, on a connection of its own"));
+        }
+        if partial {
+            self.say(p, Said::Adopt { client, id, served: 0, keep: true });
+        } else {
+            if self.world.procs[p].stuck {
+                return;
+            }
+            if self.chaos && self.rng.u8(..20) == 0 {
+                let wrote = self.rng.bool();
+                if wrote {
+                    self.world.procs[p].written += 1;
+                }
+                return self.exit(
+                    p,
+                    if wrote { "crashes mid-response (own)" } else { "crashes before responding (own)" },
+                );
+            }
+            let c = &mut self.world.clients[client];
+            c.answered += 1;
+            let wants_more = c.sent < c.wants;
+            self.world.serving.remove(&id);
+            let draining = self.world.draining;
+            let proc_ = &mut self.world.procs[p];
+            proc_.served += 1;
+            proc_.written += 10;
+            proc_.last = Some(Last { id, finished: true });
+            let keep = wants_more && !draining && !proc_.last_request;
+            note!(self, "worker {} done with client {client} itself (keep {keep})", proc_.pid);
+            if keep {
+                self.say(p, Said::Adopt { client, id, served: 1, keep: true });
+            } else {
+                self.world.clients[client].own_by = None;
+                self.closed(client);
+            }
+        }
+        let proc_ = &mut self.world.procs[p];
+        proc_.life = ProcLife::Waiting;
+        if proc_.last_request {
+            // Its attention stays its own until it has exited.
+            return self.exit(p, "exits after its last request (own)");
+        }
+        let watched = proc_.attention == attention::WATCHED;
+        proc_.attention = if watched { attention::HELD } else { attention::FREE };
+        if watched {
+            self.say(p, Said::Free);
+        }
+    }
+
     pub(super) fn exit(&mut self, p: usize, how: &str) {
         let proc_ = &mut self.world.procs[p];
-        if let ProcLife::Serving { id, .. } = proc_.life {
+        if let ProcLife::Serving { id, .. } | ProcLife::Own { id, .. } = proc_.life {
             self.world.serving.remove(&id);
         }
+        // What was in its vault stays there for the supervisor. (A head
+        // still coming was never put there: that connection is lost with
+        // the worker, its request never complete.)
+        match proc_.life {
+            ProcLife::Own { client, id, deposited, partial: false, .. } => {
+                self.vaults.insert(p, (client, id, deposited));
+            }
+            ProcLife::Own { client, partial: true, .. } => {
+                self.world.clients[client].own_by = None;
+                self.closed(client);
+            }
+            _ => {}
+        }
+        let proc_ = &mut self.world.procs[p];
         proc_.life = ProcLife::Exited;
         proc_.inbox.clear();
         let pid = proc_.pid;
@@ -306,7 +429,17 @@ impl Sim {
             }
             Said::Ready => {
                 self.world.procs[p].ready_told = true;
-                self.core.worker_ready(key, true, &mut self.world, now)
+                let accepts = self.world.procs[p].accepts;
+                self.core.worker_ready(key, true, accepts, &mut self.world, now)
+            }
+            Said::Free => self.core.worker_free(key, &mut self.world, now),
+            Said::Adopt { client, served, keep, .. } => {
+                let conn = SimConn { client, written_before: 0 };
+                let ckey = self.core.adopt(conn, served, keep, now);
+                let c = &mut self.world.clients[client];
+                c.key = ckey;
+                c.own_by = None;
+                Ok(())
             }
             Said::Retiring => {
                 self.core.worker_retiring(key, &mut self.world, now);
@@ -343,6 +476,18 @@ impl Sim {
         }
         note!(self, "worker {pid} reaped");
         let now = self.world.now;
+        if let Some((client, id, deposited)) = self.vaults.remove(&p) {
+            let conn = SimConn { client, written_before: deposited };
+            match self.core.vaulted(key, conn, id, now) {
+                Some(ckey) => {
+                    let c = &mut self.world.clients[client];
+                    c.key = ckey;
+                    c.own_by = None;
+                    note!(self, "its vault holds client {client}'s connection {id}, now {ckey}");
+                }
+                None => return self.world.violate(format!("the core refused worker {pid}'s vault")),
+            }
+        }
         let Some(exit) = self.core.worker_exited(key, "exited", &mut self.world, now) else {
             return self.world.violate(format!("the core did not know worker {pid}"));
         };

@@ -3,8 +3,11 @@
 
 use std::time::Duration;
 
+use monodon_proto::scoreboard::attention;
+
 use super::world::{Proc, ProcLife};
 use super::{settings, Deploy, Sim, Stop, Stopping};
+use crate::core::Activity;
 
 impl Sim {
     pub(super) fn advance(&mut self) {
@@ -64,6 +67,12 @@ impl Sim {
                     self.world.procs[p].memory += 400;
                 }
             }
+            8 if self.accepting => {
+                // --max-connections reached, or left (or a stalled backlog).
+                let hold = self.rng.bool();
+                note!(self, "workers may {}accept", if hold { "not " } else { "" });
+                self.core.hold_accepting(hold, &mut self.world, now);
+            }
             _ => self.advance(),
         }
         self.carry_out();
@@ -78,7 +87,9 @@ impl Sim {
                 match p.life {
                     ProcLife::Starting => self.deploy_of(i) != Deploy::NeverReady,
                     ProcLife::Waiting => p.released || (!p.template && !p.inbox.is_empty()),
-                    ProcLife::Serving { .. } => !p.stuck,
+                    // A head still coming is handed over whatever the app does.
+                    ProcLife::Own { partial: true, .. } => true,
+                    ProcLife::Serving { .. } | ProcLife::Own { .. } => !p.stuck,
                     ProcLife::Exited => false,
                 }
             })
@@ -152,8 +163,19 @@ impl Sim {
                 )
             })
             .collect();
+        let clients: Vec<String> = (0..self.world.clients.len())
+            .filter(|&i| !self.world.clients[i].closed)
+            .map(|i| {
+                let c = &self.world.clients[i];
+                let place = self.core.conn(c.key).map(|c| c.place);
+                format!(
+                    "client {i} {} sent {} answered {} own_by {:?} {place:?}",
+                    c.key, c.sent, c.answered, c.own_by
+                )
+            })
+            .collect();
         Err(format!(
-            "did not settle in 5000 steps: processes {procs:?}, reload {:?}, spawn wake {:?}, templates {:?}, unreaped {}",
+            "did not settle in 5000 steps: processes {procs:?}, clients {clients:?}, reload {:?}, spawn wake {:?}, templates {:?}, unreaped {}",
             self.core.reload().map(|r| r.generation),
             self.core.spawn_wake(),
             self.core.template(self.core.serving_generation()).map(|t| t.life),
@@ -177,6 +199,19 @@ impl Sim {
         let alive = self.world.procs.iter().filter(|p| p.alive() && !p.template).count();
         if alive != in_service {
             return Err(format!("{alive} worker processes alive, {in_service} known to serve"));
+        }
+        // Idle workers that accept are free to (unless held): none is left
+        // waiting for a let-go that never comes.
+        if !self.core.accept_held() {
+            for (_, w) in self.core.workers().filter(|(_, w)| w.accepts_own && w.activity == Activity::Idle) {
+                let p = &self.world.procs[w.io.proc_index];
+                if p.attention != attention::FREE {
+                    return Err(format!(
+                        "idle worker {} is not free to accept (attention {})",
+                        p.pid, p.attention
+                    ));
+                }
+            }
         }
         // With templates: the serving generation's is up, and no other lives.
         let templates: Vec<&super::world::Proc> =

@@ -5,9 +5,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use monodon_proto::scoreboard::{wrote_since_handover, WriteCounters};
+use monodon_proto::scoreboard::{attention, wrote_since_handover, WriteCounters};
 
-use crate::core::{ConnKey, Named, Peer, Port, SendError, WorkerKey};
+use crate::core::{Claim, ConnKey, Named, Peer, Port, SendError, WorkerKey};
 
 /// The core's part of a simulated connection: which client it is.
 pub struct SimConn {
@@ -54,7 +54,22 @@ pub enum Deploy {
 pub enum ProcLife {
     Starting,
     Waiting,
-    Serving { conn: ConnKey, id: u64, served: u32, started: Instant },
+    Serving {
+        conn: ConnKey,
+        id: u64,
+        served: u32,
+        started: Instant,
+    },
+    /// Serving client `client`, a connection it accepted itself (`id`, in
+    /// its vault with the byte count `deposited`); `partial`: its head is
+    /// not all there, so it hands it to the supervisor.
+    Own {
+        client: usize,
+        id: u64,
+        started: Instant,
+        partial: bool,
+        deposited: u64,
+    },
     Exited,
 }
 
@@ -80,6 +95,14 @@ pub enum Said {
         served: u32,
         keep: bool,
     },
+    /// A connection it accepted is the supervisor's now (client `client`).
+    Adopt {
+        client: usize,
+        id: u64,
+        served: u32,
+        keep: bool,
+    },
+    Free,
 }
 
 /// A simulated worker process.
@@ -121,6 +144,10 @@ pub struct Proc {
     pub ready_told: bool,
     /// A generation's template, not a worker (it has no key in the core).
     pub template: bool,
+    /// It accepts connections itself (`FEATURE_ACCEPT`), and its
+    /// scoreboard's attention cell.
+    pub accepts: bool,
+    pub attention: u64,
     /// Forked from its generation's template (its deploy was loaded there).
     pub forked: bool,
     /// A template that has started threads: it refuses to fork.
@@ -150,6 +177,9 @@ pub struct Client {
     pub answered: u32,
     /// Part of its next head has arrived.
     pub partial: bool,
+    /// A worker that accepted it serves it (the process's index): the core
+    /// has no key for it until the worker hands it over or dies.
+    pub own_by: Option<usize>,
     /// Sends its next request at once (it is in the leftover).
     pub eager: bool,
     pub closed: bool,
@@ -179,6 +209,8 @@ pub struct World {
     /// The first thing that went wrong outside the core's own invariants.
     pub violation: Option<String>,
     pub next_pid: u32,
+    /// The last id a worker gave a connection of its own.
+    pub next_own_id: u64,
     /// What the core did through the port, for the trace (when tracing).
     pub notes: Vec<String>,
     pub tracing: bool,
@@ -256,7 +288,9 @@ impl Port<SimConn, SimWorker> for World {
 
     fn request_age(&self, worker: &SimWorker) -> Option<Duration> {
         match self.proc_of(worker).life {
-            ProcLife::Serving { started, .. } => Some(self.now.saturating_duration_since(started)),
+            ProcLife::Serving { started, .. } | ProcLife::Own { started, partial: false, .. } => {
+                Some(self.now.saturating_duration_since(started))
+            }
             _ => None,
         }
     }
@@ -278,5 +312,31 @@ impl Port<SimConn, SimWorker> for World {
 
     fn private_memory(&self, worker: &SimWorker) -> Option<u64> {
         Some(self.proc_of(worker).memory)
+    }
+
+    // The same transitions as `Slot::claim` and `Slot::let_go`.
+    fn claim(&mut self, worker: &SimWorker) -> Claim {
+        let p = &mut self.procs[worker.proc_index];
+        if !p.accepts {
+            self.violation.get_or_insert(format!("claimed worker {}, which does not accept", p.pid));
+        }
+        match p.attention {
+            attention::FREE => {
+                p.attention = attention::HELD;
+                Claim::Held
+            }
+            attention::OWN | attention::WATCHED => {
+                p.attention = attention::WATCHED;
+                Claim::Own
+            }
+            _ => Claim::Held,
+        }
+    }
+
+    fn let_go(&mut self, worker: &SimWorker) {
+        let p = &mut self.procs[worker.proc_index];
+        if p.attention == attention::HELD {
+            p.attention = attention::FREE;
+        }
     }
 }

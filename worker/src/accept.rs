@@ -1,0 +1,230 @@
+//! A worker that accepts (`FEATURE_ACCEPT`): while its scoreboard's
+//! `attention` is free it takes new connections from the listeners it was
+//! given itself, and serves one when its whole request is already there;
+//! anything else (a head still coming, a health check, a request the
+//! supervisor must refuse, a connection kept alive after its response) is
+//! handed to the supervisor (Adopt). Each connection it serves sits in its
+//! vault meanwhile, so that the supervisor can answer for it if the worker
+//! dies.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use log::debug;
+use monodon_proto::env;
+use monodon_proto::http::{self, Limits, PendingRequest};
+use monodon_proto::scoreboard::Slot;
+use monodon_proto::wire::{self, Deposit, FromWorker};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrLike, SockaddrStorage};
+
+/// The epoll key of the channel; listener `i` is `i + 1`.
+const CHANNEL: u64 = 0;
+
+/// What woke the worker.
+pub enum Wake {
+    /// Its channel has a message (or has closed), or the worker is parked
+    /// and must wait for one.
+    Channel,
+    /// A connection the worker accepted, with its attention its own.
+    Accepted { fd: OwnedFd, peer: String },
+    /// It took its attention, found no connection after all, and the
+    /// supervisor had asked for it meanwhile: say Free.
+    Missed,
+}
+
+/// A connection of the worker's own, after its first read.
+pub enum Arrival {
+    /// Its request is all there: serve it.
+    Serve(Vec<u8>),
+    /// Not the worker's to serve: hand it, with what was read, to the supervisor.
+    HandOver(Vec<u8>),
+    /// The client has gone.
+    Gone,
+}
+
+pub struct Accepter {
+    listeners: Vec<Option<OwnedFd>>,
+    epoll: Epoll,
+    /// The vault: the worker puts a copy of each connection of its own in
+    /// `vault_in`, and takes it out of `vault_out` when it is done.
+    vault_in: OwnedFd,
+    vault_out: OwnedFd,
+    next_id: u64,
+    health_path: Option<String>,
+}
+
+/// The ids of connections a worker accepted itself: the top bit set, so
+/// they never meet the supervisor's.
+const OWN_ID: u64 = 1 << 63;
+
+impl Accepter {
+    /// Takes the `count` listeners on fds 5.. and makes the vault; the
+    /// vault's receiving end goes to the supervisor with Ready.
+    pub fn new(count: u16, channel: BorrowedFd<'_>, health_path: Option<String>) -> io::Result<Accepter> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        epoll.add(channel, EpollEvent::new(EpollFlags::EPOLLIN, CHANNEL))?;
+        let mut listeners = Vec::new();
+        for i in 0..i32::from(count) {
+            let raw = env::FIRST_LISTENER + i;
+            // SAFETY: the supervisor placed listener `i` on this fd for us
+            // (`MONODON_LISTENERS`), and nothing else here claims it.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
+            // One free worker is woken per connection, not all of them.
+            let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
+            epoll.add(&fd, EpollEvent::new(flags, i as u64 + 1))?;
+            listeners.push(Some(fd));
+        }
+        let (vault_in, vault_out) =
+            socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
+        Ok(Accepter { listeners, epoll, vault_in, vault_out, next_id: 0, health_path })
+    }
+
+    /// The vault's end the supervisor keeps.
+    pub fn vault_for_supervisor(&self) -> BorrowedFd<'_> {
+        self.vault_out.as_fd()
+    }
+
+    /// Waits for the channel or a new connection. While the supervisor
+    /// stops (draining), only the channel.
+    pub fn wait(&mut self, slot: &Slot) -> io::Result<Wake> {
+        let mut events = [EpollEvent::empty(); 4];
+        loop {
+            if slot.is_draining() {
+                self.stop_accepting();
+                return Ok(Wake::Channel);
+            }
+            let n = match self.epoll.wait(&mut events, EpollTimeout::NONE) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let ready = &events[..n];
+            if ready.iter().any(|e| e.data() == CHANNEL) {
+                return Ok(Wake::Channel);
+            }
+            for e in ready {
+                let i = (e.data() - 1) as usize;
+                if let Some(wake) = self.accept(i, slot) {
+                    return Ok(wake);
+                }
+            }
+        }
+    }
+
+    /// Accepts from listener `i` if the worker's attention is free; if the
+    /// supervisor holds it, parks (the connection is left to another
+    /// worker, or the supervisor).
+    fn accept(&mut self, i: usize, slot: &Slot) -> Option<Wake> {
+        let listener = self.listeners.get(i)?.as_ref()?;
+        if !slot.take_own() {
+            // Held: sleep on the channel rather than be woken by this
+            // listener again and again. Let go meanwhile: try again.
+            return slot.park().then_some(Wake::Channel);
+        }
+        let mut storage = std::mem::MaybeUninit::<nix::libc::sockaddr_storage>::zeroed();
+        let mut len = std::mem::size_of::<nix::libc::sockaddr_storage>() as nix::libc::socklen_t;
+        let flags = nix::libc::SOCK_NONBLOCK | nix::libc::SOCK_CLOEXEC;
+        // SAFETY: storage and len describe a writable sockaddr_storage that
+        // outlives the call, as accept4 requires.
+        let raw =
+            unsafe { nix::libc::accept4(listener.as_raw_fd(), storage.as_mut_ptr().cast(), &mut len, flags) };
+        if raw < 0 {
+            let e = io::Error::last_os_error();
+            let missed = slot.end_own();
+            if e.kind() != io::ErrorKind::WouldBlock && e.raw_os_error() != Some(nix::libc::EINTR) {
+                // The supervisor stopped listening (a stop): no more from it.
+                debug!("accept: {e}; leaving listener {i}");
+                if let Some(fd) = self.listeners[i].take() {
+                    let _ = self.epoll.delete(&fd);
+                }
+            }
+            return missed.then_some(Wake::Missed);
+        }
+        // SAFETY: accept4 just returned this descriptor; we are its only owner.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        slot.count_accepted();
+        // SAFETY: accept4 wrote a valid address of `len` bytes into storage.
+        let peer = match unsafe { SockaddrStorage::from_raw(storage.as_ptr().cast(), Some(len)) } {
+            Some(a) if a.family() == Some(AddressFamily::Unix) => "unix".to_owned(),
+            Some(a) => a.to_string(),
+            None => "unix".to_owned(),
+        };
+        Some(Wake::Accepted { fd, peer })
+    }
+
+    fn stop_accepting(&mut self) {
+        for fd in self.listeners.iter_mut().filter_map(Option::take) {
+            let _ = self.epoll.delete(&fd);
+        }
+    }
+
+    /// A new id for a connection of our own.
+    pub fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        OWN_ID | self.next_id
+    }
+
+    /// Puts a copy of `conn` in the vault before serving it.
+    pub fn deposit(&self, conn: BorrowedFd<'_>, id: u64, written: u64) -> io::Result<()> {
+        let mut msg = Vec::with_capacity(18);
+        Deposit { conn_id: id, written }.encode(&mut msg);
+        wire::send(self.vault_in.as_fd(), &msg, Some(conn))
+    }
+
+    /// Takes the copy out again (and closes it).
+    pub fn withdraw(&self) {
+        let mut buf = [0u8; 32];
+        let _ = wire::recv_nonblocking(self.vault_out.as_fd(), &mut buf);
+    }
+
+    /// Reads what the client has sent with the accept, and decides whether
+    /// the worker may serve it: exactly when the supervisor would hand it
+    /// over (a complete, sound head, and a small body all there), and it is
+    /// no health check (the supervisor answers those).
+    pub fn first_read(&self, conn: BorrowedFd<'_>, limits: &Limits) -> Arrival {
+        let mut buf = vec![0u8; 16 * 1024];
+        let n = loop {
+            match nix::unistd::read(conn, &mut buf) {
+                Ok(0) => return Arrival::Gone,
+                Ok(n) => break n,
+                Err(nix::errno::Errno::EAGAIN) => break 0,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return Arrival::Gone,
+            }
+        };
+        buf.truncate(n);
+        let mut pending = PendingRequest::default();
+        pending.extend(&buf);
+        let complete = pending.check(limits) == Ok(true) && n < 16 * 1024;
+        let health = self.health_path.as_deref().is_some_and(|p| http::is_health_check(&buf, p).is_some());
+        if complete && !health {
+            Arrival::Serve(buf)
+        } else {
+            Arrival::HandOver(buf)
+        }
+    }
+}
+
+/// Hands connection `conn` to the supervisor (Adopt).
+pub fn hand_over(
+    channel: BorrowedFd<'_>,
+    conn: BorrowedFd<'_>,
+    id: u64,
+    served: u32,
+    keep: bool,
+    leftover: &[u8],
+) -> io::Result<()> {
+    let mut msg = Vec::with_capacity(16 + leftover.len());
+    FromWorker::Adopt { conn_id: id, served, keep, leftover }.encode(&mut msg);
+    wire::send(channel, &msg, Some(conn))
+}
+
+/// Whether the client has sent anything not yet read (a close then needs
+/// lingering, which the supervisor does, or the kernel would reset).
+pub fn input_pending(conn: BorrowedFd<'_>) -> bool {
+    let mut byte = [0u8; 1];
+    let flags = socket::MsgFlags::MSG_PEEK | socket::MsgFlags::MSG_DONTWAIT;
+    matches!(socket::recv(conn.as_raw_fd(), &mut byte, flags), Ok(n) if n > 0)
+}
