@@ -8,7 +8,7 @@
 //! dies.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use log::debug;
 use monodon_proto::env;
@@ -44,7 +44,10 @@ pub enum Arrival {
 }
 
 pub struct Accepter {
-    listeners: Vec<Option<OwnedFd>>,
+    /// The listeners, open for the worker's life (their numbers are in
+    /// `watched` while the epoll set has them).
+    listeners: Vec<OwnedFd>,
+    watched: Vec<RawFd>,
     epoll: Epoll,
     /// The vault: the worker puts a copy of each connection of its own in
     /// `vault_in`, and takes it out of `vault_out` when it is done.
@@ -74,11 +77,18 @@ impl Accepter {
             // One free worker is woken per connection, not all of them.
             let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
             epoll.add(&fd, EpollEvent::new(flags, i as u64 + 1))?;
-            listeners.push(Some(fd));
+            listeners.push(fd);
         }
+        let watched = listeners.iter().map(|l| l.as_raw_fd()).collect();
         let (vault_in, vault_out) =
             socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
-        Ok(Accepter { listeners, epoll, vault_in, vault_out, next_id: 0, health_path })
+        Ok(Accepter { listeners, watched, epoll, vault_in, vault_out, next_id: 0, health_path })
+    }
+
+    /// The listeners it still accepts from, to end a read-ahead when a new
+    /// client waits on one.
+    pub fn listeners(&self) -> &[RawFd] {
+        &self.watched
     }
 
     /// The vault's end the supervisor keeps.
@@ -117,7 +127,10 @@ impl Accepter {
     /// supervisor holds it, parks (the connection is left to another
     /// worker, or the supervisor).
     fn accept(&mut self, i: usize, slot: &Slot) -> Option<Wake> {
-        let listener = self.listeners.get(i)?.as_ref()?;
+        let listener = self.listeners.get(i)?;
+        if !self.watched.contains(&listener.as_raw_fd()) {
+            return None;
+        }
         if !slot.take_own() {
             // Held: sleep on the channel rather than be woken by this
             // listener again and again. Let go meanwhile: try again.
@@ -133,12 +146,18 @@ impl Accepter {
         if raw < 0 {
             let e = io::Error::last_os_error();
             let missed = slot.end_own();
-            if e.kind() != io::ErrorKind::WouldBlock && e.raw_os_error() != Some(nix::libc::EINTR) {
-                // The supervisor stopped listening (a stop): no more from it.
-                debug!("accept: {e}; leaving listener {i}");
-                if let Some(fd) = self.listeners[i].take() {
-                    let _ = self.epoll.delete(&fd);
+            let transient = [nix::libc::EAGAIN, nix::libc::EINTR, nix::libc::ECONNABORTED, nix::libc::EPROTO];
+            if !e.raw_os_error().is_some_and(|n| transient.contains(&n)) {
+                // EINVAL: the supervisor stopped listening (a stop). Out of
+                // descriptors or memory: rather than spin on a listener we
+                // cannot take from, leave it to the supervisor (its sweep
+                // sees connections wait and accepts them).
+                if e.raw_os_error() == Some(nix::libc::EINVAL) {
+                    debug!("accept: {e}; leaving listener {i}");
+                } else {
+                    log::error!("accept: {e}; this worker stops accepting from listener {i}");
                 }
+                self.unwatch(i);
             }
             return missed.then_some(Wake::Missed);
         }
@@ -155,8 +174,16 @@ impl Accepter {
     }
 
     fn stop_accepting(&mut self) {
-        for fd in self.listeners.iter_mut().filter_map(Option::take) {
-            let _ = self.epoll.delete(&fd);
+        for i in 0..self.listeners.len() {
+            self.unwatch(i);
+        }
+    }
+
+    fn unwatch(&mut self, i: usize) {
+        let raw = self.listeners[i].as_raw_fd();
+        if self.watched.contains(&raw) {
+            let _ = self.epoll.delete(&self.listeners[i]);
+            self.watched.retain(|&w| w != raw);
         }
     }
 

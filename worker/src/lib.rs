@@ -148,6 +148,18 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
 
     let mut buf = vec![0u8; wire::max_message(&limits)];
     let slot = scoreboard.slot();
+    // What serving any connection needs; each gets its own peer.
+    let serving = Context {
+        read_ahead,
+        min_body_rate,
+        limits: &limits,
+        pid,
+        generation,
+        slot,
+        peer: "",
+        forwarded_allow: &settings.forwarded_allow,
+        access_log: access_log.as_ref(),
+    };
     let send_free = || {
         let mut msg = Vec::with_capacity(2);
         FromWorker::Free.encode(&mut msg);
@@ -192,18 +204,9 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
                         }
                         continue;
                     }
-                    let ctx = Context {
-                        read_ahead,
-                        min_body_rate,
-                        limits: &limits,
-                        pid,
-                        generation,
-                        slot,
-                        peer: &peer,
-                        forwarded_allow: &settings.forwarded_allow,
-                        access_log: access_log.as_ref(),
-                    };
-                    let mut input = Input::new(Stream::new(fd, io_timeout, slot), &data);
+                    let ctx = Context { peer: &peer, ..serving };
+                    let stream = Stream::new(fd, io_timeout, slot).with_rivals(acc.listeners());
+                    let mut input = Input::new(stream, &data);
                     let mut announce = || announce_retiring(channel.as_fd(), pid);
                     let mut budget = Budget { remaining, on_last: &mut announce };
                     let outcome = serve_connection(app, &mut input, 0, &ctx, &mut budget);
@@ -271,19 +274,10 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
                 Err(e) => return Err(e),
             }
         }
-        let ctx = Context {
-            read_ahead,
-            min_body_rate,
-            limits: &limits,
-            pid,
-            generation,
-            slot,
-            peer,
-            forwarded_allow: &settings.forwarded_allow,
-            access_log: access_log.as_ref(),
-        };
+        let ctx = Context { peer, ..serving };
         slot.begin_connection(conn_id);
-        let mut input = Input::new(Stream::new(fd, io_timeout, slot), data);
+        let rivals = accepter.as_ref().map_or(&[][..], |a| a.listeners());
+        let mut input = Input::new(Stream::new(fd, io_timeout, slot).with_rivals(rivals), data);
         let mut announce = || announce_retiring(channel.as_fd(), pid);
         let mut budget = Budget { remaining, on_last: &mut announce };
         let outcome = serve_connection(app, &mut input, served, &ctx, &mut budget);

@@ -32,6 +32,7 @@ pub struct Outcome {
 }
 
 /// What the runtime knows while serving.
+#[derive(Clone, Copy)]
 pub struct Context<'a> {
     /// How long to wait for a keep-alive client's next request before
     /// handing the connection back (only while no connection waits).

@@ -9,7 +9,7 @@
 //! unit tests run it over bytes in memory.
 
 use std::io::{self, BufRead, Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use monodon_proto::scoreboard::Slot;
@@ -53,11 +53,19 @@ pub struct Stream<'s> {
     fd: OwnedFd,
     timeout: Duration,
     slot: &'s Slot,
+    /// Listeners this worker accepts from: a connection waiting on one
+    /// ends a read-ahead, as one waiting in the supervisor does.
+    rivals: &'s [RawFd],
 }
 
 impl<'s> Stream<'s> {
     pub fn new(fd: OwnedFd, timeout: Duration, slot: &'s Slot) -> Self {
-        Stream { fd, timeout, slot }
+        Stream { fd, timeout, slot, rivals: &[] }
+    }
+
+    /// The same, for a worker that accepts from `listeners`.
+    pub fn with_rivals(self, listeners: &'s [RawFd]) -> Self {
+        Stream { rivals: listeners, ..self }
     }
 
     fn wait(&self, flags: PollFlags) -> io::Result<()> {
@@ -83,8 +91,22 @@ impl std::os::fd::AsFd for Stream<'_> {
 impl Connection for Stream<'_> {
     fn readable_within(&self, window: Duration) -> bool {
         let ts = nix::sys::time::TimeSpec::from_duration(window);
-        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
-        matches!(nix::poll::ppoll(&mut fds, Some(ts), None), Ok(n) if n > 0)
+        if self.rivals.is_empty() {
+            let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+            return matches!(nix::poll::ppoll(&mut fds, Some(ts), None), Ok(n) if n > 0);
+        }
+        let mut fds = vec![PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+        // SAFETY: the listeners stay open for the worker's life (the
+        // accepter never closes them), so each number names its listener.
+        fds.extend(
+            self.rivals.iter().map(|&l| PollFd::new(unsafe { BorrowedFd::borrow_raw(l) }, PollFlags::POLLIN)),
+        );
+        if !matches!(nix::poll::ppoll(&mut fds, Some(ts), None), Ok(n) if n > 0) {
+            return false;
+        }
+        let ready = |f: &PollFd| f.revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
+        // A new client waits: this one goes back rather than keep the worker.
+        ready(&fds[0]) && !fds[1..].iter().any(ready)
     }
 
     fn read_now(&mut self, buf: &mut [u8]) -> io::Result<usize> {

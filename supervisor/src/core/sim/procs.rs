@@ -244,12 +244,8 @@ impl Sim {
         if self.world.procs[p].stuck {
             return;
         }
-        if self.chaos && self.rng.u8(..20) == 0 {
-            let wrote = self.rng.bool();
-            if wrote {
-                self.world.procs[p].written += 1;
-            }
-            return self.exit(p, if wrote { "crashes mid-response" } else { "crashes before responding" });
+        if self.crashed(p) {
+            return;
         }
         let Some(client) = self.client_of(conn) else {
             return self.world.violate(format!("worker serves connection {id}, which the core has closed"));
@@ -340,15 +336,8 @@ impl Sim {
             if self.world.procs[p].stuck {
                 return;
             }
-            if self.chaos && self.rng.u8(..20) == 0 {
-                let wrote = self.rng.bool();
-                if wrote {
-                    self.world.procs[p].written += 1;
-                }
-                return self.exit(
-                    p,
-                    if wrote { "crashes mid-response (own)" } else { "crashes before responding (own)" },
-                );
+            if self.crashed(p) {
+                return;
             }
             let c = &mut self.world.clients[client];
             c.answered += 1;
@@ -379,6 +368,20 @@ impl Sim {
         if watched {
             self.say(p, Said::Free);
         }
+    }
+
+    /// In chaos, now and then the worker crashes on its request, before or
+    /// after writing part of its response.
+    fn crashed(&mut self, p: usize) -> bool {
+        if !self.chaos || self.rng.u8(..20) != 0 {
+            return false;
+        }
+        let wrote = self.rng.bool();
+        if wrote {
+            self.world.procs[p].written += 1;
+        }
+        self.exit(p, if wrote { "crashes mid-response" } else { "crashes before responding" });
+        true
     }
 
     pub(super) fn exit(&mut self, p: usize, how: &str) {
