@@ -4,9 +4,10 @@
 //! - `listener`: binding and accepting.
 //! - `core`: the supervisor's decisions as a state machine over plain data
 //!   (events in, actions out, time passed in), and its seeded simulation.
-//! - `event_loop`: the shell around the core: the one-thread `polling` loop
+//! - `event_loop`: the shell around the core: the one-thread epoll loop
 //!   that holds every socket, turns what the kernel says into the core's
 //!   events and carries out its actions.
+//! - `poll`: the loop's wait (epoll, one system call per wait).
 //! - `sched`: the dispatcher's queue and the respawn back-off, used by the core.
 //! - `spawn`: posix_spawn of a worker with its channel and scoreboard.
 //! - [`control`]: the control protocol and the status document.
@@ -20,6 +21,7 @@ mod event_loop;
 mod listener;
 pub mod metrics;
 mod notify;
+mod poll;
 pub mod privileges;
 pub mod sched;
 mod spawn;

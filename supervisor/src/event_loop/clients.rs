@@ -3,13 +3,13 @@
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use crate::poll::{Event, PollMode};
 use log::{debug, error, warn};
 use monodon_proto::access_log::{Entry, RawRequestLine};
 use monodon_proto::http::Rejection;
 use monodon_proto::proxy;
 use nix::errno::Errno;
 use nix::sys::socket::{self, MsgFlags, Shutdown};
-use polling::{Event, PollMode};
 
 use super::{ConnIo, Supervisor, Wire, ACCEPT_BATCH, LISTENER_BASE, READ_CHUNK};
 use crate::core::{ConnKey, Place, Stopping};

@@ -9,9 +9,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::poll::{Event, PollMode};
 use log::{debug, warn};
 use nix::sys::socket::{getsockopt, sockopt};
-use polling::{Event, PollMode};
 
 use super::{Supervisor, Wire, CONTROL_BASE};
 use crate::control::{Command, Request, Response, PROTOCOL};

@@ -8,9 +8,9 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use crate::poll::{Event, PollMode};
 use log::debug;
 use monodon_proto::http::{self, Limits};
-use polling::{Event, PollMode};
 use slab::Slab;
 
 use super::{Supervisor, METRICS_BASE, METRICS_KEY};
@@ -42,7 +42,7 @@ struct Scrape {
 /// Binds the `--metrics` address and watches it.
 pub(super) fn bind_metrics(
     addr: &crate::config::ListenAddr,
-    poller: &polling::Poller,
+    poller: &crate::poll::Poller,
 ) -> io::Result<MetricsEndpoint> {
     let listener = Listener::bind(addr, 64)?;
     // SAFETY: the listener lives as long as the supervisor, which deletes

@@ -1,4 +1,4 @@
-//! The shell around the core: one thread, one `polling` loop over the
+//! The shell around the core: one thread, one epoll loop (`poll`) over the
 //! listeners, every client connection, every worker channel, the control
 //! socket and the signal pipe. It turns what the kernel reports into the
 //! core's events and carries out the core's actions; what to do is the
@@ -33,6 +33,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use crate::poll::{Events, Poller};
 use log::{debug, info};
 use monodon_proto::access_log::AccessLog;
 use monodon_proto::http::{PendingRequest, Rejection};
@@ -41,7 +42,6 @@ use monodon_proto::scoreboard::{ResponseCounts, Scoreboard};
 use monodon_proto::wire::{self, ToWorker};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use polling::{Events, Poller};
 use signal_hook::iterator::backend::SignalDelivery;
 use signal_hook::iterator::exfiltrator::SignalOnly;
 use slab::Slab;
@@ -302,7 +302,7 @@ impl Supervisor {
             let timeout = wake.saturating_duration_since(now).min(SWEEP_INTERVAL);
             self.events.clear();
             self.poller.wait(&mut self.events, Some(timeout))?;
-            let keys: Vec<usize> = self.events.iter().map(|e| e.key).collect();
+            let keys: Vec<usize> = self.events.keys().collect();
             for key in keys {
                 self.on_event(key);
                 self.carry_out();

@@ -6,9 +6,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
+use crate::poll::{Event, Events, PollMode, Poller};
 use log::{debug, info, warn};
 use monodon_proto::access_log::AccessLog;
-use polling::{Event, Events, PollMode, Poller};
 use signal_hook::consts::signal::{SIGCHLD, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGTTIN, SIGTTOU, SIGUSR1};
 use signal_hook::iterator::backend::SignalDelivery;
 use signal_hook::iterator::exfiltrator::SignalOnly;

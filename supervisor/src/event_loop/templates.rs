@@ -16,12 +16,12 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use crate::poll::{Event, PollMode};
 use log::{error, info, warn};
 use monodon_proto::template::FromTemplate;
 use monodon_proto::wire;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use polling::{Event, PollMode};
 
 use super::{Supervisor, WorkerIo, TEMPLATE_BASE};
 use crate::core::{SpawnOrder, WorkerKey};

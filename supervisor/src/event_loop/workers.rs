@@ -6,6 +6,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::Instant;
 
+use crate::poll::{Event, PollMode};
 use log::{debug, error, info, warn};
 use monodon_proto::access_log::{Entry, RawRequestLine};
 use monodon_proto::env::WorkerEnv;
@@ -15,7 +16,6 @@ use nix::errno::Errno;
 use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use polling::{Event, PollMode};
 
 use super::{Supervisor, Wire, WorkerIo, WORKER_BASE};
 use crate::config::Config;
