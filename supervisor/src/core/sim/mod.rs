@@ -38,7 +38,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::{Action, Core, Exit, Settings, Signal, Stopping};
-use world::{Client, Deploy, SimConn, SimWorker, World};
+use world::{Bug, Client, Deploy, SimConn, SimWorker, World};
 
 /// Settings scaled for the simulation (virtual time costs nothing, but
 /// short timeouts make them fire within a schedule).
@@ -90,7 +90,7 @@ struct Sim {
 }
 
 impl Sim {
-    fn new(seed: u64, broken_revoke: bool, tracing: bool) -> Sim {
+    fn new(seed: u64, bug: Bug, tracing: bool) -> Sim {
         let mut rng = fastrand::Rng::with_seed(seed);
         let now = Instant::now();
         let workers = rng.usize(1..=4);
@@ -102,7 +102,7 @@ impl Sim {
             clients: Vec::new(),
             serving: HashMap::new(),
             draining: false,
-            broken_revoke,
+            bug,
             violation: None,
             next_pid: 100,
             next_own_id: 0,
@@ -176,15 +176,15 @@ impl Sim {
 
 /// Runs one schedule: chaos, settle, more chaos, stop; on failure, runs it
 /// again with the trace on.
-fn run(seed: u64, broken_revoke: bool) -> Result<u64, (String, Vec<String>)> {
-    run_traced(seed, broken_revoke, false).map_err(|_| match run_traced(seed, broken_revoke, true) {
+fn run(seed: u64, bug: Bug) -> Result<u64, (String, Vec<String>)> {
+    run_traced(seed, bug, false).map_err(|_| match run_traced(seed, bug, true) {
         Err(failure) => failure,
         Ok(_) => ("failed, then passed when replayed: not deterministic".into(), Vec::new()),
     })
 }
 
-fn run_traced(seed: u64, broken_revoke: bool, tracing: bool) -> Result<u64, (String, Vec<String>)> {
-    let mut sim = Sim::new(seed, broken_revoke, tracing);
+fn run_traced(seed: u64, bug: Bug, tracing: bool) -> Result<u64, (String, Vec<String>)> {
+    let mut sim = Sim::new(seed, bug, tracing);
     let chaos_steps = 100 + sim.rng.usize(..200);
     let how = if sim.rng.u8(..4) == 0 { Stop::Fast } else { Stop::Graceful };
     let outcome = (|| {
@@ -216,7 +216,7 @@ fn the_core_keeps_its_promises_in_every_schedule() {
     let seeds = schedules();
     let mut steps = 0;
     for &seed in &seeds {
-        match run(seed, false) {
+        match run(seed, Bug::None) {
             Ok(n) => steps += n,
             Err((what, trace)) => {
                 panic!(
@@ -233,11 +233,27 @@ fn the_core_keeps_its_promises_in_every_schedule() {
 /// worker's claim lets two workers serve one connection.
 #[test]
 fn the_simulation_finds_a_broken_claim() {
-    let found = (0..2_000u64).find_map(|seed| run(seed, true).err().map(|(what, _)| (seed, what)));
+    let found = (0..2_000u64).find_map(|seed| run(seed, Bug::Revoke).err().map(|(what, _)| (seed, what)));
     let (seed, what) = found.expect("2,000 schedules with a broken take-back, and no failure found");
     eprintln!("found at seed {seed}: {what}");
     assert!(
         what.contains("served by workers") || what.contains("misbehaving") || what.contains("answered"),
         "a broken claim shows as a connection served twice, got: {what}"
+    );
+}
+
+/// The simulation finds a worker that lets its attention go before its
+/// planned exit: a connection handed to it in that moment is lost (a 502
+/// for a client nothing went wrong for). Only the worker's order prevents
+/// it, which the integration tests found first.
+#[test]
+fn the_simulation_finds_a_retiring_worker_that_lets_go_too_soon() {
+    let found =
+        (0..2_000u64).find_map(|seed| run(seed, Bug::EarlyRelease).err().map(|(what, _)| (seed, what)));
+    let (seed, what) = found.expect("2,000 schedules with an early release, and no failure found");
+    eprintln!("found at seed {seed}: {what}");
+    assert!(
+        what.contains("retired with connection"),
+        "an early release shows as a retired worker's 502, got: {what}"
     );
 }

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 
 use monodon_proto::scoreboard::attention;
 
-use super::world::{Last, Proc, ProcLife, Said, SimConn, SimWorker};
+use super::world::{Bug, Last, Proc, ProcLife, Said, SimConn, SimWorker};
 use super::{Deploy, Exit, Sim};
 use crate::core::{Make, TemplateLife, WorkerKey};
 
@@ -97,6 +97,7 @@ impl Sim {
             max_requests,
             limit_held: false,
             last_request: false,
+            retired: false,
             released: false,
             eof_told: false,
             stuck: false,
@@ -172,6 +173,10 @@ impl Sim {
             ProcLife::Waiting => self.take_assign(p),
             ProcLife::Serving { .. } => self.serve(p),
             ProcLife::Own { .. } => self.serve_own(p),
+            ProcLife::Exiting => {
+                self.world.procs[p].retired = true;
+                self.exit(p, "exits after its last request");
+            }
             ProcLife::Exited => {}
         }
     }
@@ -274,7 +279,7 @@ impl Sim {
             self.world.clients[client].partial = true;
         }
         if last_request {
-            self.exit(p, "exits after its last request");
+            self.world.procs[p].life = ProcLife::Exiting;
         }
     }
 
@@ -358,11 +363,15 @@ impl Sim {
             }
         }
         let proc_ = &mut self.world.procs[p];
-        proc_.life = ProcLife::Waiting;
         if proc_.last_request {
             // Its attention stays its own until it has exited.
-            return self.exit(p, "exits after its last request (own)");
+            if self.world.bug == Bug::EarlyRelease {
+                proc_.attention = attention::FREE;
+            }
+            proc_.life = ProcLife::Exiting;
+            return;
         }
+        proc_.life = ProcLife::Waiting;
         let watched = proc_.attention == attention::WATCHED;
         proc_.attention = if watched { attention::HELD } else { attention::FREE };
         if watched {
@@ -500,6 +509,13 @@ impl Sim {
 
     pub(super) fn on_exit(&mut self, p: usize, exit: Exit<SimWorker>) {
         let Some((conn, answer)) = exit.conn else { return };
+        if self.world.procs[p].retired {
+            // It said Retiring before its last request: nothing more was
+            // to reach it, and a client must not pay for its planned exit.
+            let pid = self.world.procs[p].pid;
+            self.world
+                .violate(format!("worker {pid} retired with connection {conn} handed to it ({answer:?})"));
+        }
         let Some(client) = self.client_of(conn) else {
             return self
                 .world

@@ -90,6 +90,7 @@ impl Sim {
                     // A head still coming is handed over whatever the app does.
                     ProcLife::Own { partial: true, .. } => true,
                     ProcLife::Serving { .. } | ProcLife::Own { .. } => !p.stuck,
+                    ProcLife::Exiting => true,
                     ProcLife::Exited => false,
                 }
             })

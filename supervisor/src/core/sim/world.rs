@@ -38,6 +38,18 @@ impl Named for SimWorker {
     }
 }
 
+/// A deliberate bug, to check that the simulation finds what it guards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bug {
+    None,
+    /// The take-back always wins, even over a worker that has claimed the
+    /// connection.
+    Revoke,
+    /// A worker that accepts frees its attention after its last request,
+    /// before it exits.
+    EarlyRelease,
+}
+
 /// What a deploy does when its workers start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Deploy {
@@ -70,6 +82,9 @@ pub enum ProcLife {
         partial: bool,
         deposited: u64,
     },
+    /// Done with its last request (max requests): it exits at its next
+    /// step, and anything handed to it meanwhile is lost with it.
+    Exiting,
     Exited,
 }
 
@@ -121,6 +136,8 @@ pub struct Proc {
     pub limit_held: bool,
     /// It said Retiring: it exits after this request.
     pub last_request: bool,
+    /// It exited on its own after its last request (not a crash or a kill).
+    pub retired: bool,
     /// The supervisor closed its end: what we send is lost, and we see EOF
     /// once the inbox is read.
     pub released: bool,
@@ -203,9 +220,8 @@ pub struct World {
     pub serving: HashMap<u64, u32>,
     /// Scoreboard draining flag (a graceful stop).
     pub draining: bool,
-    /// A deliberate bug for the simulation to find: the take-back always
-    /// wins, even over a worker that has claimed the connection.
-    pub broken_revoke: bool,
+    /// A deliberate bug for the simulation to find, or none.
+    pub bug: Bug,
     /// The first thing that went wrong outside the core's own invariants.
     pub violation: Option<String>,
     pub next_pid: u32,
@@ -272,7 +288,7 @@ impl Port<SimConn, SimWorker> for World {
     }
 
     fn revoke_ahead(&mut self, worker: &SimWorker, id: u64) -> bool {
-        let broken = self.broken_revoke;
+        let broken = self.bug == Bug::Revoke;
         let cells = &mut self.procs[worker.proc_index].cells;
         match cells.iter_mut().find(|c| **c == id) {
             Some(cell) => {
