@@ -30,6 +30,7 @@ pub mod env;
 pub mod forwarded;
 pub mod histogram;
 pub mod http;
+pub mod net;
 pub mod parsed;
 pub mod proxy;
 pub mod scoreboard;

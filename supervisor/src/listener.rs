@@ -7,8 +7,8 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 
 use nix::sys::socket::{
-    self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6, SockaddrLike,
-    SockaddrStorage, UnixAddr,
+    self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6, SockaddrStorage,
+    UnixAddr,
 };
 
 use crate::config::ListenAddr;
@@ -19,7 +19,6 @@ pub struct Listener {
     fd: OwnedFd,
     /// The address as bound (with the real port if port 0 was asked for).
     pub addr: ListenAddr,
-    is_tcp: bool,
     /// Bound by us (so ours to unlink), not inherited.
     owned: bool,
 }
@@ -50,7 +49,7 @@ impl Listener {
                 socket::listen(&fd, backlog)?;
                 let local: SockaddrStorage = socket::getsockname(fd.as_raw_fd())?;
                 let real = local.to_string().parse().map(ListenAddr::Tcp).unwrap_or_else(|_| addr.clone());
-                Ok(Listener { fd, addr: real, is_tcp: true, owned: true })
+                Ok(Listener { fd, addr: real, owned: true })
             }
             ListenAddr::Unix(path) => {
                 remove_stale_socket(path)?;
@@ -60,7 +59,7 @@ impl Listener {
                     io::Error::new(io::Error::from(e).kind(), format!("cannot bind {addr}: {e}"))
                 })?;
                 socket::listen(&fd, backlog)?;
-                Ok(Listener { fd, addr: addr.clone(), is_tcp: false, owned: true })
+                Ok(Listener { fd, addr: addr.clone(), owned: true })
             }
         }
     }
@@ -81,30 +80,8 @@ impl Listener {
     /// Accepts one connection: `Ok(None)` when none is pending.
     /// The connection is non-blocking and close-on-exec; TCP gets NODELAY.
     pub fn accept(&self) -> io::Result<Option<(OwnedFd, String)>> {
-        // accept4 with the peer's address, which saves a getpeername per
-        // connection (nix's accept4 does not return it).
-        let mut storage = std::mem::MaybeUninit::<libc::sockaddr_storage>::zeroed();
-        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        let flags = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
-        // SAFETY: storage and len describe a writable sockaddr_storage that
-        // outlives the call, as accept4 requires.
-        let raw = unsafe { libc::accept4(self.fd.as_raw_fd(), storage.as_mut_ptr().cast(), &mut len, flags) };
-        if raw < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::WouldBlock { Ok(None) } else { Err(e) };
-        }
-        // SAFETY: accept4 just returned this descriptor; we are its only owner.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         // TCP_NODELAY is inherited from the listener (Linux copies it on accept).
-        let peer = if self.is_tcp {
-            // SAFETY: accept4 wrote a valid address of `len` bytes into storage.
-            unsafe { SockaddrStorage::from_raw(storage.as_ptr().cast(), Some(len)) }
-                .map(|a| a.to_string())
-                .unwrap_or_else(|| "unknown".into())
-        } else {
-            "unix".to_owned()
-        };
-        Ok(Some((fd, peer)))
+        monodon_proto::net::accept(self.fd.as_fd())
     }
 
     /// Adopts a listening socket inherited from systemd (socket activation)
@@ -142,7 +119,7 @@ impl Listener {
         if is_tcp {
             let _ = socket::setsockopt(&fd, sockopt::TcpNoDelay, &true);
         }
-        Ok(Listener { fd, addr, is_tcp, owned: false })
+        Ok(Listener { fd, addr, owned: false })
     }
 
     /// Handed down by systemd or Server::Starter rather than bound here.
@@ -234,14 +211,5 @@ pub fn local_address(fd: BorrowedFd<'_>) -> String {
     match socket::getsockname::<SockaddrStorage>(fd.as_raw_fd()) {
         Ok(a) if a.as_unix_addr().is_none() => a.to_string(),
         _ => "unix".to_owned(),
-    }
-}
-
-/// The peer of a connection a worker accepted, as `accept` names peers.
-pub fn peer_of(fd: BorrowedFd<'_>) -> String {
-    match socket::getpeername::<SockaddrStorage>(fd.as_raw_fd()) {
-        Ok(addr) if addr.family() == Some(AddressFamily::Unix) => "unix".to_owned(),
-        Ok(addr) => addr.to_string(),
-        Err(_) => "unknown".to_owned(),
     }
 }

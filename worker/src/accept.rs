@@ -16,7 +16,7 @@ use monodon_proto::http::{self, Limits, PendingRequest};
 use monodon_proto::scoreboard::Slot;
 use monodon_proto::wire::{self, Deposit, FromWorker};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrLike, SockaddrStorage};
+use nix::sys::socket::{self, AddressFamily, SockFlag, SockType};
 
 /// The epoll key of the channel; listener `i` is `i + 1`.
 const CHANNEL: u64 = 0;
@@ -136,40 +136,30 @@ impl Accepter {
             // listener again and again. Let go meanwhile: try again.
             return slot.park().then_some(Wake::Channel);
         }
-        let mut storage = std::mem::MaybeUninit::<nix::libc::sockaddr_storage>::zeroed();
-        let mut len = std::mem::size_of::<nix::libc::sockaddr_storage>() as nix::libc::socklen_t;
-        let flags = nix::libc::SOCK_NONBLOCK | nix::libc::SOCK_CLOEXEC;
-        // SAFETY: storage and len describe a writable sockaddr_storage that
-        // outlives the call, as accept4 requires.
-        let raw =
-            unsafe { nix::libc::accept4(listener.as_raw_fd(), storage.as_mut_ptr().cast(), &mut len, flags) };
-        if raw < 0 {
-            let e = io::Error::last_os_error();
-            let missed = slot.end_own();
-            let transient = [nix::libc::EAGAIN, nix::libc::EINTR, nix::libc::ECONNABORTED, nix::libc::EPROTO];
-            if !e.raw_os_error().is_some_and(|n| transient.contains(&n)) {
-                // EINVAL: the supervisor stopped listening (a stop). Out of
-                // descriptors or memory: rather than spin on a listener we
-                // cannot take from, leave it to the supervisor (its sweep
-                // sees connections wait and accepts them).
-                if e.raw_os_error() == Some(nix::libc::EINVAL) {
-                    debug!("accept: {e}; leaving listener {i}");
-                } else {
-                    log::error!("accept: {e}; this worker stops accepting from listener {i}");
+        let accepted = monodon_proto::net::accept(listener.as_fd());
+        let (fd, peer) = match accepted {
+            Ok(Some(conn)) => conn,
+            Ok(None) => return slot.end_own().then_some(Wake::Missed),
+            Err(e) => {
+                let missed = slot.end_own();
+                let transient =
+                    [nix::libc::EAGAIN, nix::libc::EINTR, nix::libc::ECONNABORTED, nix::libc::EPROTO];
+                if !e.raw_os_error().is_some_and(|n| transient.contains(&n)) {
+                    // EINVAL: the supervisor stopped listening (a stop). Out of
+                    // descriptors or memory: rather than spin on a listener we
+                    // cannot take from, leave it to the supervisor (its sweep
+                    // sees connections wait and accepts them).
+                    if e.raw_os_error() == Some(nix::libc::EINVAL) {
+                        debug!("accept: {e}; leaving listener {i}");
+                    } else {
+                        log::error!("accept: {e}; this worker stops accepting from listener {i}");
+                    }
+                    self.unwatch(i);
                 }
-                self.unwatch(i);
+                return missed.then_some(Wake::Missed);
             }
-            return missed.then_some(Wake::Missed);
-        }
-        // SAFETY: accept4 just returned this descriptor; we are its only owner.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        slot.count_accepted();
-        // SAFETY: accept4 wrote a valid address of `len` bytes into storage.
-        let peer = match unsafe { SockaddrStorage::from_raw(storage.as_ptr().cast(), Some(len)) } {
-            Some(a) if a.family() == Some(AddressFamily::Unix) => "unix".to_owned(),
-            Some(a) => a.to_string(),
-            None => "unix".to_owned(),
         };
+        slot.count_accepted();
         Some(Wake::Accepted { fd, peer })
     }
 

@@ -328,7 +328,7 @@ impl Supervisor {
             return self.core.misbehaved(wkey, "Adopt from a worker that does not accept");
         }
         w.adopted_own = conn_id;
-        let peer = crate::listener::peer_of(fd.as_fd());
+        let peer = monodon_proto::net::peer_of(fd.as_fd());
         let mut io = super::ConnIo::new(fd, peer);
         io.pending.reset_to(leftover);
         self.core.adopt(io, served, keep, Instant::now());
@@ -364,7 +364,7 @@ impl Supervisor {
             if deposit.conn_id == adopted {
                 continue;
             }
-            let peer = crate::listener::peer_of(fd.as_fd());
+            let peer = monodon_proto::net::peer_of(fd.as_fd());
             let mut io = super::ConnIo::new(fd, peer);
             io.written_before = deposit.written;
             // Unclaimed (the worker had one of ours): dropped, closed.
