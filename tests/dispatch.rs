@@ -152,3 +152,70 @@ fn a_worker_that_dies_on_a_connection_sent_ahead_answers_502_if_it_wrote_nothing
     let r = second.response().expect("an answer, not a cut connection");
     assert_eq!(r.status, 502, "{}", r.text());
 }
+
+/// The pids in every "sent ahead to busy worker PID" line so far, once
+/// there are `n`.
+fn sent_ahead_pids(server: &Server, n: usize) -> Vec<u32> {
+    let pids = || -> Vec<u32> {
+        server
+            .logs()
+            .lines()
+            .filter(|l| l.contains("sent ahead to busy worker"))
+            .filter_map(|l| l.rsplit(' ').next().and_then(|p| p.trim().parse().ok()))
+            .collect()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || pids().len() >= n),
+        "{} sent ahead, not {n}",
+        pids().len()
+    );
+    pids()
+}
+
+#[test]
+fn two_connections_wait_ahead_of_one_busy_worker_and_are_served_in_order() {
+    let server = start_with(1);
+    let mut slow = get(&server, "/?sleep_ms=500");
+    wait_sleeping(&server, 1);
+    let worker = server.children()[0];
+    let mut first = get(&server, "/first");
+    sent_ahead_pids(&server, 1);
+    let mut second = get(&server, "/second");
+    assert_eq!(sent_ahead_pids(&server, 2), [worker, worker], "both went ahead to the one worker");
+
+    let slow = slow.response().unwrap().json();
+    let (first, second) = (first.response().unwrap().json(), second.response().unwrap().json());
+    assert_eq!(first["worker"]["pid"].as_u64(), Some(worker as u64));
+    assert_eq!(second["worker"]["pid"].as_u64(), Some(worker as u64));
+    let served = |doc: &serde_json::Value| doc["worker"]["requests"].as_u64().expect("a request count");
+    assert_eq!(
+        [served(&first), served(&second)],
+        [served(&slow) + 1, served(&slow) + 2],
+        "served right after the slow one, in the order they came"
+    );
+    assert!(!server.logs().contains("broke the protocol"), "{}", server.logs());
+}
+
+#[test]
+fn two_connections_waiting_ahead_of_a_worker_that_dies_are_served_by_its_successor() {
+    let server = start_with(1);
+    let mut slow = get(&server, "/?sleep_ms=5000");
+    wait_sleeping(&server, 1);
+    let doomed = server.children()[0];
+    let mut first = get(&server, "/first");
+    sent_ahead_pids(&server, 1);
+    let mut second = get(&server, "/second");
+    assert_eq!(sent_ahead_pids(&server, 2), [doomed, doomed]);
+    // SAFETY: killing the supervisor's worker, on purpose.
+    unsafe { libc::kill(doomed as i32, libc::SIGKILL) };
+
+    let r = slow.response().expect("an answer, not a cut connection");
+    assert_eq!(r.status, 502, "the request it was on: {}", r.text());
+    // Neither was started: both go to the worker started in its place.
+    for (name, c) in [("first", &mut first), ("second", &mut second)] {
+        let r = c.response().unwrap();
+        assert_eq!(r.status, 200, "{name}: {}", r.text());
+        assert_ne!(r.json()["worker"]["pid"].as_u64(), Some(doomed as u64), "{name}");
+    }
+    assert!(!server.logs().contains("broke the protocol"), "{}", server.logs());
+}

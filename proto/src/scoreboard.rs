@@ -74,6 +74,11 @@ pub struct Slot {
     pub attention: AtomicU64,
     /// Connections the worker accepted itself (served or handed over).
     pub accepted: AtomicU64,
+    /// A third ahead cell, for a worker that takes two connections ahead
+    /// (`FEATURE_AHEAD_TWO`): two sent ahead, and the one a Done made
+    /// current before the worker claimed it. Claimed and taken back like
+    /// the other two.
+    pub ahead_third: AtomicU64,
 }
 
 /// The values of [`Slot::attention`].
@@ -139,7 +144,7 @@ pub const REQUEST_LINE_MAX: usize = 256;
 /// Where each field of a [`Slot`] lies, as PROTOCOL.md gives it: workers in
 /// other languages map the page and use these offsets. Checked against the
 /// struct at compile time and against PROTOCOL.md by a test.
-pub const LAYOUT: [(usize, &str); 17] = [
+pub const LAYOUT: [(usize, &str); 18] = [
     (0, "bytes_written"),
     (8, "requests"),
     (16, "request_started_ms"),
@@ -157,6 +162,7 @@ pub const LAYOUT: [(usize, &str); 17] = [
     (528, "duration_sum_us"),
     (536, "attention"),
     (544, "accepted"),
+    (552, "ahead_third"),
 ];
 
 const _: () = {
@@ -179,6 +185,7 @@ const _: () = {
         offset_of!(Slot, duration_sum_us),
         offset_of!(Slot, attention),
         offset_of!(Slot, accepted),
+        offset_of!(Slot, ahead_third),
     ];
     let mut i = 0;
     while i < LAYOUT.len() {
@@ -188,7 +195,7 @@ const _: () = {
         );
         i += 1;
     }
-    assert!(std::mem::size_of::<Slot>() == 552, "the Slot grew or shrank: say so in PROTOCOL.md");
+    assert!(std::mem::size_of::<Slot>() == 560, "the Slot grew or shrank: say so in PROTOCOL.md");
     assert!(std::mem::size_of::<Slot>() <= 4096, "a Slot must fit its page");
 };
 
@@ -398,14 +405,25 @@ impl Slot {
     /// Connections wait for a free worker, or one was sent ahead to this
     /// worker: it must not linger on its current client.
     pub fn others_waiting(&self) -> bool {
-        self.others_waiting.load(Ordering::Relaxed) != 0
-            || self.ahead.iter().any(|c| c.load(Ordering::Relaxed) != 0)
+        self.others_waiting.load(Ordering::Relaxed) != 0 || self.has_ahead()
+    }
+
+    /// Every ahead cell (the two at offset 312 and the third at 552).
+    fn ahead_cells(&self) -> impl Iterator<Item = &AtomicU64> {
+        self.ahead.iter().chain(std::iter::once(&self.ahead_third))
+    }
+
+    /// Worker side: a connection was sent ahead to this worker and not
+    /// taken back, so its Assign is in the channel (or on its way): the
+    /// worker may read the channel without waiting for anything else.
+    pub fn has_ahead(&self) -> bool {
+        self.ahead_cells().any(|c| c.load(Ordering::Acquire) != 0)
     }
 
     /// Supervisor side: records connection `conn_id` as sent ahead; false
-    /// if both cells are taken (then it must not be sent).
+    /// if every cell is taken (then it must not be sent).
     pub fn offer_ahead(&self, conn_id: u64) -> bool {
-        self.ahead.iter().any(|c| c.compare_exchange(0, conn_id, Ordering::SeqCst, Ordering::SeqCst).is_ok())
+        self.ahead_cells().any(|c| c.compare_exchange(0, conn_id, Ordering::SeqCst, Ordering::SeqCst).is_ok())
     }
 
     /// Worker side: takes connection `conn_id`, sent ahead; false if the
@@ -423,8 +441,7 @@ impl Slot {
     fn swap_out(&self, conn_id: u64) -> bool {
         conn_id != 0
             && self
-                .ahead
-                .iter()
+                .ahead_cells()
                 .any(|c| c.compare_exchange(conn_id, 0, Ordering::SeqCst, Ordering::SeqCst).is_ok())
     }
 
@@ -534,10 +551,19 @@ impl Scoreboard {
             duration_sum_us,
             attention,
             accepted,
+            ahead_third,
         } = self.slot();
         let words = [bytes_written, requests, request_started_ms, draining, others_waiting, request_seq];
-        let more =
-            [request_len, conn_id, conn_written_base, hold_limit, duration_sum_us, attention, accepted];
+        let more = [
+            request_len,
+            conn_id,
+            conn_written_base,
+            hold_limit,
+            duration_sum_us,
+            attention,
+            accepted,
+            ahead_third,
+        ];
         for word in words.into_iter().chain(more).chain(ahead).chain(responses).chain(duration_counts) {
             word.store(0, Ordering::Relaxed);
         }
@@ -658,15 +684,19 @@ mod tests {
         assert!(s.offer_ahead(8));
         assert!(s.revoke_ahead(8));
         assert!(!w.claim_ahead(8), "already taken back");
-        // The next one may be offered before the worker claims the one it
-        // is about to serve; a third must wait for a free cell.
+        // Two may wait ahead while the worker has not yet claimed the one
+        // it is about to serve; a fourth must wait for a free cell.
         assert!(s.offer_ahead(9));
         assert!(s.offer_ahead(10));
-        assert!(!s.offer_ahead(11));
+        assert!(s.offer_ahead(11));
+        assert!(w.has_ahead());
+        assert!(!s.offer_ahead(12));
         assert!(w.claim_ahead(9));
-        assert!(s.revoke_ahead(10));
-        assert!(!w.claim_ahead(10));
+        assert!(s.revoke_ahead(11), "the third cell is taken back like the others");
+        assert!(!w.claim_ahead(11));
+        assert!(w.claim_ahead(10));
         assert!(!w.others_waiting());
+        assert!(!w.has_ahead());
         assert!(!w.claim_ahead(0), "0 is no connection");
     }
 

@@ -40,6 +40,10 @@ pub const FEATURE_PARSED: u8 = 2;
 /// is free, and its Ready carries its vault (see [`Deposit`]).
 pub const FEATURE_ACCEPT: u8 = 4;
 
+/// `Ready` feature bit: the worker claims in the scoreboard's third ahead
+/// cell too, so the supervisor may have two connections ahead of it.
+pub const FEATURE_AHEAD_TWO: u8 = 8;
+
 /// The largest message either side may send, for request limits `limits`:
 /// the supervisor passes at most a head plus one read's worth of bytes, and
 /// a worker hands back at most as much as it was given or one read's worth.

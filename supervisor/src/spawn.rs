@@ -144,8 +144,9 @@ impl std::fmt::Display for ChannelError {
 /// buffer sizes back: Linux caps what an unprivileged process asks for at
 /// net.core.wmem_max, and a message larger than the sender's SO_SNDBUF
 /// fails with EMSGSIZE. One message that fits is enough for two in flight
-/// (the supervisor never has more in a worker's channel: one sent ahead),
-/// since a send waits for room only once the buffer is already full.
+/// (an Assign and one sent ahead), since a send waits for room only once
+/// the buffer is already full. A second sent ahead may find it full when
+/// the heads are large: it then stays queued (`SendError::Full`).
 pub fn channel(limits: &Limits) -> Result<(OwnedFd, OwnedFd), ChannelError> {
     let (ours, theirs) =
         socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)

@@ -140,7 +140,9 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
         n => Some(accept::Accepter::new(n, channel.as_fd(), settings.health_path.clone())?),
     };
     let mut out = Vec::with_capacity(256);
-    let features = wire::FEATURE_AHEAD | if accepter.is_some() { wire::FEATURE_ACCEPT } else { 0 };
+    let features = wire::FEATURE_AHEAD
+        | wire::FEATURE_AHEAD_TWO
+        | if accepter.is_some() { wire::FEATURE_ACCEPT } else { 0 };
     FromWorker::Ready { pid, features }.encode(&mut out);
     wire::send(channel.as_fd(), &out, accepter.as_ref().map(|a| a.vault_for_supervisor()))?;
     // The supervisor logs each worker's start and exit; ours are detail.
@@ -168,7 +170,9 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
         }
     };
     loop {
-        if let Some(acc) = accepter.as_mut() {
+        // With a connection sent ahead its Assign is next in the channel:
+        // no need to ask epoll, and no listener is ours to watch meanwhile.
+        if let Some(acc) = accepter.as_mut().filter(|_| !slot.has_ahead()) {
             match acc.wait(slot)? {
                 accept::Wake::Channel => {}
                 accept::Wake::Missed => {

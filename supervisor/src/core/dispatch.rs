@@ -1,5 +1,6 @@
 //! Connections to workers: hand-over to an idle worker, sending ahead to a
-//! busy one, and taking back what was sent ahead and not yet claimed.
+//! busy one (up to two deep), and taking back what was sent ahead and not
+//! yet claimed.
 
 use std::time::Instant;
 
@@ -7,7 +8,7 @@ use log::{debug, error};
 
 use super::{Action, AHEAD_PATIENCE};
 use super::{
-    Activity, Channel, ConnKey, Core, Named, Peer, Place, Port, SendError, Signal, Worker, WorkerKey,
+    Activity, Ahead, Channel, ConnKey, Core, Named, Peer, Place, Port, SendError, Signal, Worker, WorkerKey,
 };
 
 impl<C: Peer, W: Named> Core<C, W> {
@@ -31,7 +32,7 @@ impl<C: Peer, W: Named> Core<C, W> {
             Ok(()) => {
                 if let Some(w) = self.workers.get_mut(wkey.0) {
                     debug_assert_eq!(w.activity, Activity::Idle, "hand-over to a worker not idle");
-                    w.activity = Activity::Busy { conn: ckey, since: now, ahead: None };
+                    w.activity = Activity::Busy { conn: ckey, since: now, ahead: Ahead::default() };
                 }
             }
             Err(e) => {
@@ -83,8 +84,10 @@ impl<C: Peer, W: Named> Core<C, W> {
                     w.channel = Channel::Lost { at: now };
                 }
             }
-            // A worker has at most two messages from us in its channel (one
-            // sent ahead), so a full buffer means it is broken.
+            // Only a send ahead may find the channel full (large heads
+            // queued behind a slow request); an Assign to an idle worker that
+            // finds it full finds a broken worker.
+            SendError::Full => self.misbehaved(wkey, "sending to it failed: its channel is full"),
             SendError::Failed(why) => self.misbehaved(wkey, &format!("sending to it failed: {why}")),
         }
     }
@@ -101,36 +104,50 @@ impl<C: Peer, W: Named> Core<C, W> {
         self.actions.push_back(Action::Signal { worker: wkey, signal: Signal::Kill });
     }
 
-    /// Sends the connection that has waited longest to busy worker `wkey`,
-    /// to serve as soon as it has finished its current one: it then finds
-    /// its next connection already in its channel, instead of going to
-    /// sleep and waiting for the supervisor to answer its Done. It stays
-    /// ours to take back until the worker claims it on its scoreboard.
+    /// Sends the connections that have waited longest to busy worker
+    /// `wkey` (as many as it takes ahead), to serve as soon as it has
+    /// finished its current one: it then finds its next connection already
+    /// in its channel, instead of going to sleep and waiting for the
+    /// supervisor to answer its Done. Each stays ours to take back until
+    /// the worker claims it on its scoreboard.
     pub(super) fn send_ahead(&mut self, wkey: WorkerKey, port: &mut impl Port<C, W>, now: Instant) {
+        while self.send_one_ahead(wkey, port, now) {}
+    }
+
+    /// Sends one connection ahead to `wkey`; false if none was sent.
+    fn send_one_ahead(&mut self, wkey: WorkerKey, port: &mut impl Port<C, W>, now: Instant) -> bool {
         if !self.workers.get(wkey.0).is_some_and(|w| self.can_take_ahead(w)) {
-            return;
+            return false;
         }
-        let Some(ckey) = self.dispatcher.take_next() else { return };
+        let Some(ckey) = self.dispatcher.take_next() else { return false };
         let conn_id = self.conns[ckey.0].id;
-        // With nothing ahead, at most one cell is taken (by the connection
-        // a Done made current, until the worker claims it); but the cells
-        // are shared memory, so the offer is checked all the same.
+        // There is a cell for each connection ahead and one for the
+        // connection a Done made current until the worker claims it; but
+        // the cells are shared memory, so the offer is checked all the same.
         if !port.offer_ahead(&self.workers[wkey.0].io, conn_id) {
             self.dispatcher.requeue_front(ckey);
-            return;
+            return false;
         }
         match self.send_assign(wkey, ckey, true, port, now) {
             Ok(()) => {
                 let w = &mut self.workers[wkey.0];
                 if let Activity::Busy { ahead, .. } = &mut w.activity {
-                    *ahead = Some(ckey);
+                    ahead.push(ckey);
                 }
                 debug!("connection {conn_id} sent ahead to busy worker {}", w.io.pid());
+                true
+            }
+            Err(SendError::Full) => {
+                // Not sent, so the worker cannot claim it: still ours.
+                port.revoke_ahead(&self.workers[wkey.0].io, conn_id);
+                self.dispatcher.requeue_front(ckey);
+                false
             }
             Err(e) => {
                 port.revoke_ahead(&self.workers[wkey.0].io, conn_id);
                 self.dispatcher.requeue_front(ckey);
                 self.send_failed(wkey, e, now);
+                false
             }
         }
     }
@@ -138,33 +155,34 @@ impl<C: Peer, W: Named> Core<C, W> {
     /// A busy worker of the serving generation, able and free to take a
     /// connection ahead.
     pub(super) fn can_take_ahead(&self, w: &Worker<W>) -> bool {
-        w.accepts_ahead
-            && w.reachable()
+        w.reachable()
             && w.skips_pending == 0
             && w.killed.is_none()
             && w.generation == self.serving
-            && matches!(w.activity, Activity::Busy { ahead: None, .. })
+            && matches!(w.activity, Activity::Busy { ahead, .. } if ahead.len() < w.ahead_depth)
     }
 
     /// A connection was queued with no worker free: sends it ahead to the
-    /// busy worker whose current request started last (the one most likely
-    /// to be quick; a long one may be stuck).
+    /// busy worker with the fewest ahead of it, and of those the one whose
+    /// current request started last (the one most likely to be quick; a
+    /// long one may be stuck).
     pub(super) fn send_ahead_to_a_busy_worker(&mut self, port: &mut impl Port<C, W>, now: Instant) {
         let best = self
             .workers
             .iter()
             .filter(|(_, w)| self.can_take_ahead(w))
-            .max_by_key(|(_, w)| w.busy_since())
+            .max_by_key(|(_, w)| (std::cmp::Reverse(w.ahead().len()), w.busy_since()))
             .map(|(k, _)| WorkerKey(k));
         if let Some(wkey) = best {
-            self.send_ahead(wkey, port, now);
+            self.send_one_ahead(wkey, port, now);
         }
     }
 
-    /// Takes back the connection sent ahead to `wkey`, if the worker has not
-    /// claimed it yet, and dispatches it again.
+    /// Takes back every connection sent ahead to `wkey` that the worker has
+    /// not claimed yet, and dispatches them again. The last sent goes back
+    /// first, so that the queue's head keeps the order they were sent in.
     pub(super) fn take_back_ahead(&mut self, wkey: WorkerKey, port: &mut impl Port<C, W>, now: Instant) {
-        if let Some(ckey) = self.revoke_ahead(wkey, port) {
+        while let Some(ckey) = self.revoke_ahead(wkey, port) {
             if let Some(idle) = self.dispatcher.conn_back(ckey) {
                 self.hand_over(idle, ckey, port, now);
             }
@@ -184,7 +202,7 @@ impl<C: Peer, W: Named> Core<C, W> {
         let holder = self
             .workers
             .iter()
-            .filter(|&(k, w)| k != wkey.0 && w.ahead().is_some())
+            .filter(|&(k, w)| k != wkey.0 && !w.ahead().is_empty())
             .filter_map(|(k, w)| Some((k, w.busy_since()?)))
             .filter(|&(_, since)| any || now.duration_since(since) >= AHEAD_PATIENCE)
             .min_by_key(|&(_, since)| since)
@@ -192,19 +210,21 @@ impl<C: Peer, W: Named> Core<C, W> {
         self.revoke_ahead(holder, port)
     }
 
-    /// Revokes the connection sent ahead to `wkey` on its scoreboard; the
-    /// connection, queued again, if that won the race with the worker.
+    /// Revokes the last connection sent ahead to `wkey` on its scoreboard;
+    /// the connection, queued again, if that won the race with the worker.
+    /// (The worker claims them in order, so if it has claimed the last one,
+    /// it has claimed them all.)
     fn revoke_ahead(&mut self, wkey: WorkerKey, port: &mut impl Port<C, W>) -> Option<ConnKey> {
         let w = self.workers.get_mut(wkey.0)?;
-        let Activity::Busy { ahead: Some(ckey), .. } = w.activity else { return None };
+        let ckey = w.ahead().last()?;
         let conn = self.conns.get_mut(ckey.0)?;
         if !port.revoke_ahead(&w.io, conn.id) {
-            // Claimed: the worker's Done for its current connection is on
-            // its way, and makes this one its current.
+            // Claimed: the worker's Done for the connections before it are
+            // on their way, and make this one its current.
             return None;
         }
         if let Activity::Busy { ahead, .. } = &mut w.activity {
-            *ahead = None;
+            ahead.pop_last();
         }
         w.skips_pending += 1;
         conn.place = Place::Queued;

@@ -30,7 +30,7 @@ impl<C: Peer, W: Named> Core<C, W> {
         let mut holders: HashMap<ConnKey, (usize, Holder)> = HashMap::new();
         let mut hold = |conn: ConnKey, by: Holder| holders.entry(conn).or_insert((0, by)).0 += 1;
         for (wkey, w) in self.workers() {
-            if w.skips_pending > 1 {
+            if w.skips_pending as usize > super::AHEAD_DEPTH {
                 return Err(format!("worker {wkey} owes {} Skipped", w.skips_pending));
             }
             if w.outgoing.is_some() && (w.service != Service::InService || w.activity == Activity::Starting) {
@@ -38,16 +38,23 @@ impl<C: Peer, W: Named> Core<C, W> {
             }
             let Activity::Busy { conn, ahead, .. } = w.activity else { continue };
             hold(conn, Holder::Busy(wkey));
-            if let Some(next) = ahead {
+            for next in ahead.iter() {
                 hold(next, Holder::Ahead(wkey));
                 if next == conn {
                     return Err(format!("worker {wkey} has connection {conn} both current and ahead"));
                 }
-                // At most two messages of ours in its channel: the current
-                // Assign (maybe unread) and this one; none while a Skipped is due.
-                if w.skips_pending > 0 {
-                    return Err(format!("worker {wkey} was sent ahead with a Skipped still due"));
-                }
+            }
+            // At most `1 + ahead_depth` messages of ours in its channel: the
+            // current Assign (maybe unread), those ahead, and those taken
+            // back that it has not yet answered with Skipped.
+            let unread = ahead.len() + w.skips_pending as usize;
+            if unread > w.ahead_depth {
+                return Err(format!(
+                    "worker {wkey} has {} ahead and owes {} Skipped: more than its {} in its channel",
+                    ahead.len(),
+                    w.skips_pending,
+                    w.ahead_depth
+                ));
             }
         }
         for ckey in self.dispatcher.waiting() {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 
 use super::{
-    Action, Activity, Channel, ConnKey, Core, Named, Peer, Place, Port, Retirement, Service, Stopping,
+    Action, Activity, Ahead, Channel, ConnKey, Core, Named, Peer, Place, Port, Retirement, Service, Stopping,
     TemplateLife, WorkerKey,
 };
 
@@ -33,12 +33,13 @@ pub struct Exit<W> {
 }
 
 impl<C: Peer, W: Named> Core<C, W> {
-    /// Ready: its app is up; `accepts_ahead` if it takes connections sent
-    /// ahead, `accepts_own` if it accepts connections itself when let go.
+    /// Ready: its app is up; it takes `ahead_depth` connections sent ahead
+    /// (at most `AHEAD_DEPTH` are), and `accepts_own` if it accepts
+    /// connections itself when let go.
     pub fn worker_ready(
         &mut self,
         wkey: WorkerKey,
-        accepts_ahead: bool,
+        ahead_depth: usize,
         accepts_own: bool,
         port: &mut impl Port<C, W>,
         now: Instant,
@@ -47,7 +48,7 @@ impl<C: Peer, W: Named> Core<C, W> {
         if w.activity != Activity::Starting {
             return Err(self.misbehaving(wkey, "unexpected Ready"));
         }
-        w.accepts_ahead = accepts_ahead;
+        w.ahead_depth = ahead_depth.min(super::AHEAD_DEPTH);
         w.accepts_own = accepts_own;
         debug!("worker {} ready", w.io.pid());
         let (took, generation) = (now.saturating_duration_since(w.started), w.generation);
@@ -107,7 +108,7 @@ impl<C: Peer, W: Named> Core<C, W> {
         let place = Place::InWorker { worker: wkey, ahead: false };
         let ckey = ConnKey(self.conns.insert(super::Conn { io, id, served: 0, place, ready_at: None }));
         self.dispatcher.remove_worker(wkey);
-        self.workers[wkey.0].activity = Activity::Busy { conn: ckey, since, ahead: None };
+        self.workers[wkey.0].activity = Activity::Busy { conn: ckey, since, ahead: Ahead::default() };
         Some(ckey)
     }
 
@@ -134,18 +135,19 @@ impl<C: Peer, W: Named> Core<C, W> {
         now: Instant,
     ) -> Result<ConnKey, Misbehaviour> {
         let w = self.workers.get_mut(wkey.0).ok_or(Misbehaviour("no such worker"))?;
-        let Activity::Busy { conn: ckey, ahead, .. } = w.activity else {
+        let Activity::Busy { conn: ckey, mut ahead, .. } = w.activity else {
             return Err(self.misbehaving(wkey, "Done while not busy"));
         };
         if self.conns.get(ckey.0).map(|c| c.id) != Some(conn_id) {
             return Err(self.misbehaving(wkey, "Done for a connection it does not hold"));
         }
-        // The worker first: free now, or on to the connection sent ahead (it
-        // claims that one as soon as it has sent this Done, and nothing takes
-        // it back any more).
-        match ahead {
+        // The worker first: free now, or on to the first connection sent
+        // ahead (it claims that one as soon as it has sent this Done, and
+        // nothing takes it back any more).
+        let was_ahead = !ahead.is_empty();
+        match ahead.pop_front() {
             Some(next) => {
-                w.activity = Activity::Busy { conn: next, since: now, ahead: None };
+                w.activity = Activity::Busy { conn: next, since: now, ahead };
                 if let Some(c) = self.conns.get_mut(next.0) {
                     c.place = Place::InWorker { worker: wkey, ahead: false };
                 }
@@ -157,7 +159,7 @@ impl<C: Peer, W: Named> Core<C, W> {
         let conn = &mut self.conns[ckey.0];
         conn.served = served;
         conn.place = Place::Reading { deadline: now + keepalive, partial: false };
-        if ahead.is_none() {
+        if !was_ahead {
             // Before the connection may queue again: the free worker takes
             // what waited before it (and nothing sent ahead elsewhere
             // meanwhile needs taking back).
@@ -168,7 +170,7 @@ impl<C: Peer, W: Named> Core<C, W> {
         } else {
             self.act(Action::CloseAfterResponse { conn: ckey });
         }
-        if ahead.is_some() {
+        if was_ahead {
             self.send_ahead(wkey, port, now);
         }
         self.order_successor_near_limit(wkey, port);
@@ -223,7 +225,7 @@ impl<C: Peer, W: Named> Core<C, W> {
         let mut conn = None;
         let mut busy_for = None;
         if let Activity::Busy { conn: ckey, since, ahead } = w.activity {
-            debug_assert!(ahead.is_none(), "taken back above, or claimed");
+            debug_assert!(ahead.is_empty(), "taken back above, or claimed");
             busy_for = Some(now.saturating_duration_since(since));
             if let Some(c) = self.conns.get_mut(ckey.0) {
                 if matches!(c.place, Place::InWorker { worker, .. } if worker == wkey) {

@@ -52,7 +52,7 @@ pub use clients::{Conn, Place};
 pub use generations::Reload;
 pub use messages::{Exit, Misbehaviour};
 pub use monodon_proto::scoreboard::Claim;
-pub use pool::{Activity, Channel, Kill, Retirement, Service, SpawnOrder, Worker};
+pub use pool::{Activity, Ahead, Channel, Kill, Retirement, Service, SpawnOrder, Worker, AHEAD_DEPTH};
 pub use templates::{Make, TemplateLife};
 
 /// How long a worker that accepts may be on a request of its own before
@@ -205,6 +205,8 @@ pub enum Action {
 pub enum SendError {
     /// The worker has exited or is exiting (its end is closed).
     Gone,
+    /// Its channel has no room: nothing was sent.
+    Full,
     /// Anything else: the worker is broken.
     Failed(String),
 }

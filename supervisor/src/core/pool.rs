@@ -13,12 +13,12 @@ pub enum Activity {
     /// Spawned; its app is still initialising.
     Starting,
     Idle,
-    /// Serving `conn` since `since`; `ahead`: a connection sent to it to
-    /// serve next, ours to take back until it claims it.
+    /// Serving `conn` since `since`; `ahead`: connections sent to it to
+    /// serve next, each ours to take back until it claims it.
     Busy {
         conn: ConnKey,
         since: Instant,
-        ahead: Option<ConnKey>,
+        ahead: Ahead,
     },
     /// Serving a connection it accepted itself (known from a claim that
     /// found it so, at `since`); it says Free when done. Its connection is
@@ -26,6 +26,57 @@ pub enum Activity {
     Own {
         since: Instant,
     },
+}
+
+/// The most connections sent ahead to one busy worker. Its scoreboard has
+/// a claim cell for each, and one more for the connection a Done made
+/// current before the worker claimed it.
+pub const AHEAD_DEPTH: usize = 2;
+
+/// The connections sent ahead to a busy worker, in the order of its
+/// channel, which is the order it serves them in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Ahead {
+    keys: [Option<ConnKey>; AHEAD_DEPTH],
+}
+
+impl Ahead {
+    pub fn len(&self) -> usize {
+        self.keys.iter().take_while(|k| k.is_some()).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys[0].is_none()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = ConnKey> + '_ {
+        self.keys.iter().map_while(|k| *k)
+    }
+
+    /// Sent after the others.
+    pub fn push(&mut self, ckey: ConnKey) {
+        let len = self.len();
+        assert!(len < AHEAD_DEPTH, "more sent ahead than the scoreboard has cells for");
+        self.keys[len] = Some(ckey);
+    }
+
+    /// The one the worker serves next.
+    pub fn pop_front(&mut self) -> Option<ConnKey> {
+        let first = self.keys[0];
+        self.keys.rotate_left(1);
+        self.keys[AHEAD_DEPTH - 1] = None;
+        first
+    }
+
+    /// The one sent last (the one that waits longest for the worker).
+    pub fn last(&self) -> Option<ConnKey> {
+        self.iter().last()
+    }
+
+    pub fn pop_last(&mut self) -> Option<ConnKey> {
+        let len = self.len();
+        (len > 0).then(|| self.keys[len - 1].take()).flatten()
+    }
 }
 
 /// Whether a worker takes new connections.
@@ -107,13 +158,15 @@ pub struct Worker<W> {
     pub max_requests: u64,
     /// Its --max-worker-age draw: retired once older.
     pub age_limit: Option<Duration>,
-    /// It said in Ready that it takes connections sent ahead.
-    pub accepts_ahead: bool,
+    /// How many connections it takes ahead, by what it said in Ready
+    /// (`FEATURE_AHEAD`, `FEATURE_AHEAD_TWO`): 0 to `AHEAD_DEPTH`.
+    pub ahead_depth: usize,
     /// It said in Ready that it accepts connections itself when free.
     pub accepts_own: bool,
     /// Connections sent ahead and taken back whose Skipped has not come
     /// yet: while any is unread in its channel nothing more is sent ahead,
-    /// so the channel never holds more than two messages from us.
+    /// so the channel never holds more than `1 + ahead_depth` messages
+    /// from us.
     pub skips_pending: u32,
     /// Near a recycling limit: its successor has been ordered, and it
     /// serves on until the successor is ready, then retires for this reason.
@@ -136,10 +189,10 @@ impl<W> Worker<W> {
         }
     }
 
-    pub fn ahead(&self) -> Option<ConnKey> {
+    pub fn ahead(&self) -> Ahead {
         match self.activity {
             Activity::Busy { ahead, .. } => ahead,
-            _ => None,
+            _ => Ahead::default(),
         }
     }
 
@@ -255,7 +308,7 @@ impl<C: Peer, W: Named> Core<C, W> {
             killed: None,
             max_requests: order.max_requests,
             age_limit: order.age_limit,
-            accepts_ahead: false,
+            ahead_depth: 0,
             accepts_own: false,
             skips_pending: 0,
             outgoing: None,

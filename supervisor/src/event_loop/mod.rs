@@ -453,6 +453,7 @@ impl Port<ConnIo, WorkerIo> for Wire<'_> {
             Err(e) if matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET)) => {
                 return Err(SendError::Gone)
             }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(SendError::Full),
             Err(e) => return Err(SendError::Failed(e.to_string())),
         }
         // Whether the worker wrote on it is told by the scoreboard

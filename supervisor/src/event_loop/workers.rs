@@ -285,7 +285,11 @@ impl Supervisor {
                     }
                     Some(_) => {}
                 }
-                let ahead = features & wire::FEATURE_AHEAD != 0;
+                let ahead = match (features & wire::FEATURE_AHEAD, features & wire::FEATURE_AHEAD_TWO) {
+                    (0, _) => 0,
+                    (_, 0) => 1,
+                    _ => 2,
+                };
                 let own = features & wire::FEATURE_ACCEPT != 0;
                 w.vault = fd;
                 self.core.worker_ready(wkey, ahead, own, &mut port, now)

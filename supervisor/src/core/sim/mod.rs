@@ -81,6 +81,8 @@ struct Sim {
     unreaped: Vec<usize>,
     /// Workers accept connections themselves (half the schedules).
     accepting: bool,
+    /// How many connections workers take ahead (1 or 2, by schedule).
+    ahead_depth: usize,
     /// What dead workers left in their vaults: client, id, byte count.
     vaults: HashMap<usize, (usize, u64, u64)>,
     /// The last steps, for a failure report.
@@ -96,6 +98,7 @@ impl Sim {
         let workers = rng.usize(1..=4);
         let core = Core::new(settings(&mut rng), workers, now, rng.u64(..));
         let accepting = rng.bool();
+        let ahead_depth = rng.usize(1..=2);
         let world = World {
             now,
             procs: Vec::new(),
@@ -118,6 +121,7 @@ impl Sim {
             chaos: true,
             unreaped: Vec::new(),
             accepting,
+            ahead_depth,
             vaults: HashMap::new(),
             trace: VecDeque::new(),
             origin: now,

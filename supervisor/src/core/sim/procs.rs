@@ -92,7 +92,11 @@ impl Sim {
             life: ProcLife::Starting,
             inbox: VecDeque::new(),
             outbox: VecDeque::new(),
-            cells: [0; 2],
+            cells: [0; 3],
+            ahead_depth: self.ahead_depth,
+            // Some channels have room for two messages only, so that a
+            // third sent ahead finds them full.
+            small_channel: self.rng.bool(),
             served: 0,
             max_requests,
             limit_held: false,
@@ -442,7 +446,8 @@ impl Sim {
             Said::Ready => {
                 self.world.procs[p].ready_told = true;
                 let accepts = self.world.procs[p].accepts;
-                self.core.worker_ready(key, true, accepts, &mut self.world, now)
+                let depth = self.world.procs[p].ahead_depth;
+                self.core.worker_ready(key, depth, accepts, &mut self.world, now)
             }
             Said::Free => self.core.worker_free(key, &mut self.world, now),
             Said::Adopt { client, served, keep, .. } => {

@@ -1,6 +1,6 @@
 //! The simulated world the core runs against: worker processes that follow
 //! PROTOCOL.md (or break in the ways real ones do), clients, and the
-//! scoreboard's two ahead cells with their compare-and-swap.
+//! scoreboard's ahead cells with their compare-and-swap.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -129,7 +129,11 @@ pub struct Proc {
     pub inbox: VecDeque<Assign>,
     pub outbox: VecDeque<Said>,
     /// The scoreboard's ahead cells.
-    pub cells: [u64; 2],
+    pub cells: [u64; 3],
+    /// How many connections it said it takes ahead.
+    pub ahead_depth: usize,
+    /// Its channel holds two messages: a third send finds it full.
+    pub small_channel: bool,
     pub served: u64,
     pub max_requests: u64,
     /// Its scoreboard's hold-limit flag: not to retire at max_requests.
@@ -263,8 +267,19 @@ impl Port<SimConn, SimWorker> for World {
         if p.broken {
             return Err(SendError::Failed("no buffer space".into()));
         }
-        if p.inbox.len() >= 2 {
-            self.violate(format!("a third message for worker {} (PROTOCOL.md allows two)", p.pid));
+        if ahead && p.small_channel && p.inbox.len() >= 2 {
+            if self.tracing {
+                self.notes.push(format!("worker {}'s channel is full", p.pid));
+            }
+            return Err(SendError::Full);
+        }
+        if p.inbox.len() > p.ahead_depth {
+            let allowed = 1 + p.ahead_depth;
+            self.violate(format!(
+                "message {} for worker {} (PROTOCOL.md allows {allowed})",
+                p.inbox.len() + 1,
+                p.pid
+            ));
         }
         let key = self.clients[conn.client].key;
         let pid = self.procs[worker.proc_index].pid;
@@ -277,7 +292,9 @@ impl Port<SimConn, SimWorker> for World {
     }
 
     fn offer_ahead(&mut self, worker: &SimWorker, id: u64) -> bool {
-        let cells = &mut self.procs[worker.proc_index].cells;
+        let p = &mut self.procs[worker.proc_index];
+        // A worker that takes one ahead claims in two cells only.
+        let cells = &mut p.cells[..=p.ahead_depth];
         match cells.iter_mut().find(|c| **c == 0) {
             Some(cell) => {
                 *cell = id;
