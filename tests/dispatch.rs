@@ -175,16 +175,16 @@ fn sent_ahead_pids(server: &Server, n: usize) -> Vec<u32> {
 #[test]
 fn two_connections_wait_ahead_of_one_busy_worker_and_are_served_in_order() {
     let server = start_with(1);
-    let mut slow = get(&server, "/?sleep_ms=500");
+    let mut slow_conn = get(&server, "/?sleep_ms=500");
     wait_sleeping(&server, 1);
     let worker = server.children()[0];
-    let mut first = get(&server, "/first");
+    let mut first_conn = get(&server, "/first");
     sent_ahead_pids(&server, 1);
-    let mut second = get(&server, "/second");
+    let mut second_conn = get(&server, "/second");
     assert_eq!(sent_ahead_pids(&server, 2), [worker, worker], "both went ahead to the one worker");
 
-    let slow = slow.response().unwrap().json();
-    let (first, second) = (first.response().unwrap().json(), second.response().unwrap().json());
+    let slow = slow_conn.response().unwrap().json();
+    let (first, second) = (first_conn.response().unwrap().json(), second_conn.response().unwrap().json());
     assert_eq!(first["worker"]["pid"].as_u64(), Some(worker as u64));
     assert_eq!(second["worker"]["pid"].as_u64(), Some(worker as u64));
     let served = |doc: &serde_json::Value| doc["worker"]["requests"].as_u64().expect("a request count");
@@ -193,6 +193,46 @@ fn two_connections_wait_ahead_of_one_busy_worker_and_are_served_in_order() {
         [served(&slow) + 1, served(&slow) + 2],
         "served right after the slow one, in the order they came"
     );
+    // The worker held back its Dones for the first two while the next
+    // waited ahead of it, and sent them together: each connection is kept
+    // alive all the same.
+    for (name, c) in [("slow", &mut slow_conn), ("first", &mut first_conn), ("second", &mut second_conn)] {
+        c.send(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n");
+        let r = c.response().unwrap();
+        assert_eq!(r.status, 200, "{name}: {}", r.text());
+    }
+    assert!(!server.logs().contains("broke the protocol"), "{}", server.logs());
+}
+
+#[test]
+fn a_worker_that_dies_holding_back_dones_cuts_no_finished_response() {
+    let server = start_with(1);
+    let mut slow = get(&server, "/?sleep_ms=400");
+    wait_sleeping(&server, 1);
+    let worker = server.children()[0];
+    let mut quick = get(&server, "/quick");
+    sent_ahead_pids(&server, 1);
+    let mut doomed = get(&server, "/?sleep_ms=5000");
+    sent_ahead_pids(&server, 2);
+    // It finishes the slow one and the quick one, holding back both Dones
+    // while a connection still waits ahead of it, and starts the last.
+    assert_eq!(slow.response().unwrap().status, 200);
+    assert_eq!(quick.response().unwrap().status, 200);
+    wait_sleeping(&server, 1);
+    // SAFETY: killing the supervisor's worker, on purpose.
+    unsafe { libc::kill(worker as i32, libc::SIGKILL) };
+
+    let r = doomed.response().expect("an answer, not a cut connection");
+    assert_eq!(r.status, 502, "the one it was on: {}", r.text());
+    // Their Dones died with the worker, but its claims of the ones after
+    // them say they were finished and kept alive: no 502 follows their
+    // responses, and they serve on (with the worker started in its place).
+    for (name, c) in [("slow", &mut slow), ("quick", &mut quick)] {
+        c.send(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n");
+        let r = c.response().expect("the connection serves on");
+        assert_eq!(r.status, 200, "{name}: {}", r.text());
+        assert_ne!(r.json()["worker"]["pid"].as_u64(), Some(worker as u64), "{name}");
+    }
     assert!(!server.logs().contains("broke the protocol"), "{}", server.logs());
 }
 

@@ -26,6 +26,7 @@ const ADOPT: u8 = 8;
 const FREE: u8 = 9;
 const DEPOSIT: u8 = 10;
 const GO: u8 = 11;
+const DONES: u8 = 12;
 
 /// `Ready` feature bit: the worker takes connections sent ahead (it claims
 /// each on its scoreboard and answers `Skipped` for one taken back).
@@ -90,6 +91,55 @@ pub enum FromWorker<'a> {
     /// The supervisor asked for the worker while it served a connection of
     /// its own; that is done, and the worker waits on its channel only.
     Free,
+    /// Several Dones in one message, in the order the worker finished the
+    /// connections, each kept alive with nothing left over (see [`Dones`]).
+    Dones(Dones<'a>),
+}
+
+/// The Dones a busy worker held back while connections sent ahead were
+/// waiting for it, sent together when it is about to wait (one message and
+/// one wake-up instead of one per request). Only a Done with `keep` and no
+/// leftover is held back, so each record is a connection id and `served`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dones<'a> {
+    records: &'a [u8],
+}
+
+impl<'a> Dones<'a> {
+    const RECORD: usize = 12;
+
+    /// The most a Dones message carries (a worker holds back no more).
+    pub const MAX: usize = 8;
+
+    /// `(conn_id, served)` of each connection, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u32)> + 'a {
+        self.records.chunks_exact(Self::RECORD).map(|r| {
+            let (id, served) = r.split_at(8);
+            (
+                u64::from_le_bytes(id.try_into().unwrap_or_default()),
+                u32::from_le_bytes(served.try_into().unwrap_or_default()),
+            )
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len() / Self::RECORD
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// Encodes `dones` (`(conn_id, served)` each, at most `MAX`).
+    pub fn encode(dones: &[(u64, u32)], out: &mut Vec<u8>) {
+        debug_assert!(dones.len() <= Self::MAX);
+        out.clear();
+        out.extend_from_slice(&[VERSION, DONES]);
+        for (id, served) in dones {
+            out.extend_from_slice(&id.to_le_bytes());
+            out.extend_from_slice(&served.to_le_bytes());
+        }
+    }
 }
 
 /// What a worker that accepts puts in its vault (a socketpair whose
@@ -202,6 +252,10 @@ impl FromWorker<'_> {
                 out.extend_from_slice(leftover);
             }
             FromWorker::Free => out.extend_from_slice(&[VERSION, FREE]),
+            FromWorker::Dones(d) => {
+                out.extend_from_slice(&[VERSION, DONES]);
+                out.extend_from_slice(d.records);
+            }
         }
     }
 
@@ -232,6 +286,14 @@ impl FromWorker<'_> {
             FREE => Ok(FromWorker::Free),
             RETIRING => Ok(FromWorker::Retiring),
             SKIPPED => Ok(FromWorker::Skipped { conn_id: r.u64()? }),
+            DONES => {
+                let records = r.rest();
+                let count = records.len() / Dones::RECORD;
+                if records.len() % Dones::RECORD != 0 || count == 0 || count > Dones::MAX {
+                    return Err(WireError("Dones is not 1 to 8 whole records"));
+                }
+                Ok(FromWorker::Dones(Dones { records }))
+            }
             _ => Err(WireError("unknown message kind")),
         }
     }
@@ -397,6 +459,26 @@ mod tests {
 
     fn pair() -> (OwnedFd, OwnedFd) {
         socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap()
+    }
+
+    #[test]
+    fn dones_carry_one_to_eight_connections_in_order() {
+        let mut buf = Vec::new();
+        Dones::encode(&[(7, 1), (u64::MAX, 40), (3, 2)], &mut buf);
+        let Ok(FromWorker::Dones(d)) = FromWorker::decode(&buf) else { panic!("not Dones") };
+        assert_eq!(d.iter().collect::<Vec<_>>(), [(7, 1), (u64::MAX, 40), (3, 2)]);
+        let mut again = Vec::new();
+        FromWorker::Dones(d).encode(&mut again);
+        assert_eq!(again, buf);
+        Dones::encode(&[], &mut buf);
+        assert!(FromWorker::decode(&buf).is_err(), "an empty Dones");
+        buf.clear();
+        buf.extend_from_slice(&[VERSION, DONES]);
+        buf.extend((0..9).flat_map(|_| [1u8, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]));
+        assert!(FromWorker::decode(&buf).is_err(), "more than MAX");
+        Dones::encode(&[(1, 1)], &mut buf);
+        buf.pop();
+        assert!(FromWorker::decode(&buf).is_err(), "a cut record");
     }
 
     #[test]

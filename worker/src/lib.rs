@@ -169,10 +169,21 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
             debug!("worker {pid}: cannot say Free: {e}");
         }
     };
+    let mut held = HeldDones::default();
     loop {
         // With a connection sent ahead its Assign is next in the channel:
         // no need to ask epoll, and no listener is ours to watch meanwhile.
-        if let Some(acc) = accepter.as_mut().filter(|_| !slot.has_ahead()) {
+        // Without one, we are about to wait: the Dones held back go first.
+        let ahead = slot.has_ahead();
+        if !ahead {
+            match held.send(channel.as_fd(), &mut out) {
+                Ok(()) => {}
+                // Let go (retired) meanwhile: nothing more will come.
+                Err(e) if let_go(&e) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some(acc) = accepter.as_mut().filter(|_| !ahead) {
             match acc.wait(slot)? {
                 accept::Wake::Channel => {}
                 accept::Wake::Missed => {
@@ -269,12 +280,13 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
             // Sent while we were busy, then given to another worker.
             drop(fd);
             FromWorker::Skipped { conn_id }.encode(&mut out);
-            match wire::send(channel.as_fd(), &out, None) {
+            let sent = held
+                .send(channel.as_fd(), &mut Vec::new())
+                .and_then(|()| wire::send(channel.as_fd(), &out, None));
+            match sent {
                 Ok(()) => continue,
                 // Released (retired) meanwhile: nothing more will come.
-                Err(e) if matches!(e.raw_os_error(), Some(nix::libc::EPIPE | nix::libc::ECONNRESET)) => {
-                    return Ok(())
-                }
+                Err(e) if let_go(&e) => return Ok(()),
                 Err(e) => return Err(e),
             }
         }
@@ -282,13 +294,26 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
         slot.begin_connection(conn_id);
         let rivals = accepter.as_ref().map_or(&[][..], |a| a.listeners());
         let mut input = Input::new(Stream::new(fd, io_timeout, slot).with_rivals(rivals), data);
-        let mut announce = || announce_retiring(channel.as_fd(), pid);
+        let mut announce = || {
+            // In order: what we held back was finished before this began.
+            if let Err(e) = held.send(channel.as_fd(), &mut Vec::new()) {
+                error!("worker {pid}: cannot send its Dones: {e}");
+            }
+            announce_retiring(channel.as_fd(), pid)
+        };
         let mut budget = Budget { remaining, on_last: &mut announce };
         let outcome = serve_connection(app, &mut input, served, &ctx, &mut budget);
         remaining = budget.remaining;
         // Our copy of the connection goes before we report, so a "close"
         // is final once the supervisor closes its own copy.
         drop(input);
+        // Busy with more (a connection ahead waits in the channel): a plain
+        // keep-alive Done can wait to go with the next ones, in one message.
+        let plain = outcome.keep && outcome.leftover.is_empty() && !outcome.retiring;
+        if plain && slot.has_ahead() && held.hold(conn_id, outcome.served) {
+            continue;
+        }
+        held.send(channel.as_fd(), &mut out)?;
         FromWorker::Done { conn_id, served: outcome.served, keep: outcome.keep, leftover: &outcome.leftover }
             .encode(&mut out);
         wire::send(channel.as_fd(), &out, None)?;
@@ -297,6 +322,47 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
             return Ok(());
         }
     }
+}
+
+/// The Dones a busy worker holds back while a connection sent ahead waits
+/// for it (PROTOCOL.md, Dones): sent together, before anything else it
+/// says and before it waits, so the supervisor reads one message, and is
+/// woken once, for several requests. If the worker dies holding them, the
+/// supervisor knows those connections were finished from the claims of the
+/// ones after them.
+#[derive(Default)]
+struct HeldDones {
+    dones: Vec<(u64, u32)>,
+}
+
+impl HeldDones {
+    /// Holds back the Done for `conn_id`; false if no more may be held.
+    fn hold(&mut self, conn_id: u64, served: u32) -> bool {
+        if self.dones.len() >= wire::Dones::MAX {
+            return false;
+        }
+        self.dones.push((conn_id, served));
+        true
+    }
+
+    /// Sends what is held: one plain Done, or a Dones.
+    fn send(&mut self, channel: std::os::fd::BorrowedFd<'_>, out: &mut Vec<u8>) -> std::io::Result<()> {
+        match self.dones.as_slice() {
+            [] => return Ok(()),
+            [(conn_id, served)] => {
+                FromWorker::Done { conn_id: *conn_id, served: *served, keep: true, leftover: &[] }.encode(out)
+            }
+            many => wire::Dones::encode(many, out),
+        }
+        self.dones.clear();
+        wire::send(channel, out, None)
+    }
+}
+
+/// A send failed because the supervisor has closed our channel: it let us
+/// go (a retirement or a stop), which is no error.
+fn let_go(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(nix::libc::EPIPE | nix::libc::ECONNRESET))
 }
 
 /// Tells the supervisor the last request has started (max requests).

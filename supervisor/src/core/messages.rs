@@ -207,6 +207,42 @@ impl<C: Peer, W: Named> Core<C, W> {
         }
     }
 
+    /// What is still ahead of a worker that has exited, once the unclaimed
+    /// ones are taken back, it had claimed: a worker claims its next
+    /// connection only after finishing the one before, so it had finished
+    /// its current one and all but the last claimed, and held back their
+    /// Dones (PROTOCOL.md, Dones). Only a Done kept alive with nothing left
+    /// over is held back, so they are taken back as after such a Done (with
+    /// at least one more request served). The last claimed is the one it
+    /// was on.
+    fn resume_finished_unreported(&mut self, wkey: WorkerKey, now: Instant) {
+        let Some(w) = self.workers.get_mut(wkey.0) else { return };
+        let Activity::Busy { conn: current, ahead, .. } = &mut w.activity else { return };
+        #[cfg(test)]
+        if self.forget_unreported {
+            *ahead = super::Ahead::default();
+            return;
+        }
+        let resume = self.stopping == Stopping::No;
+        while let Some(next) = ahead.pop_front() {
+            let finished = std::mem::replace(current, next);
+            if let Some(c) = self.conns.get_mut(next.0) {
+                c.place = Place::InWorker { worker: wkey, ahead: false };
+            }
+            let Some(c) = self.conns.get_mut(finished.0) else { continue };
+            debug!("worker {} had finished connection {} before it died", w.io.pid(), c.id);
+            c.served = c.served.saturating_add(1);
+            c.place = Place::Reading { deadline: now + self.settings.keepalive_timeout, partial: false };
+            // What it had read of its request (it was sent ahead) goes first.
+            self.actions.push_back(Action::Claimed { conn: finished });
+            self.actions.push_back(if resume {
+                Action::Resume { conn: finished }
+            } else {
+                Action::CloseAfterResponse { conn: finished }
+            });
+        }
+    }
+
     /// The worker has exited (`how`, for the log), after the shell handled
     /// everything it had said on its channel.
     pub fn worker_exited(
@@ -219,13 +255,14 @@ impl<C: Peer, W: Named> Core<C, W> {
         // A connection sent ahead and never claimed was not started: it is
         // served by another worker, not answered 502.
         self.take_back_ahead(wkey, port, now);
+        self.resume_finished_unreported(wkey, now);
         let w = self.workers.try_remove(wkey.0)?;
         self.dispatcher.remove_worker(wkey);
         let lived = now.saturating_duration_since(w.started);
         let mut conn = None;
         let mut busy_for = None;
         if let Activity::Busy { conn: ckey, since, ahead } = w.activity {
-            debug_assert!(ahead.is_empty(), "taken back above, or claimed");
+            debug_assert!(ahead.is_empty(), "taken back, or claimed and made current above");
             busy_for = Some(now.saturating_duration_since(since));
             if let Some(c) = self.conns.get_mut(ckey.0) {
                 if matches!(c.place, Place::InWorker { worker, .. } if worker == wkey) {

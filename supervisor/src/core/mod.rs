@@ -304,6 +304,10 @@ pub struct Core<C, W> {
     /// Workers are not to accept connections themselves (the shell holds
     /// as many as `--max-connections` allows): idle ones stay claimed.
     accept_held: bool,
+    /// The simulation's deliberate bug: a dead worker's claimed
+    /// connections are forgotten, not closed as finished.
+    #[cfg(test)]
+    pub(crate) forget_unreported: bool,
 }
 
 /// Start times kept for the status.
@@ -335,6 +339,8 @@ impl<C: Peer, W: Named> Core<C, W> {
             templates: Default::default(),
             limits_held: Default::default(),
             accept_held: false,
+            #[cfg(test)]
+            forget_unreported: false,
         }
     }
 

@@ -310,6 +310,14 @@ impl Supervisor {
                     }
                 })
             }
+            // Each as a Done kept alive with nothing left over, in order.
+            FromWorker::Dones(dones) => dones.iter().try_for_each(|(conn_id, served)| {
+                self.core.worker_done(wkey, conn_id, served, true, &mut port, now).map(|ckey| {
+                    if let Some(c) = self.core.conn_io_mut(ckey) {
+                        c.pending.reset_to(&[]);
+                    }
+                })
+            }),
         };
         if let Err(Misbehaviour(what)) = outcome {
             debug!("worker message refused: {what}");

@@ -96,7 +96,8 @@ impl Sim {
         let mut rng = fastrand::Rng::with_seed(seed);
         let now = Instant::now();
         let workers = rng.usize(1..=4);
-        let core = Core::new(settings(&mut rng), workers, now, rng.u64(..));
+        let mut core = Core::new(settings(&mut rng), workers, now, rng.u64(..));
+        core.forget_unreported = bug == Bug::ForgetUnreported;
         let accepting = rng.bool();
         let ahead_depth = rng.usize(1..=2);
         let world = World {
@@ -243,6 +244,21 @@ fn the_simulation_finds_a_broken_claim() {
     assert!(
         what.contains("served by workers") || what.contains("misbehaving") || what.contains("answered"),
         "a broken claim shows as a connection served twice, got: {what}"
+    );
+}
+
+/// The simulation finds a core that forgets, when a worker dies, the
+/// connections it had claimed after holding back its Dones: the one it
+/// finished first is answered 502 after its response.
+#[test]
+fn the_simulation_finds_a_dead_workers_held_back_dones_forgotten() {
+    let found =
+        (0..2_000u64).find_map(|seed| run(seed, Bug::ForgetUnreported).err().map(|(what, _)| (seed, what)));
+    let (seed, what) = found.expect("2,000 schedules forgetting held-back Dones, and no failure found");
+    eprintln!("found at seed {seed}: {what}");
+    assert!(
+        what.contains("answered") || what.contains("is held by"),
+        "a forgotten finished connection shows as a 502 after its response, or a connection nobody holds, got: {what}"
     );
 }
 

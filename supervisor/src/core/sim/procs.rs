@@ -92,6 +92,7 @@ impl Sim {
             life: ProcLife::Starting,
             inbox: VecDeque::new(),
             outbox: VecDeque::new(),
+            held: Vec::new(),
             cells: [0; 3],
             ahead_depth: self.ahead_depth,
             // Some channels have room for two messages only, so that a
@@ -138,6 +139,7 @@ impl Sim {
     }
 
     pub(super) fn say(&mut self, p: usize, said: Said) {
+        self.send_held(p);
         let proc_ = &mut self.world.procs[p];
         // Sent after the supervisor closed its end: lost (EPIPE).
         if !proc_.released {
@@ -185,8 +187,21 @@ impl Sim {
         }
     }
 
+    /// The Dones a worker held back go out (in order).
+    fn send_held(&mut self, p: usize) {
+        let proc_ = &mut self.world.procs[p];
+        let held = std::mem::take(&mut proc_.held);
+        if !proc_.released {
+            proc_.outbox.extend(held);
+        }
+    }
+
     /// The worker reads its channel: an Assign (claimed if sent ahead), or EOF.
+    /// With nothing sent ahead it is about to wait: its held Dones go first.
     pub(super) fn take_assign(&mut self, p: usize) {
+        if self.world.procs[p].cells.iter().all(|&c| c == 0) {
+            self.send_held(p);
+        }
         let now = self.world.now;
         let proc_ = &mut self.world.procs[p];
         let Some(a) = proc_.inbox.pop_front() else {
@@ -277,7 +292,15 @@ impl Sim {
         let keep = wants_more && !draining && !last_request;
         let pid = proc_.pid;
         note!(self, "worker {pid} done with connection {id} {conn} of client {client} (keep {keep})");
-        self.say(p, Said::Done { id, served: served + 1, keep });
+        let done = Said::Done { id, served: served + 1, keep };
+        let proc_ = &mut self.world.procs[p];
+        let busy = proc_.cells.iter().any(|&c| c != 0);
+        if keep && !eager && busy && proc_.held.len() < monodon_proto::wire::Dones::MAX {
+            note!(self, "worker {pid} holds back its Done for connection {id}");
+            self.world.procs[p].held.push(done);
+        } else {
+            self.say(p, done);
+        }
         if keep && eager {
             // Its next request came with this one (it is in the leftover).
             self.world.clients[client].partial = true;

@@ -7,7 +7,7 @@ use monodon_proto::scoreboard::attention;
 
 use super::world::{Proc, ProcLife};
 use super::{settings, Deploy, Sim, Stop, Stopping};
-use crate::core::Activity;
+use crate::core::{Activity, Place};
 
 impl Sim {
     pub(super) fn advance(&mut self) {
@@ -86,7 +86,9 @@ impl Sim {
                 let p = &self.world.procs[i];
                 match p.life {
                     ProcLife::Starting => self.deploy_of(i) != Deploy::NeverReady,
-                    ProcLife::Waiting => p.released || (!p.template && !p.inbox.is_empty()),
+                    ProcLife::Waiting => {
+                        p.released || (!p.template && (!p.inbox.is_empty() || !p.held.is_empty()))
+                    }
                     // A head still coming is handed over whatever the app does.
                     ProcLife::Own { partial: true, .. } => true,
                     ProcLife::Serving { .. } | ProcLife::Own { .. } => !p.stuck,
@@ -96,7 +98,16 @@ impl Sim {
             })
             .collect();
         let talking = self.world.procs.iter().any(|p| !p.outbox.is_empty() && !p.released);
-        let clients = self.world.clients.iter().any(|c| !c.closed && !c.in_flight());
+        // One whose connection is queued or in a worker has nothing to do
+        // (it may be a worker's that holds back its Done, and has hung).
+        let clients = self.world.clients.iter().any(|c| {
+            !c.closed
+                && !c.in_flight()
+                && self
+                    .core
+                    .conn(c.key)
+                    .is_some_and(|c| matches!(c.place, Place::Reading { .. } | Place::Lingering { .. }))
+        });
         let mut choices: Vec<u8> = Vec::new();
         if !procs.is_empty() {
             choices.push(0);
@@ -125,7 +136,8 @@ impl Sim {
     /// Everything that can still happen has happened.
     pub(super) fn quiet(&self) -> bool {
         let busy_proc = self.world.procs.iter().any(|p| {
-            (p.alive() && (p.life != ProcLife::Waiting || !p.inbox.is_empty() || p.released))
+            (p.alive()
+                && (p.life != ProcLife::Waiting || !p.inbox.is_empty() || !p.held.is_empty() || p.released))
                 || (!p.outbox.is_empty() && !p.released)
         });
         let busy_client = self.world.clients.iter().any(|c| !c.closed);

@@ -48,6 +48,9 @@ pub enum Bug {
     /// A worker that accepts frees its attention after its last request,
     /// before it exits.
     EarlyRelease,
+    /// The core forgets what a dead worker had claimed after the Dones it
+    /// held back (`Core::forget_unreported`).
+    ForgetUnreported,
 }
 
 /// What a deploy does when its workers start.
@@ -128,6 +131,10 @@ pub struct Proc {
     pub life: ProcLife,
     pub inbox: VecDeque<Assign>,
     pub outbox: VecDeque<Said>,
+    /// Dones held back while a connection sent ahead waits (PROTOCOL.md,
+    /// Dones): they go before anything else it says, or before it waits;
+    /// lost if it dies first.
+    pub held: Vec<Said>,
     /// The scoreboard's ahead cells.
     pub cells: [u64; 3],
     /// How many connections it said it takes ahead.
