@@ -172,16 +172,30 @@ fn sent_ahead_pids(server: &Server, n: usize) -> Vec<u32> {
     pids()
 }
 
+/// The one worker of `server` busy on `slow` (a target that sleeps), with
+/// `first` and then `second` sent ahead to it: the three connections and
+/// the worker's pid.
+fn busy_with_two_ahead(
+    server: &Server,
+    slow: &str,
+    first: &str,
+    second: &str,
+) -> (Client, Client, Client, u32) {
+    let slow = get(server, slow);
+    wait_sleeping(server, 1);
+    let worker = server.children()[0];
+    let first = get(server, first);
+    sent_ahead_pids(server, 1);
+    let second = get(server, second);
+    assert_eq!(sent_ahead_pids(server, 2), [worker, worker], "both went ahead to the one worker");
+    (slow, first, second, worker)
+}
+
 #[test]
 fn two_connections_wait_ahead_of_one_busy_worker_and_are_served_in_order() {
     let server = start_with(1);
-    let mut slow_conn = get(&server, "/?sleep_ms=500");
-    wait_sleeping(&server, 1);
-    let worker = server.children()[0];
-    let mut first_conn = get(&server, "/first");
-    sent_ahead_pids(&server, 1);
-    let mut second_conn = get(&server, "/second");
-    assert_eq!(sent_ahead_pids(&server, 2), [worker, worker], "both went ahead to the one worker");
+    let (mut slow_conn, mut first_conn, mut second_conn, worker) =
+        busy_with_two_ahead(&server, "/?sleep_ms=500", "/first", "/second");
 
     let slow = slow_conn.response().unwrap().json();
     let (first, second) = (first_conn.response().unwrap().json(), second_conn.response().unwrap().json());
@@ -205,15 +219,10 @@ fn two_connections_wait_ahead_of_one_busy_worker_and_are_served_in_order() {
 }
 
 #[test]
-fn a_worker_that_dies_holding_back_dones_cuts_no_finished_response() {
+fn a_worker_that_dies_holding_back_dones_costs_only_the_request_it_was_on() {
     let server = start_with(1);
-    let mut slow = get(&server, "/?sleep_ms=400");
-    wait_sleeping(&server, 1);
-    let worker = server.children()[0];
-    let mut quick = get(&server, "/quick");
-    sent_ahead_pids(&server, 1);
-    let mut doomed = get(&server, "/?sleep_ms=5000");
-    sent_ahead_pids(&server, 2);
+    let (mut slow, mut quick, mut doomed, worker) =
+        busy_with_two_ahead(&server, "/?sleep_ms=400", "/quick", "/?sleep_ms=5000");
     // It finishes the slow one and the quick one, holding back both Dones
     // while a connection still waits ahead of it, and starts the last.
     assert_eq!(slow.response().unwrap().status, 200);
@@ -239,13 +248,8 @@ fn a_worker_that_dies_holding_back_dones_cuts_no_finished_response() {
 #[test]
 fn two_connections_waiting_ahead_of_a_worker_that_dies_are_served_by_its_successor() {
     let server = start_with(1);
-    let mut slow = get(&server, "/?sleep_ms=5000");
-    wait_sleeping(&server, 1);
-    let doomed = server.children()[0];
-    let mut first = get(&server, "/first");
-    sent_ahead_pids(&server, 1);
-    let mut second = get(&server, "/second");
-    assert_eq!(sent_ahead_pids(&server, 2), [doomed, doomed]);
+    let (mut slow, mut first, mut second, doomed) =
+        busy_with_two_ahead(&server, "/?sleep_ms=5000", "/first", "/second");
     // SAFETY: killing the supervisor's worker, on purpose.
     unsafe { libc::kill(doomed as i32, libc::SIGKILL) };
 

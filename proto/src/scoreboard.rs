@@ -45,8 +45,8 @@ pub struct Slot {
     /// one, or the supervisor takes it back, by swapping its id for 0:
     /// exactly one of them succeeds. Two cells, because the next connection
     /// may be sent ahead before the worker has claimed the one before,
-    /// which it is about to serve. (Last in the slot: fields keep their
-    /// offsets across versions.)
+    /// which it is about to serve; `ahead_third` (at the end: fields keep
+    /// their offsets across versions) for a second one sent ahead.
     pub ahead: [AtomicU64; 2],
     /// The connection the worker is serving (its id; 0 before the first),
     /// and `bytes_written` when it started it: whether any response byte
