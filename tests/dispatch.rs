@@ -153,23 +153,11 @@ fn a_worker_that_dies_on_a_connection_sent_ahead_answers_502_if_it_wrote_nothing
     assert_eq!(r.status, 502, "{}", r.text());
 }
 
-/// The pids in every "sent ahead to busy worker PID" line so far, once
-/// there are `n`.
-fn sent_ahead_pids(server: &Server, n: usize) -> Vec<u32> {
-    let pids = || -> Vec<u32> {
-        server
-            .logs()
-            .lines()
-            .filter(|l| l.contains("sent ahead to busy worker"))
-            .filter_map(|l| l.rsplit(' ').next().and_then(|p| p.trim().parse().ok()))
-            .collect()
-    };
-    assert!(
-        eventually(Duration::from_secs(10), || pids().len() >= n),
-        "{} sent ahead, not {n}",
-        pids().len()
-    );
-    pids()
+/// Waits until the status shows `n` connections sent ahead to `worker`.
+fn wait_ahead(server: &Server, worker: u32, n: usize) {
+    server.wait_status(Duration::from_secs(10), &format!("{n} sent ahead to worker {worker}"), |s| {
+        s["worker_list"].as_array().is_some_and(|l| l.iter().any(|w| w["pid"] == worker && w["ahead"] == n))
+    });
 }
 
 /// The one worker of `server` busy on `slow` (a target that sleeps), with
@@ -185,9 +173,9 @@ fn busy_with_two_ahead(
     wait_sleeping(server, 1);
     let worker = server.children()[0];
     let first = get(server, first);
-    sent_ahead_pids(server, 1);
+    wait_ahead(server, worker, 1);
     let second = get(server, second);
-    assert_eq!(sent_ahead_pids(server, 2), [worker, worker], "both went ahead to the one worker");
+    wait_ahead(server, worker, 2);
     (slow, first, second, worker)
 }
 

@@ -277,6 +277,9 @@ pub struct WorkerStatus {
     pub request_secs: Option<f64>,
     /// Whether any response byte has been written on the current connection.
     pub response_started: Option<bool>,
+    /// Connections sent ahead to it, to serve after its current one.
+    #[serde(default)]
+    pub ahead: usize,
 }
 
 /// Where the control socket lives when `--control` is not given: in

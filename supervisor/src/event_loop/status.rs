@@ -102,6 +102,7 @@ impl Supervisor {
                 request,
                 request_secs,
                 response_started,
+                ahead: w.ahead().len(),
             });
         }
         worker_list.sort_by_key(|w| (w.generation, w.pid));
