@@ -174,8 +174,8 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
         // With a connection sent ahead its Assign is next in the channel:
         // no need to ask epoll, and no listener is ours to watch meanwhile.
         // Without one, we are about to wait: the Dones held back go first.
-        let ahead = slot.has_ahead();
-        if !ahead {
+        let next_is_queued = slot.has_ahead();
+        if !next_is_queued {
             match held.send(channel.as_fd(), &mut out) {
                 Ok(()) => {}
                 // Let go (retired) meanwhile: nothing more will come.
@@ -183,7 +183,7 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
                 Err(e) => return Err(e),
             }
         }
-        if let Some(acc) = accepter.as_mut().filter(|_| !ahead) {
+        if let Some(acc) = accepter.as_mut().filter(|_| !next_is_queued) {
             match acc.wait(slot)? {
                 accept::Wake::Channel => {}
                 accept::Wake::Missed => {

@@ -137,16 +137,14 @@ impl<C: Peer, W: Named> Core<C, W> {
                 debug!("connection {conn_id} sent ahead to busy worker {}", w.io.pid());
                 true
             }
-            Err(SendError::Full) => {
+            Err(e) => {
                 // Not sent, so the worker cannot claim it: still ours.
                 port.revoke_ahead(&self.workers[wkey.0].io, conn_id);
                 self.dispatcher.requeue_front(ckey);
-                false
-            }
-            Err(e) => {
-                port.revoke_ahead(&self.workers[wkey.0].io, conn_id);
-                self.dispatcher.requeue_front(ckey);
-                self.send_failed(wkey, e, now);
+                // A full channel only waits for the worker to read on.
+                if !matches!(e, SendError::Full) {
+                    self.send_failed(wkey, e, now);
+                }
                 false
             }
         }

@@ -53,11 +53,14 @@ impl Ahead {
         self.keys.iter().map_while(|k| *k)
     }
 
-    /// Sent after the others.
+    /// Sent after the others (`can_take_ahead` checked there is room; the
+    /// invariants would find one lost).
     pub fn push(&mut self, ckey: ConnKey) {
         let len = self.len();
-        assert!(len < AHEAD_DEPTH, "more sent ahead than the scoreboard has cells for");
-        self.keys[len] = Some(ckey);
+        debug_assert!(len < AHEAD_DEPTH, "more sent ahead than the scoreboard has cells for");
+        if let Some(free) = self.keys.get_mut(len) {
+            *free = Some(ckey);
+        }
     }
 
     /// The one the worker serves next.

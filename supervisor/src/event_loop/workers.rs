@@ -303,25 +303,36 @@ impl Supervisor {
             // Taken above, with its connection.
             FromWorker::Adopt { .. } => Ok(()),
             FromWorker::Done { conn_id, served, keep, leftover } => {
-                self.core.worker_done(wkey, conn_id, served, keep, &mut port, now).map(|ckey| {
-                    // Read on from here, when the core's Resume comes.
-                    if let Some(c) = self.core.conn_io_mut(ckey) {
-                        c.pending.reset_to(leftover);
-                    }
-                })
+                self.take_done(wkey, conn_id, served, keep, leftover, now)
             }
             // Each as a Done kept alive with nothing left over, in order.
-            FromWorker::Dones(dones) => dones.iter().try_for_each(|(conn_id, served)| {
-                self.core.worker_done(wkey, conn_id, served, true, &mut port, now).map(|ckey| {
-                    if let Some(c) = self.core.conn_io_mut(ckey) {
-                        c.pending.reset_to(&[]);
-                    }
-                })
-            }),
+            FromWorker::Dones(dones) => dones
+                .iter()
+                .try_for_each(|(conn_id, served)| self.take_done(wkey, conn_id, served, true, &[], now)),
         };
         if let Err(Misbehaviour(what)) = outcome {
             debug!("worker message refused: {what}");
         }
+    }
+
+    /// A Done: the core decides, and what the worker read past its last
+    /// request is the connection's buffer, to read on from when the core's
+    /// Resume comes.
+    fn take_done(
+        &mut self,
+        wkey: WorkerKey,
+        conn_id: u64,
+        served: u32,
+        keep: bool,
+        leftover: &[u8],
+        now: Instant,
+    ) -> Result<(), Misbehaviour> {
+        let ckey =
+            self.core.worker_done(wkey, conn_id, served, keep, &mut Wire { msg: &mut self.msg }, now)?;
+        if let Some(c) = self.core.conn_io_mut(ckey) {
+            c.pending.reset_to(leftover);
+        }
+        Ok(())
     }
 
     /// A connection the worker accepted itself is ours now: read on from
