@@ -79,7 +79,23 @@ pub struct Slot {
     /// current before the worker claimed it. Claimed and taken back like
     /// the other two.
     pub ahead_third: AtomicU64,
+    /// The worker's warm connections (`FEATURE_WARM`): each cell holds the
+    /// id of a connection the worker keeps between requests (0: free), with
+    /// [`WARM_CLAIMED`] set while it serves a request on it. The worker
+    /// claims by swapping the id for the id with the bit; the supervisor
+    /// takes one back by swapping the id for 0: exactly one of them wins.
+    pub warm: [AtomicU64; WARM_CELLS],
+    /// For each warm cell, when the worker last finished a request on it
+    /// ([`monotonic_ms`]): the keep-alive timeout counts from there.
+    pub warm_done_ms: [AtomicU64; WARM_CELLS],
 }
+
+/// How many connections a worker may keep warm.
+pub const WARM_CELLS: usize = 32;
+
+/// Set in a warm cell while the worker serves a request on its connection.
+/// (The supervisor's connection ids never reach it.)
+pub const WARM_CLAIMED: u64 = 1 << 62;
 
 /// The values of [`Slot::attention`].
 pub mod attention {
@@ -144,7 +160,7 @@ pub const REQUEST_LINE_MAX: usize = 256;
 /// Where each field of a [`Slot`] lies, as PROTOCOL.md gives it: workers in
 /// other languages map the page and use these offsets. Checked against the
 /// struct at compile time and against PROTOCOL.md by a test.
-pub const LAYOUT: [(usize, &str); 18] = [
+pub const LAYOUT: [(usize, &str); 20] = [
     (0, "bytes_written"),
     (8, "requests"),
     (16, "request_started_ms"),
@@ -163,6 +179,8 @@ pub const LAYOUT: [(usize, &str); 18] = [
     (536, "attention"),
     (544, "accepted"),
     (552, "ahead_third"),
+    (560, "warm"),
+    (816, "warm_done_ms"),
 ];
 
 const _: () = {
@@ -186,6 +204,8 @@ const _: () = {
         offset_of!(Slot, attention),
         offset_of!(Slot, accepted),
         offset_of!(Slot, ahead_third),
+        offset_of!(Slot, warm),
+        offset_of!(Slot, warm_done_ms),
     ];
     let mut i = 0;
     while i < LAYOUT.len() {
@@ -195,7 +215,7 @@ const _: () = {
         );
         i += 1;
     }
-    assert!(std::mem::size_of::<Slot>() == 560, "the Slot grew or shrank: say so in PROTOCOL.md");
+    assert!(std::mem::size_of::<Slot>() == 1072, "the Slot grew or shrank: say so in PROTOCOL.md");
     assert!(std::mem::size_of::<Slot>() <= 4096, "a Slot must fit its page");
 };
 
@@ -448,6 +468,60 @@ impl Slot {
     pub fn set_others_waiting(&self, waiting: bool) {
         self.others_waiting.store(u64::from(waiting), Ordering::Relaxed);
     }
+
+    /// The id in warm cell `cell` (with [`WARM_CLAIMED`] while served).
+    pub fn warm_cell(&self, cell: usize) -> u64 {
+        self.warm.get(cell).map_or(0, |c| c.load(Ordering::Acquire))
+    }
+
+    /// Worker side: keeps connection `conn_id` in warm cell `cell`, which
+    /// it knows to be free, finished now.
+    pub fn warm_keep(&self, cell: usize, conn_id: u64) {
+        if let (Some(c), Some(done)) = (self.warm.get(cell), self.warm_done_ms.get(cell)) {
+            done.store(monotonic_ms(), Ordering::Relaxed);
+            c.store(conn_id, Ordering::Release);
+        }
+    }
+
+    /// Worker side: unclaims warm connection `conn_id`, which had nothing
+    /// to read after all (its last request's time stands).
+    pub fn warm_unclaim(&self, cell: usize, conn_id: u64) {
+        if let Some(c) = self.warm.get(cell) {
+            c.store(conn_id, Ordering::Release);
+        }
+    }
+
+    /// Worker side: claims warm connection `conn_id` before reading from
+    /// it; false if the supervisor took it back first.
+    pub fn warm_claim(&self, cell: usize, conn_id: u64) -> bool {
+        self.warm.get(cell).is_some_and(|c| {
+            c.compare_exchange(conn_id, conn_id | WARM_CLAIMED, Ordering::SeqCst, Ordering::SeqCst).is_ok()
+        })
+    }
+
+    /// Worker side: empties a cell it has claimed (the connection goes back
+    /// to the supervisor in a Cool).
+    pub fn warm_clear(&self, cell: usize) {
+        if let Some(c) = self.warm.get(cell) {
+            c.store(0, Ordering::Release);
+        }
+    }
+
+    /// Supervisor side: takes warm connection `conn_id` back; false if the
+    /// worker is serving a request on it (or gave it back).
+    pub fn warm_revoke(&self, cell: usize, conn_id: u64) -> bool {
+        conn_id != 0
+            && self
+                .warm
+                .get(cell)
+                .is_some_and(|c| c.compare_exchange(conn_id, 0, Ordering::SeqCst, Ordering::SeqCst).is_ok())
+    }
+
+    /// How long ago the worker last finished a request on warm cell `cell`.
+    pub fn warm_idle_ms(&self, cell: usize) -> u64 {
+        let done = self.warm_done_ms.get(cell).map_or(0, |d| d.load(Ordering::Relaxed));
+        monotonic_ms().saturating_sub(done)
+    }
 }
 
 /// What `wrote_on` decides from: a worker's counters and the hand-over's.
@@ -552,6 +626,8 @@ impl Scoreboard {
             attention,
             accepted,
             ahead_third,
+            warm,
+            warm_done_ms,
         } = self.slot();
         let words = [bytes_written, requests, request_started_ms, draining, others_waiting, request_seq];
         let more = [
@@ -564,7 +640,15 @@ impl Scoreboard {
             accepted,
             ahead_third,
         ];
-        for word in words.into_iter().chain(more).chain(ahead).chain(responses).chain(duration_counts) {
+        for word in words
+            .into_iter()
+            .chain(more)
+            .chain(ahead)
+            .chain(responses)
+            .chain(duration_counts)
+            .chain(warm)
+            .chain(warm_done_ms)
+        {
             word.store(0, Ordering::Relaxed);
         }
         for byte in request_line {

@@ -27,6 +27,8 @@ const FREE: u8 = 9;
 const DEPOSIT: u8 = 10;
 const GO: u8 = 11;
 const DONES: u8 = 12;
+const WARM: u8 = 14;
+const COOL: u8 = 15;
 
 /// `Ready` feature bit: the worker takes connections sent ahead (it claims
 /// each on its scoreboard and answers `Skipped` for one taken back).
@@ -44,6 +46,12 @@ pub const FEATURE_ACCEPT: u8 = 4;
 /// `Ready` feature bit: the worker claims in the scoreboard's third ahead
 /// cell too, so the supervisor may have two connections ahead of it.
 pub const FEATURE_AHEAD_TWO: u8 = 8;
+
+/// `Ready` feature bit (with `FEATURE_ACCEPT` only): the worker keeps
+/// connections it served kept alive, in its scoreboard's warm cells, and
+/// serves their next requests itself while its attention is free (see
+/// [`FromWorker::Warm`]).
+pub const FEATURE_WARM: u8 = 16;
 
 /// The largest message either side may send, for request limits `limits`:
 /// the supervisor passes at most a head plus one read's worth of bytes, and
@@ -94,6 +102,18 @@ pub enum FromWorker<'a> {
     /// Several Dones in one message, in the order the worker finished the
     /// connections, each kept alive with nothing left over (see [`Dones`]).
     Dones(Dones<'a>),
+    /// Done with connection `conn_id` after `served` requests, kept alive,
+    /// and kept by the worker: it is in the worker's warm cell `cell`,
+    /// and the worker serves its next requests itself (claiming the cell
+    /// first) until it gives it back (Cool) or the supervisor takes it
+    /// back (swapping the cell's id for 0).
+    Warm { conn_id: u64, served: u32, cell: u8 },
+    /// The worker gives back warm connection `conn_id`, as Done's fields
+    /// say: after `served` requests in all, kept alive or not, with the
+    /// bytes it read and did not serve (a head still coming, one the
+    /// supervisor must answer). It has cleared the cell and closed its
+    /// copy first.
+    Cool { conn_id: u64, served: u32, keep: bool, leftover: &'a [u8] },
 }
 
 /// The Dones a busy worker held back while connections sent ahead were
@@ -256,6 +276,19 @@ impl FromWorker<'_> {
                 out.extend_from_slice(&[VERSION, DONES]);
                 out.extend_from_slice(d.records);
             }
+            FromWorker::Warm { conn_id, served, cell } => {
+                out.extend_from_slice(&[VERSION, WARM]);
+                out.extend_from_slice(&conn_id.to_le_bytes());
+                out.extend_from_slice(&served.to_le_bytes());
+                out.push(*cell);
+            }
+            FromWorker::Cool { conn_id, served, keep, leftover } => {
+                out.extend_from_slice(&[VERSION, COOL]);
+                out.extend_from_slice(&conn_id.to_le_bytes());
+                out.extend_from_slice(&served.to_le_bytes());
+                out.push(u8::from(*keep));
+                out.extend_from_slice(leftover);
+            }
         }
     }
 
@@ -268,7 +301,15 @@ impl FromWorker<'_> {
                 let features = r.rest().first().copied().unwrap_or(0);
                 Ok(FromWorker::Ready { pid, features })
             }
-            kind @ (DONE | ADOPT) => {
+            WARM => {
+                let (conn_id, served) = (r.u64()?, r.u32()?);
+                let cell = r.bytes(1)?[0];
+                if usize::from(cell) >= crate::scoreboard::WARM_CELLS || !r.rest().is_empty() {
+                    return Err(WireError("Warm names no warm cell"));
+                }
+                Ok(FromWorker::Warm { conn_id, served, cell })
+            }
+            kind @ (DONE | ADOPT | COOL) => {
                 let conn_id = r.u64()?;
                 let served = r.u32()?;
                 let keep = match r.bytes(1)?[0] {
@@ -277,10 +318,10 @@ impl FromWorker<'_> {
                     _ => return Err(WireError("keep flag is not 0 or 1")),
                 };
                 let leftover = r.rest();
-                Ok(if kind == DONE {
-                    FromWorker::Done { conn_id, served, keep, leftover }
-                } else {
-                    FromWorker::Adopt { conn_id, served, keep, leftover }
+                Ok(match kind {
+                    DONE => FromWorker::Done { conn_id, served, keep, leftover },
+                    ADOPT => FromWorker::Adopt { conn_id, served, keep, leftover },
+                    _ => FromWorker::Cool { conn_id, served, keep, leftover },
                 })
             }
             FREE => Ok(FromWorker::Free),

@@ -6,20 +6,55 @@
 //! handed to the supervisor (Adopt). Each connection it serves sits in its
 //! vault meanwhile, so that the supervisor can answer for it if the worker
 //! dies.
+//!
+//! Such a worker also keeps connections warm (`FEATURE_WARM`): one it has
+//! served and that is kept alive stays in its epoll set and in a warm cell
+//! of its scoreboard, and while its attention is free it serves the next
+//! request on it itself, claiming the cell first, when that request is all
+//! there; anything else goes back to the supervisor (Cool). The supervisor
+//! keeps its own copy and takes a warm connection back (the cell's id
+//! swapped for 0) when the worker cannot serve it soon.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use log::debug;
 use monodon_proto::env;
 use monodon_proto::http::{self, Limits, PendingRequest};
-use monodon_proto::scoreboard::Slot;
+use monodon_proto::scoreboard::{Slot, WARM_CELLS};
 use monodon_proto::wire::{self, Deposit, FromWorker};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType};
 
 /// The epoll key of the channel; listener `i` is `i + 1`.
 const CHANNEL: u64 = 0;
+
+/// The epoll key of warm cell `i` is `WARM_KEY + i`.
+const WARM_KEY: u64 = 1 << 32;
+
+/// A connection the worker keeps warm: the supervisor's id for it, the
+/// requests served on it, its client.
+pub struct WarmConn {
+    pub id: u64,
+    pub fd: OwnedFd,
+    pub served: u32,
+    pub peer: String,
+    /// In the epoll set already (it stays there while it is served).
+    registered: bool,
+}
+
+impl WarmConn {
+    /// One of the supervisor's connections, just served, about to be kept.
+    pub fn new(id: u64, fd: OwnedFd, served: u32, peer: String) -> WarmConn {
+        WarmConn { id, fd, served, peer, registered: false }
+    }
+
+    /// The same connection after another request, still in the epoll set.
+    pub fn served_again(id: u64, fd: OwnedFd, served: u32, peer: String) -> WarmConn {
+        WarmConn { id, fd, served, peer, registered: true }
+    }
+}
 
 /// What woke the worker.
 pub enum Wake {
@@ -31,6 +66,9 @@ pub enum Wake {
     /// It took its attention, found no connection after all, and the
     /// supervisor had asked for it meanwhile: say Free.
     Missed,
+    /// A warm connection has input, its cell is claimed and the attention
+    /// is the worker's own.
+    Warm { cell: usize, conn: WarmConn },
 }
 
 /// A connection of the worker's own, after its first read.
@@ -41,6 +79,9 @@ pub enum Arrival {
     HandOver(Vec<u8>),
     /// The client has gone.
     Gone,
+    /// Nothing to read after all (a warm connection woke the worker
+    /// spuriously).
+    Nothing,
 }
 
 pub struct Accepter {
@@ -55,6 +96,10 @@ pub struct Accepter {
     vault_out: OwnedFd,
     next_id: u64,
     health_path: Option<String>,
+    /// The warm connections, by cell (`None`: free, or being served).
+    warm: Vec<Option<WarmConn>>,
+    /// Warm cells the last wait found readable, not yet looked at.
+    ready: VecDeque<usize>,
 }
 
 /// The ids of connections a worker accepted itself: the top bit set, so
@@ -82,7 +127,17 @@ impl Accepter {
         let watched = listeners.iter().map(|l| l.as_raw_fd()).collect();
         let (vault_in, vault_out) =
             socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
-        Ok(Accepter { listeners, watched, epoll, vault_in, vault_out, next_id: 0, health_path })
+        Ok(Accepter {
+            listeners,
+            watched,
+            epoll,
+            vault_in,
+            vault_out,
+            next_id: 0,
+            health_path,
+            warm: (0..WARM_CELLS).map(|_| None).collect(),
+            ready: VecDeque::new(),
+        })
     }
 
     /// The listeners it still accepts from, to end a read-ahead when a new
@@ -99,12 +154,18 @@ impl Accepter {
     /// Waits for the channel or a new connection. While the supervisor
     /// stops (draining), only the channel.
     pub fn wait(&mut self, slot: &Slot) -> io::Result<Wake> {
-        let mut events = [EpollEvent::empty(); 4];
+        let mut events = [EpollEvent::empty(); 16];
         loop {
             if slot.is_draining() {
                 self.stop_accepting();
                 return Ok(Wake::Channel);
             }
+            while let Some(cell) = self.ready.pop_front() {
+                if let Some(wake) = self.warm_ready(cell, slot) {
+                    return Ok(wake);
+                }
+            }
+            self.drop_taken_back(slot);
             let n = match self.epoll.wait(&mut events, EpollTimeout::NONE) {
                 Ok(n) => n,
                 Err(nix::errno::Errno::EINTR) => continue,
@@ -114,11 +175,86 @@ impl Accepter {
             if ready.iter().any(|e| e.data() == CHANNEL) {
                 return Ok(Wake::Channel);
             }
-            for e in ready {
+            self.ready.extend(
+                ready.iter().filter(|e| e.data() >= WARM_KEY).map(|e| (e.data() - WARM_KEY) as usize),
+            );
+            for e in ready.iter().filter(|e| e.data() < WARM_KEY) {
                 let i = (e.data() - 1) as usize;
                 if let Some(wake) = self.accept(i, slot) {
                     return Ok(wake);
                 }
+            }
+        }
+    }
+
+    /// Warm cell `cell` had input: the worker's to serve if its attention
+    /// is free and the supervisor has not taken the connection back.
+    fn warm_ready(&mut self, cell: usize, slot: &Slot) -> Option<Wake> {
+        let id = self.warm.get(cell)?.as_ref()?.id;
+        if slot.warm_cell(cell) != id {
+            self.let_go_warm(cell);
+            return None;
+        }
+        if !slot.take_own() {
+            // Held: the supervisor hands us something. Look again later.
+            self.ready.push_front(cell);
+            return slot.park().then_some(Wake::Channel);
+        }
+        if !slot.warm_claim(cell, id) {
+            self.let_go_warm(cell);
+            return slot.end_own().then_some(Wake::Missed);
+        }
+        let conn = self.warm[cell].take()?;
+        Some(Wake::Warm { cell, conn })
+    }
+
+    /// A free warm cell, if the worker may keep one more connection.
+    pub fn free_warm_cell(&mut self, slot: &Slot) -> Option<usize> {
+        if slot.is_draining() {
+            return None;
+        }
+        self.drop_taken_back(slot);
+        (0..WARM_CELLS).find(|&c| self.warm[c].is_none() && slot.warm_cell(c) == 0)
+    }
+
+    /// Keeps `conn` warm in cell `cell` (free, by `free_warm_cell`, or the
+    /// one it was just served from), finished now.
+    pub fn keep_warm(&mut self, slot: &Slot, cell: usize, mut conn: WarmConn) -> io::Result<()> {
+        if !conn.registered {
+            self.epoll.add(&conn.fd, EpollEvent::new(EpollFlags::EPOLLIN, WARM_KEY + cell as u64))?;
+            conn.registered = true;
+        }
+        slot.warm_keep(cell, conn.id);
+        self.warm[cell] = Some(conn);
+        Ok(())
+    }
+
+    /// Puts back a warm connection that had nothing to read after all,
+    /// unclaimed.
+    pub fn put_back_warm(&mut self, slot: &Slot, cell: usize, conn: WarmConn) {
+        slot.warm_unclaim(cell, conn.id);
+        self.warm[cell] = Some(conn);
+    }
+
+    /// Forgets a warm connection being given back or taken back: out of the
+    /// epoll set (the supervisor's copy keeps it in there otherwise), then
+    /// closed.
+    pub fn forget_warm(&self, fd: OwnedFd) {
+        let _ = self.epoll.delete(&fd);
+        drop(fd);
+    }
+
+    fn let_go_warm(&mut self, cell: usize) {
+        if let Some(conn) = self.warm.get_mut(cell).and_then(Option::take) {
+            self.forget_warm(conn.fd);
+        }
+    }
+
+    /// Lets go of the warm connections the supervisor has taken back.
+    fn drop_taken_back(&mut self, slot: &Slot) {
+        for cell in 0..WARM_CELLS {
+            if self.warm[cell].as_ref().is_some_and(|c| slot.warm_cell(cell) != c.id) {
+                self.let_go_warm(cell);
             }
         }
     }
@@ -206,7 +342,7 @@ impl Accepter {
             match nix::unistd::read(conn, &mut buf) {
                 Ok(0) => return Arrival::Gone,
                 Ok(n) => break n,
-                Err(nix::errno::Errno::EAGAIN) => break 0,
+                Err(nix::errno::Errno::EAGAIN) => return Arrival::Nothing,
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(_) => return Arrival::Gone,
             }

@@ -142,7 +142,7 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
     let mut out = Vec::with_capacity(256);
     let features = wire::FEATURE_AHEAD
         | wire::FEATURE_AHEAD_TWO
-        | if accepter.is_some() { wire::FEATURE_ACCEPT } else { 0 };
+        | if accepter.is_some() { wire::FEATURE_ACCEPT | wire::FEATURE_WARM } else { 0 };
     FromWorker::Ready { pid, features }.encode(&mut out);
     wire::send(channel.as_fd(), &out, accepter.as_ref().map(|a| a.vault_for_supervisor()))?;
     // The supervisor logs each worker's start and exit; ours are detail.
@@ -190,10 +190,80 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
                     send_free();
                     continue;
                 }
+                accept::Wake::Warm { cell, conn } => {
+                    let accept::WarmConn { id, fd, served, peer, .. } = conn;
+                    let data = match acc.first_read(fd.as_fd(), &limits) {
+                        accept::Arrival::Serve(data) => data,
+                        accept::Arrival::Nothing => {
+                            acc.put_back_warm(
+                                slot,
+                                cell,
+                                accept::WarmConn::served_again(id, fd, served, peer),
+                            );
+                            if slot.end_own() {
+                                send_free();
+                            }
+                            continue;
+                        }
+                        // Gone, or not ours to serve (a head still coming,
+                        // a health check, a request to refuse): the
+                        // supervisor's again, with what was read.
+                        gone_or_not_ours => {
+                            let (keep, data) = match gone_or_not_ours {
+                                accept::Arrival::HandOver(data) => (true, data),
+                                _ => (false, Vec::new()),
+                            };
+                            slot.warm_clear(cell);
+                            acc.forget_warm(fd);
+                            send_cool(channel.as_fd(), &mut out, id, served, keep, &data)?;
+                            if slot.end_own() {
+                                send_free();
+                            }
+                            continue;
+                        }
+                    };
+                    slot.begin_connection(id);
+                    // Handing it back costs nothing now: no reading ahead.
+                    let ctx = Context { peer: &peer, read_ahead: std::time::Duration::ZERO, ..serving };
+                    let stream = Stream::new(fd, io_timeout, slot).with_rivals(acc.listeners());
+                    let mut input = Input::new(stream, &data);
+                    let mut announce = || announce_retiring(channel.as_fd(), pid);
+                    let mut budget = Budget { remaining, on_last: &mut announce };
+                    let outcome = serve_connection(app, &mut input, served, &ctx, &mut budget);
+                    remaining = budget.remaining;
+                    let plain = outcome.keep && outcome.leftover.is_empty() && !outcome.retiring;
+                    if plain && !slot.is_draining() {
+                        let fd = input.into_stream().into_fd();
+                        let again = accept::WarmConn::served_again(id, fd, outcome.served, peer);
+                        acc.keep_warm(slot, cell, again)?;
+                    } else {
+                        slot.warm_clear(cell);
+                        acc.forget_warm(input.into_stream().into_fd());
+                        let (served, keep) = (outcome.served, outcome.keep);
+                        send_cool(channel.as_fd(), &mut out, id, served, keep, &outcome.leftover)?;
+                    }
+                    if outcome.retiring {
+                        // Our attention stays our own until we exit; the
+                        // supervisor takes our warm connections back.
+                        debug!("worker {pid} served its {max_requests} requests; exiting");
+                        return Ok(());
+                    }
+                    if slot.end_own() {
+                        send_free();
+                    }
+                    continue;
+                }
                 accept::Wake::Accepted { fd, peer } => {
                     let id = acc.next_id();
                     let data = match acc.first_read(fd.as_fd(), &limits) {
                         accept::Arrival::Serve(data) => data,
+                        accept::Arrival::Nothing => {
+                            hand_over_or_close(channel.as_fd(), fd.as_fd(), id, 0, true, &[]);
+                            if slot.end_own() {
+                                send_free();
+                            }
+                            continue;
+                        }
                         accept::Arrival::HandOver(data) => {
                             hand_over_or_close(channel.as_fd(), fd.as_fd(), id, 0, true, &data);
                             if slot.end_own() {
@@ -304,12 +374,29 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
         let mut budget = Budget { remaining, on_last: &mut announce };
         let outcome = serve_connection(app, &mut input, served, &ctx, &mut budget);
         remaining = budget.remaining;
+        let plain = outcome.keep && outcome.leftover.is_empty() && !outcome.retiring;
+        // Kept alive with nothing left over: keep it warm if there is room,
+        // and serve its next request without the supervisor.
+        let fd = input.into_stream().into_fd();
+        if let Some(acc) = accepter.as_mut().filter(|_| plain) {
+            if let Some(cell) = acc.free_warm_cell(slot) {
+                acc.keep_warm(
+                    slot,
+                    cell,
+                    accept::WarmConn::new(conn_id, fd, outcome.served, peer.to_owned()),
+                )?;
+                held.send(channel.as_fd(), &mut out)?;
+                let cell = u8::try_from(cell).map_err(|_| wire::WireError("warm cell out of range"))?;
+                FromWorker::Warm { conn_id, served: outcome.served, cell }.encode(&mut out);
+                wire::send(channel.as_fd(), &out, None)?;
+                continue;
+            }
+        }
         // Our copy of the connection goes before we report, so a "close"
         // is final once the supervisor closes its own copy.
-        drop(input);
+        drop(fd);
         // Busy with more (a connection ahead waits in the channel): a plain
         // keep-alive Done can wait to go with the next ones, in one message.
-        let plain = outcome.keep && outcome.leftover.is_empty() && !outcome.retiring;
         if plain && slot.has_ahead() && held.hold(conn_id, outcome.served) {
             continue;
         }
@@ -363,6 +450,23 @@ impl HeldDones {
 /// go (a retirement or a stop), which is no error.
 fn let_go(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(nix::libc::EPIPE | nix::libc::ECONNRESET))
+}
+
+/// Gives a warm connection back to the supervisor (Cool); our copy is closed.
+fn send_cool(
+    channel: std::os::fd::BorrowedFd<'_>,
+    out: &mut Vec<u8>,
+    conn_id: u64,
+    served: u32,
+    keep: bool,
+    leftover: &[u8],
+) -> std::io::Result<()> {
+    FromWorker::Cool { conn_id, served, keep, leftover }.encode(out);
+    match wire::send(channel, out, None) {
+        // Let go (a stop, a retirement): the supervisor has it anyway.
+        Err(e) if let_go(&e) => Ok(()),
+        other => other,
+    }
 }
 
 /// Tells the supervisor the last request has started (max requests).

@@ -63,6 +63,11 @@ impl<'s> Stream<'s> {
         Stream { fd, timeout, slot, rivals: &[] }
     }
 
+    /// Its descriptor back, for a connection the worker keeps warm.
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
     /// The same, for a worker that accepts from `listeners`.
     pub fn with_rivals(self, listeners: &'s [RawFd]) -> Self {
         Stream { rivals: listeners, ..self }
@@ -188,6 +193,11 @@ impl<C: Connection> Input<C> {
         let mut buf = Vec::with_capacity(initial.len().max(READ_CHUNK));
         buf.extend_from_slice(initial);
         Input { stream, buf, pos: 0 }
+    }
+
+    /// The connection, once its bytes are all consumed.
+    pub fn into_stream(self) -> C {
+        self.stream
     }
 
     /// Bytes read from the client and not consumed yet.

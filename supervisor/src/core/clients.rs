@@ -22,6 +22,10 @@ pub enum Place {
     InWorker { worker: super::WorkerKey, ahead: bool },
     /// Our last response is out; its input is drained until EOF or `deadline`.
     Lingering { deadline: Instant },
+    /// Kept by `worker` between requests in its warm cell `cell`
+    /// (`FEATURE_WARM`): the worker serves its next requests itself. Its
+    /// keep-alive timeout is looked at again at `deadline`.
+    Warm { worker: super::WorkerKey, cell: u8, deadline: Instant },
 }
 
 /// A client connection.
@@ -96,12 +100,16 @@ impl<C: Peer, W: Named> Core<C, W> {
         }
     }
 
-    /// Nothing pending between requests: the keep-alive timeout runs.
+    /// Nothing pending between requests: the keep-alive timeout runs (at
+    /// a stop, one back from a worker that kept it warm closes now).
     pub fn idle(&mut self, key: ConnKey, now: Instant) {
         let keepalive = self.settings.keepalive_timeout;
         if let Some(c) = self.conns.get_mut(key.0) {
             if let Place::Reading { .. } = c.place {
                 c.place = Place::Reading { deadline: now + keepalive, partial: false };
+                if self.stopping != Stopping::No && c.served > 0 {
+                    self.act(super::Action::Close { conn: key });
+                }
             }
         }
     }
@@ -139,6 +147,10 @@ impl<C: Peer, W: Named> Core<C, W> {
                 // one closed in a worker's hands, the worker must let go too.
                 debug!("connection {} closed while worker {worker} has it", conn.id);
                 debug_assert!(false, "closed a connection a worker holds");
+            }
+            Place::Warm { worker, .. } => {
+                debug!("connection {} closed while worker {worker} keeps it warm", conn.id);
+                debug_assert!(false, "closed a warm connection not taken back");
             }
             Place::Reading { .. } | Place::Lingering { .. } => {}
         }

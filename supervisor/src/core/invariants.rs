@@ -12,6 +12,7 @@ enum Holder {
     Queue,
     Busy(WorkerKey),
     Ahead(WorkerKey),
+    Warm(WorkerKey),
 }
 
 impl<C: Peer, W: Named> Core<C, W> {
@@ -35,6 +36,19 @@ impl<C: Peer, W: Named> Core<C, W> {
             }
             if w.outgoing.is_some() && (w.service != Service::InService || w.activity == Activity::Starting) {
                 return Err(format!("worker {wkey} is outgoing but {:?}, {:?}", w.service, w.activity));
+            }
+            if w.warm.len() > monodon_proto::scoreboard::WARM_CELLS || (!w.warm.is_empty() && !w.keeps_warm) {
+                return Err(format!("worker {wkey} keeps {} warm (it may: {})", w.warm.len(), w.keeps_warm));
+            }
+            let mut cells = 0u64;
+            for &ckey in &w.warm {
+                hold(ckey, Holder::Warm(wkey));
+                if let Some(Place::Warm { cell, .. }) = self.conn(ckey).map(|c| c.place) {
+                    if cells & (1 << cell) != 0 {
+                        return Err(format!("worker {wkey} keeps two connections in warm cell {cell}"));
+                    }
+                    cells |= 1 << cell;
+                }
             }
             let Activity::Busy { conn, ahead, .. } = w.activity else { continue };
             hold(conn, Holder::Busy(wkey));
@@ -66,6 +80,7 @@ impl<C: Peer, W: Named> Core<C, W> {
                 Place::Queued => Some(Holder::Queue),
                 Place::InWorker { worker, ahead: false } => Some(Holder::Busy(worker)),
                 Place::InWorker { worker, ahead: true } => Some(Holder::Ahead(worker)),
+                Place::Warm { worker, .. } => Some(Holder::Warm(worker)),
                 Place::Reading { .. } | Place::Lingering { .. } => None,
             };
             let as_expected = match (held, expected) {

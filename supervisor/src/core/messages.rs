@@ -41,6 +41,7 @@ impl<C: Peer, W: Named> Core<C, W> {
         wkey: WorkerKey,
         ahead_depth: usize,
         accepts_own: bool,
+        keeps_warm: bool,
         port: &mut impl Port<C, W>,
         now: Instant,
     ) -> Result<(), Misbehaviour> {
@@ -50,6 +51,8 @@ impl<C: Peer, W: Named> Core<C, W> {
         }
         w.ahead_depth = ahead_depth.min(super::AHEAD_DEPTH);
         w.accepts_own = accepts_own;
+        // Its warm connections are served while its attention is free.
+        w.keeps_warm = accepts_own && keeps_warm;
         debug!("worker {} ready", w.io.pid());
         let (took, generation) = (now.saturating_duration_since(w.started), w.generation);
         self.record_start(took);
@@ -77,6 +80,7 @@ impl<C: Peer, W: Named> Core<C, W> {
         self.dispatcher.remove_worker(wkey);
         // It exits after this request: it will never read the next one.
         self.take_back_ahead(wkey, port, now);
+        self.take_back_all_warm(wkey, port, now);
     }
 
     /// Free: asked for while on a connection of its own, it is done with it
@@ -134,6 +138,26 @@ impl<C: Peer, W: Named> Core<C, W> {
         port: &mut impl Port<C, W>,
         now: Instant,
     ) -> Result<ConnKey, Misbehaviour> {
+        let ckey = self.finish_current(wkey, conn_id, served, port, now)?;
+        if keep && self.stopping == Stopping::No {
+            self.act(Action::Resume { conn: ckey });
+        } else {
+            self.act(Action::CloseAfterResponse { conn: ckey });
+        }
+        Ok(ckey)
+    }
+
+    /// What a Done and a Warm do alike: the worker is on to what was sent
+    /// ahead, or idle, and its connection (served `served` times) is back
+    /// as Reading; the caller says what becomes of it.
+    pub(super) fn finish_current(
+        &mut self,
+        wkey: WorkerKey,
+        conn_id: u64,
+        served: u32,
+        port: &mut impl Port<C, W>,
+        now: Instant,
+    ) -> Result<ConnKey, Misbehaviour> {
         let w = self.workers.get_mut(wkey.0).ok_or(Misbehaviour("no such worker"))?;
         let Activity::Busy { conn: ckey, mut ahead, .. } = w.activity else {
             return Err(self.misbehaving(wkey, "Done while not busy"));
@@ -165,11 +189,6 @@ impl<C: Peer, W: Named> Core<C, W> {
             // meanwhile needs taking back).
             self.worker_idle(wkey, port, now);
         }
-        if keep && self.stopping == Stopping::No {
-            self.act(Action::Resume { conn: ckey });
-        } else {
-            self.act(Action::CloseAfterResponse { conn: ckey });
-        }
         if was_ahead {
             self.send_ahead(wkey, port, now);
         }
@@ -190,7 +209,7 @@ impl<C: Peer, W: Named> Core<C, W> {
     }
 
     /// Kills a misbehaving worker and names what it did.
-    fn misbehaving(&mut self, wkey: WorkerKey, what: &'static str) -> Misbehaviour {
+    pub(super) fn misbehaving(&mut self, wkey: WorkerKey, what: &'static str) -> Misbehaviour {
         self.misbehaved(wkey, what);
         Misbehaviour(what)
     }
@@ -256,13 +275,26 @@ impl<C: Peer, W: Named> Core<C, W> {
         // served by another worker, not answered 502.
         self.take_back_ahead(wkey, port, now);
         self.resume_finished_unreported(wkey, now);
+        let warm_current = self.warm_at_exit(wkey, port, now);
         let w = self.workers.try_remove(wkey.0)?;
         self.dispatcher.remove_worker(wkey);
         let lived = now.saturating_duration_since(w.started);
         let mut conn = None;
         let mut busy_for = None;
-        if let Activity::Busy { conn: ckey, since, ahead } = w.activity {
-            debug_assert!(ahead.is_empty(), "taken back, or claimed and made current above");
+        // A worker serves a warm connection only while its attention is its
+        // own, so never while busy with one of ours.
+        let current = match (w.activity, warm_current) {
+            (Activity::Busy { conn, since, ahead }, None) => {
+                debug_assert!(ahead.is_empty(), "taken back, or claimed and made current above");
+                Some((conn, since))
+            }
+            (_, Some(warm)) => {
+                debug_assert!(!matches!(w.activity, Activity::Busy { .. }), "on a warm one while busy");
+                Some((warm, w.busy_since().unwrap_or(now)))
+            }
+            _ => None,
+        };
+        if let Some((ckey, since)) = current {
             busy_for = Some(now.saturating_duration_since(since));
             if let Some(c) = self.conns.get_mut(ckey.0) {
                 if matches!(c.place, Place::InWorker { worker, .. } if worker == wkey) {

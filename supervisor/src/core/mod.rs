@@ -47,6 +47,7 @@ mod pool;
 mod sim;
 mod stopping;
 mod templates;
+mod warm;
 
 pub use clients::{Conn, Place};
 pub use generations::Reload;
@@ -170,6 +171,11 @@ pub enum Action {
     Close {
         conn: ConnKey,
     },
+    /// A worker keeps it warm: stop watching it (its requests are the
+    /// worker's to see) until it comes back with a `Resume`.
+    Warmed {
+        conn: ConnKey,
+    },
     /// Its head did not arrive in time: answer 408 and close.
     HeadTimedOut {
         conn: ConnKey,
@@ -243,6 +249,17 @@ pub trait Port<C, W> {
     fn claim(&mut self, worker: &W) -> Claim;
     /// Lets a claimed worker that is idle accept on its own again.
     fn let_go(&mut self, worker: &W);
+    /// Takes warm connection `id` back from the worker's cell `cell`; false
+    /// if the worker is serving a request on it.
+    fn revoke_warm(&mut self, worker: &W, cell: u8, id: u64) -> bool;
+    /// Whether the worker had claimed warm connection `id` (it was serving
+    /// a request on it), for a worker that has died.
+    fn warm_claimed(&self, worker: &W, cell: u8, id: u64) -> bool;
+    /// How long ago the worker finished its last request on cell `cell`.
+    fn warm_idle(&self, worker: &W, cell: u8) -> Duration;
+    /// Whether a warm connection has input waiting (a request nobody has
+    /// read), so it must not be left behind a busy worker.
+    fn input_waiting(&self, conn: &C) -> bool;
 }
 
 /// What the log says about a worker: its process, and the request it is on

@@ -166,6 +166,10 @@ pub struct Worker<W> {
     pub ahead_depth: usize,
     /// It said in Ready that it accepts connections itself when free.
     pub accepts_own: bool,
+    /// It said in Ready that it keeps connections warm (`FEATURE_WARM`).
+    pub keeps_warm: bool,
+    /// The connections it keeps warm (`Place::Warm`), at most `WARM_CELLS`.
+    pub warm: Vec<ConnKey>,
     /// Connections sent ahead and taken back whose Skipped has not come
     /// yet: while any is unread in its channel nothing more is sent ahead,
     /// so the channel never holds more than `1 + ahead_depth` messages
@@ -313,6 +317,8 @@ impl<C: Peer, W: Named> Core<C, W> {
             age_limit: order.age_limit,
             ahead_depth: 0,
             accepts_own: false,
+            keeps_warm: false,
+            warm: Vec::new(),
             skips_pending: 0,
             outgoing: None,
         }))

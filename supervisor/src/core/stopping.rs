@@ -94,6 +94,7 @@ impl<C: Peer, W: Named> Core<C, W> {
             self.abandon_reload(&reason, now);
         }
         self.notice_own_requests(now, port);
+        self.tend_warm(now, port);
         self.check_stuck_workers(now, port);
         if self.stopping == Stopping::No {
             self.retire_aged_and_grown(now, read_memory, port);

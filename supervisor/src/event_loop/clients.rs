@@ -114,6 +114,21 @@ impl Supervisor {
 
     // ---- client connections --------------------------------------------
 
+    /// A worker keeps the connection warm: its requests are the worker's to
+    /// see, so the supervisor stops watching it (no wake-up per request);
+    /// `resume_reading` reads and watches it again when it comes back.
+    pub(super) fn unwatch_warm(&mut self, key: ConnKey) {
+        let Some(io) = self.core.conn_io_mut(key) else { return };
+        io.unread = false;
+        io.pending.release();
+        let watched = std::mem::replace(&mut io.watched, false);
+        if let Some(conn) = self.core.conn(key).filter(|_| watched) {
+            if let Err(e) = self.poller.delete(&conn.io.fd) {
+                debug!("cannot stop watching a warm connection: {e}");
+            }
+        }
+    }
+
     /// Readiness (or its possibility) on a client connection.
     pub(super) fn on_conn_readable(&mut self, key: ConnKey) {
         let Some(conn) = self.core.conn(key) else {
@@ -123,6 +138,8 @@ impl Supervisor {
             Place::Reading { .. } => self.read_head(key),
             // Watched already (`linger` saw to it).
             Place::Lingering { .. } => self.drain_lingering(key),
+            // A worker keeps it warm: an event from before we stopped watching.
+            Place::Warm { .. } => {}
             // Not ours to read now; remember to look when it comes back.
             Place::Queued | Place::InWorker { .. } => {
                 if let Some(io) = self.core.conn_io_mut(key) {
@@ -344,6 +361,11 @@ impl Supervisor {
         };
         if conn.watched {
             let _ = self.poller.delete(&conn.fd);
+        }
+        if conn.was_warm {
+            // A worker may still have a copy it has not yet seen taken back:
+            // the client must see the close now, not when the worker looks.
+            let _ = socket::shutdown(conn.fd.as_raw_fd(), Shutdown::Both);
         }
         drop(conn);
         if !self.accepting && self.core.conn_count() + 1 == self.max_connections {

@@ -106,6 +106,10 @@ struct ConnIo {
     written_before: u64,
     /// Its own address, asked for once, at its first parsed hand-over.
     local: Option<String>,
+    /// A worker has kept it warm: a copy of its fd may outlive the worker's
+    /// claim on it (until the worker notices it was taken back), so closing
+    /// it takes a shutdown, not just a close of ours.
+    was_warm: bool,
 }
 
 impl ConnIo {
@@ -120,6 +124,7 @@ impl ConnIo {
             proxy_pending: false,
             written_before: 0,
             local: None,
+            was_warm: false,
         }
     }
 }
@@ -382,6 +387,7 @@ impl Supervisor {
                 Action::Resume { conn } => self.resume_reading(conn),
                 Action::CloseAfterResponse { conn } => self.close_after_response(conn),
                 Action::Close { conn } => self.close_now(conn),
+                Action::Warmed { conn } => self.unwatch_warm(conn),
                 Action::HeadTimedOut { conn } => {
                     self.reject(conn, Rejection { status: 408, reason: "request not received in time" })
                 }
@@ -503,6 +509,28 @@ impl Port<ConnIo, WorkerIo> for Wire<'_> {
 
     fn served(&self, worker: &WorkerIo) -> u64 {
         worker.requests()
+    }
+
+    fn revoke_warm(&mut self, worker: &WorkerIo, cell: u8, id: u64) -> bool {
+        worker.scoreboard.slot().warm_revoke(usize::from(cell), id)
+    }
+
+    fn warm_claimed(&self, worker: &WorkerIo, cell: u8, id: u64) -> bool {
+        worker.scoreboard.slot().warm_cell(usize::from(cell)) == id | monodon_proto::scoreboard::WARM_CLAIMED
+    }
+
+    fn warm_idle(&self, worker: &WorkerIo, cell: u8) -> Duration {
+        Duration::from_millis(worker.scoreboard.slot().warm_idle_ms(usize::from(cell)))
+    }
+
+    fn input_waiting(&self, conn: &ConnIo) -> bool {
+        let mut byte = [0u8; 1];
+        let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+        // An EOF (0) or an error is news for the supervisor as well.
+        !matches!(
+            nix::sys::socket::recv(std::os::fd::AsRawFd::as_raw_fd(&conn.fd), &mut byte, flags),
+            Err(nix::errno::Errno::EAGAIN)
+        )
     }
 
     fn private_memory(&self, worker: &WorkerIo) -> Option<u64> {

@@ -29,7 +29,7 @@ impl Supervisor {
                 Place::Reading { .. } if c.io.pending.is_empty() => connections.idle += 1,
                 Place::Reading { .. } => connections.reading_head += 1,
                 Place::Queued => connections.queued += 1,
-                Place::InWorker { .. } => connections.in_workers += 1,
+                Place::InWorker { .. } | Place::Warm { .. } => connections.in_workers += 1,
                 Place::Lingering { .. } => connections.lingering += 1,
             }
         }

@@ -291,8 +291,9 @@ impl Supervisor {
                     _ => 2,
                 };
                 let own = features & wire::FEATURE_ACCEPT != 0;
+                let warm = features & wire::FEATURE_WARM != 0;
                 w.vault = fd;
-                self.core.worker_ready(wkey, ahead, own, &mut port, now)
+                self.core.worker_ready(wkey, ahead, own, warm, &mut port, now)
             }
             FromWorker::Retiring => {
                 self.core.worker_retiring(wkey, &mut port, now);
@@ -309,6 +310,21 @@ impl Supervisor {
             FromWorker::Dones(dones) => dones
                 .iter()
                 .try_for_each(|(conn_id, served)| self.take_done(wkey, conn_id, served, true, &[], now)),
+            FromWorker::Warm { conn_id, served, cell } => {
+                let mut port = Wire { msg: &mut self.msg };
+                self.core.worker_warm(wkey, conn_id, served, cell, &mut port, now).map(|ckey| {
+                    if let Some(c) = self.core.conn_io_mut(ckey) {
+                        c.was_warm = true;
+                    }
+                })
+            }
+            FromWorker::Cool { conn_id, served, keep, leftover } => {
+                self.core.worker_cool(wkey, conn_id, served, keep, now).map(|ckey| {
+                    if let Some(c) = self.core.conn_io_mut(ckey) {
+                        c.pending.reset_to(leftover);
+                    }
+                })
+            }
         };
         if let Err(Misbehaviour(what)) = outcome {
             debug!("worker message refused: {what}");

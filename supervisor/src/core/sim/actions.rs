@@ -43,7 +43,7 @@ impl Sim {
                         self.core.lingering(conn, self.world.now);
                     }
                 }
-                Action::Claimed { .. } | Action::Notify(_) => {}
+                Action::Claimed { .. } | Action::Warmed { .. } | Action::Notify(_) => {}
                 Action::Drain => self.world.draining = true,
                 Action::ReloadFinished { generation, outcome } => {
                     self.reload_finished(generation, outcome.is_ok())

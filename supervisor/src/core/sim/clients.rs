@@ -115,7 +115,19 @@ impl Sim {
                     self.core.head_started(key, self.world.now);
                 }
             }
-            Place::Queued | Place::InWorker { .. } => {}
+            // Its next request goes into the socket, for the worker that keeps it.
+            Place::Warm { .. } if !c.in_flight() && c.sent < c.wants => {
+                let c = &mut self.world.clients[index];
+                if c.partial || self.rng.bool() {
+                    c.sent += 1;
+                    c.partial = false;
+                    note!(self, "client {index} ({key}) request {} complete, on a warm connection", c.sent);
+                } else {
+                    c.partial = true;
+                    note!(self, "client {index} ({key}) starts a request on a warm connection");
+                }
+            }
+            Place::Queued | Place::InWorker { .. } | Place::Warm { .. } => {}
         }
         self.carry_out();
     }

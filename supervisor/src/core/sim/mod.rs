@@ -81,6 +81,8 @@ struct Sim {
     unreaped: Vec<usize>,
     /// Workers accept connections themselves (half the schedules).
     accepting: bool,
+    /// Workers that accept keep connections warm (half the schedules).
+    warm: bool,
     /// How many connections workers take ahead (1 or 2, by schedule).
     ahead_depth: usize,
     /// What dead workers left in their vaults: client, id, byte count.
@@ -99,6 +101,7 @@ impl Sim {
         let mut core = Core::new(settings(&mut rng), workers, now, rng.u64(..));
         core.forget_unreported = bug == Bug::ForgetUnreported;
         let accepting = rng.bool();
+        let warm = rng.bool();
         let ahead_depth = rng.usize(1..=2);
         let world = World {
             now,
@@ -122,6 +125,7 @@ impl Sim {
             chaos: true,
             unreaped: Vec::new(),
             accepting,
+            warm,
             ahead_depth,
             vaults: HashMap::new(),
             trace: VecDeque::new(),
@@ -275,5 +279,16 @@ fn the_simulation_finds_a_retiring_worker_that_lets_go_too_soon() {
     assert!(
         what.contains("retired with connection"),
         "an early release shows as a retired worker's 502, got: {what}"
+    );
+}
+
+#[test]
+fn the_simulation_finds_a_warm_take_back_that_ignores_the_claim() {
+    let found = (0..2_000u64).find_map(|seed| run(seed, Bug::WarmRevoke).err().map(|(what, _)| (seed, what)));
+    let (seed, what) = found.expect("2,000 schedules with a broken warm take-back, and no failure found");
+    eprintln!("found at seed {seed}: {what}");
+    assert!(
+        what.contains("served by workers") || what.contains("answered") || what.contains("misbehaving"),
+        "a broken warm claim shows as a request served twice, got: {what}"
     );
 }

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 
 use monodon_proto::scoreboard::attention;
 
-use super::world::{Bug, Last, Proc, ProcLife, Said, SimConn, SimWorker};
+use super::world::{Bug, Last, Proc, ProcLife, Said, SimConn, SimWorker, WarmHeld, SIM_WARM_CELLS};
 use super::{Deploy, Exit, Sim};
 use crate::core::{Make, TemplateLife, WorkerKey};
 
@@ -119,6 +119,10 @@ impl Sim {
             refuses: false,
             accepts: self.accepting,
             attention: attention::HELD,
+            keeps_warm: self.accepting && self.warm,
+            warm: [None; SIM_WARM_CELLS],
+            warm_cells: [0; SIM_WARM_CELLS],
+            warm_done: [self.world.now; SIM_WARM_CELLS],
         });
         self.world.procs.len() - 1
     }
@@ -176,8 +180,12 @@ impl Sim {
                     self.exit(p, "exits: its generation is over");
                 }
             }
-            ProcLife::Waiting => self.take_assign(p),
+            ProcLife::Waiting => match self.warm_with_input(p) {
+                Some(cell) if self.rng.bool() => self.begin_warm(p, cell),
+                _ => self.take_assign(p),
+            },
             ProcLife::Serving { .. } => self.serve(p),
+            ProcLife::Warm { .. } => self.serve_warm(p),
             ProcLife::Own { .. } => self.serve_own(p),
             ProcLife::Exiting => {
                 self.world.procs[p].retired = true;
@@ -295,7 +303,15 @@ impl Sim {
         let done = Said::Done { id, served: served + 1, keep };
         let proc_ = &mut self.world.procs[p];
         let busy = proc_.cells.iter().any(|&c| c != 0);
-        if keep && !eager && busy && proc_.held.len() < monodon_proto::wire::Dones::MAX {
+        // Kept alive with nothing left over: kept warm if a cell is free.
+        let free_cell = (0..SIM_WARM_CELLS).find(|&c| proc_.warm[c].is_none() && proc_.warm_cells[c] == 0);
+        if let Some(cell) = free_cell.filter(|_| keep && !eager && proc_.keeps_warm && !last_request) {
+            proc_.warm_cells[cell] = id;
+            proc_.warm_done[cell] = self.world.now;
+            proc_.warm[cell] = Some(WarmHeld { conn, id, served: served + 1 });
+            note!(self, "worker {pid} keeps connection {id} warm in cell {cell}");
+            self.say(p, Said::Warm { id, served: served + 1, cell: cell as u8 });
+        } else if keep && !eager && busy && proc_.held.len() < monodon_proto::wire::Dones::MAX {
             note!(self, "worker {pid} holds back its Done for connection {id}");
             self.world.procs[p].held.push(done);
         } else {
@@ -307,6 +323,141 @@ impl Sim {
         }
         if last_request {
             self.world.procs[p].life = ProcLife::Exiting;
+        }
+    }
+
+    /// A warm cell of a worker free to serve it whose client has sent
+    /// something (the worker's epoll would say so).
+    fn warm_with_input(&mut self, p: usize) -> Option<usize> {
+        let cells = self.warm_cells_with_input(p);
+        (!cells.is_empty()).then(|| cells[self.rng.usize(..cells.len())])
+    }
+
+    /// Whether worker `p` has a warm connection to serve now.
+    pub(super) fn warm_input(&self, p: usize) -> bool {
+        !self.warm_cells_with_input(p).is_empty()
+    }
+
+    fn warm_cells_with_input(&self, p: usize) -> Vec<usize> {
+        let proc_ = &self.world.procs[p];
+        let free = proc_.attention == attention::FREE && proc_.inbox.is_empty();
+        if !proc_.keeps_warm || proc_.template || proc_.released || !free {
+            return Vec::new();
+        }
+        (0..SIM_WARM_CELLS)
+            .filter(|&c| {
+                proc_.warm[c].is_some_and(|h| {
+                    let client = self.core.conn(h.conn).map(|c| c.io.client);
+                    client.is_some_and(|i| self.world.clients[i].in_flight() || self.world.clients[i].partial)
+                })
+            })
+            .collect()
+    }
+
+    /// The worker takes its attention and claims warm cell `cell`: it
+    /// serves the request there, or hands a head still coming back (Cool);
+    /// one the supervisor took back it lets go of.
+    fn begin_warm(&mut self, p: usize, cell: usize) {
+        let now = self.world.now;
+        let proc_ = &mut self.world.procs[p];
+        let Some(held) = proc_.warm[cell] else { return };
+        let pid = proc_.pid;
+        proc_.attention = attention::OWN;
+        if proc_.warm_cells[cell] != held.id {
+            note!(self, "worker {pid} finds warm connection {} taken back", held.id);
+            self.world.procs[p].warm[cell] = None;
+            return self.end_own(p);
+        }
+        proc_.warm_cells[cell] = held.id | monodon_proto::scoreboard::WARM_CLAIMED;
+        let Some(client) = self.client_of(held.conn) else {
+            return self.world.violate(format!("worker {pid} keeps connection {} warm, closed", held.id));
+        };
+        if !self.world.clients[client].in_flight() {
+            note!(self, "worker {pid} hands warm connection {} back: its head is still coming", held.id);
+            let proc_ = &mut self.world.procs[p];
+            proc_.warm_cells[cell] = 0;
+            proc_.warm[cell] = None;
+            self.say(p, Said::Cool { id: held.id, served: held.served, keep: true });
+            return self.end_own(p);
+        }
+        if let Some(other) = self.world.serving.insert(held.id, pid) {
+            self.world.violate(format!("connection {} served by workers {other} and {pid} at once", held.id));
+        }
+        let proc_ = &mut self.world.procs[p];
+        proc_.warm[cell] = None;
+        proc_.conn_written_base = proc_.written;
+        proc_.conn_id = held.id;
+        proc_.last = Some(Last { id: held.id, finished: false });
+        proc_.life = ProcLife::Warm { cell, conn: held.conn, id: held.id, served: held.served, started: now };
+        let last = proc_.max_requests > 0 && proc_.served + 1 >= proc_.max_requests && !proc_.limit_held;
+        proc_.last_request = last;
+        note!(self, "worker {pid} serves warm connection {} itself", held.id);
+        if last {
+            self.say(p, Said::Retiring);
+        }
+    }
+
+    /// The worker on a warm connection's request: finishes it (or crashes,
+    /// or hangs), then keeps it warm, or gives it back (Cool) when it
+    /// closes or its next request came with this one.
+    fn serve_warm(&mut self, p: usize) {
+        let ProcLife::Warm { cell, conn, id, served, .. } = self.world.procs[p].life else { return };
+        if self.world.procs[p].stuck || self.crashed(p) {
+            return;
+        }
+        let Some(client) = self.client_of(conn) else {
+            return self
+                .world
+                .violate(format!("worker serves warm connection {id}, which the core has closed"));
+        };
+        let c = &mut self.world.clients[client];
+        c.answered += 1;
+        let (sent, answered, wants_more, eager) = (c.sent, c.answered, c.sent < c.wants, c.eager);
+        if answered > sent {
+            self.world.violate(format!("client {client} got response {answered} for {sent} requests"));
+        }
+        self.world.serving.remove(&id);
+        let draining = self.world.draining;
+        let proc_ = &mut self.world.procs[p];
+        proc_.served += 1;
+        proc_.written += 10;
+        proc_.last = Some(Last { id, finished: true });
+        proc_.life = ProcLife::Waiting;
+        let last_request = proc_.last_request;
+        let keep = wants_more && !draining && !last_request;
+        note!(self, "worker {} done with warm connection {id} of client {client} (keep {keep})", proc_.pid);
+        let proc_ = &mut self.world.procs[p];
+        if keep && !eager {
+            proc_.warm_cells[cell] = id;
+            proc_.warm_done[cell] = self.world.now;
+            proc_.warm[cell] = Some(WarmHeld { conn, id, served: served + 1 });
+        } else {
+            proc_.warm_cells[cell] = 0;
+            self.say(p, Said::Cool { id, served: served + 1, keep });
+            let c = &mut self.world.clients[client];
+            if keep {
+                c.partial = true;
+            } else {
+                // Its response said the connection closes: it sends no more.
+                c.wants = c.sent;
+            }
+        }
+        if last_request {
+            // Its attention stays its own until it has exited.
+            self.world.procs[p].life = ProcLife::Exiting;
+            return;
+        }
+        self.end_own(p);
+    }
+
+    /// Done with a connection of its own: its attention is free again, or
+    /// the supervisor's if it asked (Free).
+    fn end_own(&mut self, p: usize) {
+        let proc_ = &mut self.world.procs[p];
+        let watched = proc_.attention == attention::WATCHED;
+        proc_.attention = if watched { attention::HELD } else { attention::FREE };
+        if watched {
+            self.say(p, Said::Free);
         }
     }
 
@@ -422,9 +573,13 @@ impl Sim {
 
     pub(super) fn exit(&mut self, p: usize, how: &str) {
         let proc_ = &mut self.world.procs[p];
-        if let ProcLife::Serving { id, .. } | ProcLife::Own { id, .. } = proc_.life {
+        if let ProcLife::Serving { id, .. } | ProcLife::Own { id, .. } | ProcLife::Warm { id, .. } =
+            proc_.life
+        {
             self.world.serving.remove(&id);
         }
+        // What it kept warm dies with it; the supervisor has its own copies.
+        proc_.warm = [None; SIM_WARM_CELLS];
         // What was in its vault stays there for the supervisor. (A head
         // still coming was never put there: that connection is lost with
         // the worker, its request never complete.)
@@ -470,7 +625,8 @@ impl Sim {
                 self.world.procs[p].ready_told = true;
                 let accepts = self.world.procs[p].accepts;
                 let depth = self.world.procs[p].ahead_depth;
-                self.core.worker_ready(key, depth, accepts, &mut self.world, now)
+                let warm = self.world.procs[p].keeps_warm;
+                self.core.worker_ready(key, depth, accepts, warm, &mut self.world, now)
             }
             Said::Free => self.core.worker_free(key, &mut self.world, now),
             Said::Adopt { client, served, keep, .. } => {
@@ -489,6 +645,10 @@ impl Sim {
             Said::Done { id, served, keep } => {
                 self.core.worker_done(key, id, served, keep, &mut self.world, now).map(|_| ())
             }
+            Said::Warm { id, served, cell } => {
+                self.core.worker_warm(key, id, served, cell, &mut self.world, now).map(|_| ())
+            }
+            Said::Cool { id, served, keep } => self.core.worker_cool(key, id, served, keep, now).map(|_| ()),
         };
         if let Err(m) = outcome {
             self.world.violate(format!("the core found worker {pid}'s {said:?} misbehaving: {}", m.0));

@@ -87,8 +87,11 @@ impl Sim {
                 match p.life {
                     ProcLife::Starting => self.deploy_of(i) != Deploy::NeverReady,
                     ProcLife::Waiting => {
-                        p.released || (!p.template && (!p.inbox.is_empty() || !p.held.is_empty()))
+                        p.released
+                            || (!p.template && (!p.inbox.is_empty() || !p.held.is_empty()))
+                            || self.warm_input(i)
                     }
+                    ProcLife::Warm { .. } => !p.stuck,
                     // A head still coming is handed over whatever the app does.
                     ProcLife::Own { partial: true, .. } => true,
                     ProcLife::Serving { .. } | ProcLife::Own { .. } => !p.stuck,
@@ -103,10 +106,11 @@ impl Sim {
         let clients = self.world.clients.iter().any(|c| {
             !c.closed
                 && !c.in_flight()
-                && self
-                    .core
-                    .conn(c.key)
-                    .is_some_and(|c| matches!(c.place, Place::Reading { .. } | Place::Lingering { .. }))
+                && self.core.conn(c.key).is_some_and(|conn| match conn.place {
+                    Place::Reading { .. } | Place::Lingering { .. } => true,
+                    Place::Warm { .. } => c.sent < c.wants,
+                    _ => false,
+                })
         });
         let mut choices: Vec<u8> = Vec::new();
         if !procs.is_empty() {

@@ -51,6 +51,8 @@ pub enum Bug {
     /// The core forgets what a dead worker had claimed after the Dones it
     /// held back (`Core::forget_unreported`).
     ForgetUnreported,
+    /// Taking a warm connection back wins even over the worker's claim.
+    WarmRevoke,
 }
 
 /// What a deploy does when its workers start.
@@ -84,6 +86,15 @@ pub enum ProcLife {
         started: Instant,
         partial: bool,
         deposited: u64,
+    },
+    /// Serving the request waiting on a connection it keeps warm (`cell`),
+    /// its cell claimed and its attention its own.
+    Warm {
+        cell: usize,
+        conn: ConnKey,
+        id: u64,
+        served: u32,
+        started: Instant,
     },
     /// Done with its last request (max requests): it exits at its next
     /// step, and anything handed to it meanwhile is lost with it.
@@ -121,6 +132,29 @@ pub enum Said {
         keep: bool,
     },
     Free,
+    /// It keeps the connection it was on warm, in `cell`.
+    Warm {
+        id: u64,
+        served: u32,
+        cell: u8,
+    },
+    /// It gives a warm connection back.
+    Cool {
+        id: u64,
+        served: u32,
+        keep: bool,
+    },
+}
+
+/// The warm cells a simulated worker uses (a real one has `WARM_CELLS`).
+pub const SIM_WARM_CELLS: usize = 3;
+
+/// A connection a simulated worker keeps warm.
+#[derive(Debug, Clone, Copy)]
+pub struct WarmHeld {
+    pub conn: ConnKey,
+    pub id: u64,
+    pub served: u32,
 }
 
 /// A simulated worker process.
@@ -178,6 +212,13 @@ pub struct Proc {
     pub attention: u64,
     /// Forked from its generation's template (its deploy was loaded there).
     pub forked: bool,
+    /// It keeps connections warm (`FEATURE_WARM`, with `accepts`): what it
+    /// holds by cell, the scoreboard's warm cells (id, with `WARM_CLAIMED`
+    /// while served) and when each last finished a request.
+    pub keeps_warm: bool,
+    pub warm: [Option<WarmHeld>; SIM_WARM_CELLS],
+    pub warm_cells: [u64; SIM_WARM_CELLS],
+    pub warm_done: [Instant; SIM_WARM_CELLS],
     /// A template that has started threads: it refuses to fork.
     pub refuses: bool,
 }
@@ -328,7 +369,9 @@ impl Port<SimConn, SimWorker> for World {
 
     fn request_age(&self, worker: &SimWorker) -> Option<Duration> {
         match self.proc_of(worker).life {
-            ProcLife::Serving { started, .. } | ProcLife::Own { started, partial: false, .. } => {
+            ProcLife::Serving { started, .. }
+            | ProcLife::Warm { started, .. }
+            | ProcLife::Own { started, partial: false, .. } => {
                 Some(self.now.saturating_duration_since(started))
             }
             _ => None,
@@ -371,6 +414,37 @@ impl Port<SimConn, SimWorker> for World {
             }
             _ => Claim::Held,
         }
+    }
+
+    // The same compare-and-swap as `Slot::warm_revoke`.
+    fn revoke_warm(&mut self, worker: &SimWorker, cell: u8, id: u64) -> bool {
+        let broken = self.bug == Bug::WarmRevoke;
+        let p = &mut self.procs[worker.proc_index];
+        match p.warm_cells.get_mut(usize::from(cell)) {
+            Some(c) if *c == id || (broken && *c & !monodon_proto::scoreboard::WARM_CLAIMED == id) => {
+                *c = 0;
+                if self.tracing {
+                    self.notes.push(format!("took warm connection {id} back"));
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn warm_claimed(&self, worker: &SimWorker, cell: u8, id: u64) -> bool {
+        let p = self.proc_of(worker);
+        p.warm_cells.get(usize::from(cell)) == Some(&(id | monodon_proto::scoreboard::WARM_CLAIMED))
+    }
+
+    fn warm_idle(&self, worker: &SimWorker, cell: u8) -> Duration {
+        let p = self.proc_of(worker);
+        p.warm_done.get(usize::from(cell)).map_or(Duration::MAX, |&t| self.now.saturating_duration_since(t))
+    }
+
+    fn input_waiting(&self, conn: &SimConn) -> bool {
+        let c = &self.clients[conn.client];
+        c.in_flight() || c.partial
     }
 
     fn let_go(&mut self, worker: &SimWorker) {
