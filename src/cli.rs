@@ -361,6 +361,17 @@ pub struct ServeArgs {
           default_value_t = true, default_missing_value = "true")]
     pub worker_accept: bool,
 
+    /// Keep-alive connections each worker that accepts (--worker-accept)
+    /// may keep after a response and serve again itself, with no hand-over
+    /// through the supervisor: their next requests cost no message and no
+    /// wake-up of the supervisor. The supervisor takes one back when its
+    /// worker is busy on a long request while it has a request waiting,
+    /// when it idles past --keepalive-timeout, and when the worker goes.
+    /// 0 turns it off (every idle connection then waits in the supervisor).
+    #[arg(long, value_name = "N", default_value_t = DEFAULTS.warm_connections as u64,
+          value_parser = clap::value_parser!(u64).range(0..=monodon_proto::scoreboard::WARM_CELLS as u64))]
+    pub warm_connections: u64,
+
     /// How workers are made. `template`: each generation starts one template
     /// process from the worker command, which loads the app once and forks
     /// every worker of that generation, so a generation keeps running the
@@ -502,6 +513,8 @@ impl ServeArgs {
         config.forwarded_allow = self.forwarded_allow_ips.clone();
         config.health_path = self.health_path.clone();
         config.worker_accept = self.worker_accept;
+        // clap has checked it is at most WARM_CELLS.
+        config.warm_connections = usize::try_from(self.warm_connections).unwrap_or(0);
         // clap has checked it is one of the two.
         config.spawn = self.spawn.parse().unwrap_or_default();
         config.read_ahead = self.read_ahead.0;

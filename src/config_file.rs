@@ -66,6 +66,7 @@ struct Settings {
     forwarded_allow_ips: Option<String>,
     health_path: Option<String>,
     worker_accept: Option<bool>,
+    warm_connections: Option<u64>,
     spawn: Option<String>,
     access_log: Option<String>,
     access_log_format: Option<String>,
@@ -124,6 +125,7 @@ impl Settings {
         one("--forwarded-allow-ips", self.forwarded_allow_ips.clone());
         one("--health-path", self.health_path.clone());
         one("--worker-accept", self.worker_accept.map(|b| b.to_string()));
+        one("--warm-connections", self.warm_connections.map(|n| n.to_string()));
         one("--spawn", self.spawn.clone());
         one("--access-log", self.access_log.clone());
         one("--access-log-format", self.access_log_format.clone());

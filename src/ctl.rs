@@ -166,8 +166,8 @@ pub fn render(s: &Status) -> String {
     push(
         &mut out,
         format!(
-            "connections: {} total, {} idle, {} reading head, {} queued, {} in workers, {} closing",
-            c.total, c.idle, c.reading_head, c.queued, c.in_workers, c.lingering
+            "connections: {} total, {} idle, {} reading head, {} queued, {} in workers, {} warm, {} closing",
+            c.total, c.idle, c.reading_head, c.queued, c.in_workers, c.warm, c.lingering
         ),
     );
     let w = &s.workers;

@@ -131,8 +131,8 @@ pub fn screen(status: Result<&Status, &str>, view: &View, width: usize, height: 
             ));
             let c = &s.connections;
             lines.push(format!(
-                "connections {}: {} idle, {} reading, {} queued, {} in workers, {} closing",
-                c.total, c.idle, c.reading_head, c.queued, c.in_workers, c.lingering
+                "connections {}: {} idle, {} reading, {} queued, {} in workers, {} warm, {} closing",
+                c.total, c.idle, c.reading_head, c.queued, c.in_workers, c.warm, c.lingering
             ));
             let w = &s.workers;
             lines.push(format!(

@@ -54,7 +54,8 @@ fn without_worker_accept_the_supervisor_accepts_every_connection() {
 
 #[test]
 fn a_keep_alive_connection_a_worker_accepted_goes_to_the_supervisor_between_requests() {
-    let server = Server::start(&["--app", "echo", "--workers", "1"], 1);
+    // Kept by nobody but the supervisor (tests/warm.rs: workers keeping them).
+    let server = Server::start(&["--app", "echo", "--workers", "1", "--warm-connections", "0"], 1);
     let mut c = server.connect();
     for i in 0..3 {
         c.send(format!("GET /ka/{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());

@@ -44,13 +44,17 @@ pub const LISTENERS: &str = "MONODON_LISTENERS";
 /// The path the supervisor answers as a health check (`--health-path`):
 /// a worker that accepts hands such a request to the supervisor. Empty: none.
 pub const HEALTH_PATH: &str = "MONODON_HEALTH_PATH";
+/// How many connections a worker that accepts may keep warm between
+/// requests (`FEATURE_WARM`), at most the scoreboard's `WARM_CELLS`;
+/// absent or 0: none.
+pub const WARM_CONNECTIONS: &str = "MONODON_WARM_CONNECTIONS";
 /// `template`: the process is its generation's template, not a worker: it
 /// loads the app and forks workers when asked (PROTOCOL.md, "Templates").
 /// Absent in a worker.
 pub const ROLE: &str = "MONODON_ROLE";
 
 /// Every variable the supervisor sets for a worker.
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 15] = [
     CHANNEL_FD,
     SCOREBOARD_FD,
     SUPERVISOR_PID,
@@ -65,6 +69,7 @@ pub const ALL: [&str; 14] = [
     FORWARDED_ALLOW_IPS,
     LISTENERS,
     HEALTH_PATH,
+    WARM_CONNECTIONS,
 ];
 
 /// Where the worker finds its channel and scoreboard.
@@ -93,6 +98,8 @@ pub struct WorkerEnv {
     /// Listeners on fds [`FIRST_LISTENER`].. that the worker accepts from.
     pub listeners: u16,
     pub health_path: Option<String>,
+    /// Connections it may keep warm (with listeners only).
+    pub warm_connections: usize,
 }
 
 /// A variable the worker cannot use, named with what it holds.
@@ -128,6 +135,7 @@ impl WorkerEnv {
             (FORWARDED_ALLOW_IPS, self.forwarded_allow.to_list()),
             (LISTENERS, self.listeners.to_string()),
             (HEALTH_PATH, self.health_path.clone().unwrap_or_default()),
+            (WARM_CONNECTIONS, self.warm_connections.to_string()),
         ]
     }
 
@@ -164,6 +172,9 @@ impl WorkerEnv {
             })?,
             listeners: read(&get, LISTENERS, 0, |s| s.parse().ok())?,
             health_path: read(&get, HEALTH_PATH, None, |s| Some((!s.is_empty()).then(|| s.to_owned())))?,
+            warm_connections: read(&get, WARM_CONNECTIONS, 0, |s| {
+                s.parse().ok().filter(|&n| n <= crate::scoreboard::WARM_CELLS)
+            })?,
         })
     }
 
@@ -192,6 +203,7 @@ mod tests {
             forwarded_allow: TrustedProxies::parse("10.0.0.0/8,unix").unwrap(),
             listeners: 2,
             health_path: Some("/healthz".into()),
+            warm_connections: 17,
         }
     }
 

@@ -88,6 +88,7 @@ pub struct Defaults {
     pub reload_timeout: Duration,
     pub kill_grace: Duration,
     pub read_ahead: Duration,
+    pub warm_connections: usize,
 }
 
 pub const DEFAULTS: Defaults = Defaults {
@@ -104,6 +105,7 @@ pub const DEFAULTS: Defaults = Defaults {
     reload_timeout: Duration::from_secs(30),
     kill_grace: Duration::from_secs(2),
     read_ahead: Duration::from_micros(200),
+    warm_connections: monodon_proto::scoreboard::WARM_CELLS,
 };
 
 impl Defaults {
@@ -178,6 +180,9 @@ pub struct Config {
     /// listeners themselves while free (`--worker-accept`; never with
     /// `--proxy-protocol`, whose headers the supervisor reads).
     pub worker_accept: bool,
+    /// Keep-alive connections each worker that accepts may keep between
+    /// requests and serve itself (0: none; at most `WARM_CELLS`).
+    pub warm_connections: usize,
     /// Workers forked from their generation's template, or each exec'd.
     pub spawn: SpawnMode,
     /// Where workers write the access log (`-`: stdout; `None`: nowhere).
@@ -238,6 +243,7 @@ impl Config {
             .unwrap_or_default(),
             health_path: None,
             worker_accept: true,
+            warm_connections: d.warm_connections,
             spawn: SpawnMode::default(),
             access_log: None,
             access_log_format: Format::Combined,

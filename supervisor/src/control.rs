@@ -171,6 +171,10 @@ pub struct ConnectionCounts {
     pub in_workers: usize,
     /// Closed by us, draining the client's last bytes.
     pub lingering: usize,
+    /// Kept alive by the worker that served them, which serves their next
+    /// requests itself (warm connections).
+    #[serde(default)]
+    pub warm: usize,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -280,6 +284,9 @@ pub struct WorkerStatus {
     /// Connections sent ahead to it, to serve after its current one.
     #[serde(default)]
     pub ahead: usize,
+    /// Connections it keeps warm: it serves their next requests itself.
+    #[serde(default)]
+    pub warm: usize,
 }
 
 /// Where the control socket lives when `--control` is not given: in

@@ -77,6 +77,7 @@ pub fn render(s: &Status) -> String {
         .sample(&[("state", "reading_head")], c.reading_head as f64)
         .sample(&[("state", "queued")], c.queued as f64)
         .sample(&[("state", "in_worker")], c.in_workers as f64)
+        .sample(&[("state", "warm")], c.warm as f64)
         .sample(&[("state", "lingering")], c.lingering as f64);
 
     let w = &s.workers;

@@ -100,6 +100,8 @@ pub struct Accepter {
     warm: Vec<Option<WarmConn>>,
     /// Warm cells the last wait found readable, not yet looked at.
     ready: VecDeque<usize>,
+    /// How many cells it may use (`MONODON_WARM_CONNECTIONS`).
+    warm_limit: usize,
 }
 
 /// The ids of connections a worker accepted itself: the top bit set, so
@@ -109,7 +111,12 @@ const OWN_ID: u64 = 1 << 63;
 impl Accepter {
     /// Takes the `count` listeners on fds 5.. and makes the vault; the
     /// vault's receiving end goes to the supervisor with Ready.
-    pub fn new(count: u16, channel: BorrowedFd<'_>, health_path: Option<String>) -> io::Result<Accepter> {
+    pub fn new(
+        count: u16,
+        channel: BorrowedFd<'_>,
+        health_path: Option<String>,
+        warm_limit: usize,
+    ) -> io::Result<Accepter> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         epoll.add(channel, EpollEvent::new(EpollFlags::EPOLLIN, CHANNEL))?;
         let mut listeners = Vec::new();
@@ -137,7 +144,13 @@ impl Accepter {
             health_path,
             warm: (0..WARM_CELLS).map(|_| None).collect(),
             ready: VecDeque::new(),
+            warm_limit: warm_limit.min(WARM_CELLS),
         })
+    }
+
+    /// Whether it keeps connections warm (`FEATURE_WARM`).
+    pub fn keeps_warm(&self) -> bool {
+        self.warm_limit > 0
     }
 
     /// The listeners it still accepts from, to end a read-ahead when a new
@@ -214,7 +227,7 @@ impl Accepter {
             return None;
         }
         self.drop_taken_back(slot);
-        (0..WARM_CELLS).find(|&c| self.warm[c].is_none() && slot.warm_cell(c) == 0)
+        (0..self.warm_limit).find(|&c| self.warm[c].is_none() && slot.warm_cell(c) == 0)
     }
 
     /// Keeps `conn` warm in cell `cell` (free, by `free_warm_cell`, or the

@@ -137,12 +137,18 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
 
     let mut accepter = match settings.listeners {
         0 => None,
-        n => Some(accept::Accepter::new(n, channel.as_fd(), settings.health_path.clone())?),
+        n => Some(accept::Accepter::new(
+            n,
+            channel.as_fd(),
+            settings.health_path.clone(),
+            settings.warm_connections,
+        )?),
     };
     let mut out = Vec::with_capacity(256);
     let features = wire::FEATURE_AHEAD
         | wire::FEATURE_AHEAD_TWO
-        | if accepter.is_some() { wire::FEATURE_ACCEPT | wire::FEATURE_WARM } else { 0 };
+        | if accepter.is_some() { wire::FEATURE_ACCEPT } else { 0 }
+        | if accepter.as_ref().is_some_and(|a| a.keeps_warm()) { wire::FEATURE_WARM } else { 0 };
     FromWorker::Ready { pid, features }.encode(&mut out);
     wire::send(channel.as_fd(), &out, accepter.as_ref().map(|a| a.vault_for_supervisor()))?;
     // The supervisor logs each worker's start and exit; ours are detail.

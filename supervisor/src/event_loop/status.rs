@@ -29,7 +29,8 @@ impl Supervisor {
                 Place::Reading { .. } if c.io.pending.is_empty() => connections.idle += 1,
                 Place::Reading { .. } => connections.reading_head += 1,
                 Place::Queued => connections.queued += 1,
-                Place::InWorker { .. } | Place::Warm { .. } => connections.in_workers += 1,
+                Place::InWorker { .. } => connections.in_workers += 1,
+                Place::Warm { .. } => connections.warm += 1,
                 Place::Lingering { .. } => connections.lingering += 1,
             }
         }
@@ -103,6 +104,7 @@ impl Supervisor {
                 request_secs,
                 response_started,
                 ahead: w.ahead().len(),
+                warm: w.warm.len(),
             });
         }
         worker_list.sort_by_key(|w| (w.generation, w.pid));

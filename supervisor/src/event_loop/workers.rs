@@ -122,6 +122,7 @@ impl Supervisor {
             forwarded_allow: config.forwarded_allow.clone(),
             listeners: u16::try_from(self.listeners_for(config).len()).unwrap_or(0),
             health_path: config.health_path.clone(),
+            warm_connections: config.warm_connections,
         }
     }
 

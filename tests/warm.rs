@@ -1,0 +1,191 @@
+//! Warm connections: a worker that accepts keeps a kept-alive connection it
+//! served and serves the next requests on it itself, without the
+//! supervisor, while the supervisor keeps every promise about it: a slow
+//! head goes back to the supervisor, a request stuck behind a long one is
+//! served by another worker, a worker's death loses none of them, idle
+//! ones close at the keep-alive timeout, and no descriptor is left behind.
+
+mod common;
+
+use std::io::Read;
+use std::time::Duration;
+
+use common::{eventually, Client, Load, Server};
+
+fn start(workers: usize, extra: &[&str]) -> Server {
+    let n = workers.to_string();
+    let mut args = vec!["--app", "echo", "--workers", &n, "--max-requests-per-child", "0"];
+    args.extend_from_slice(extra);
+    Server::start(&args, workers)
+}
+
+/// One request on `c`; its response's worker pid.
+fn request(c: &mut Client, target: &str) -> u64 {
+    c.send(format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+    let r = c.response().expect("a response");
+    assert_eq!(r.status, 200, "{target}: {}", r.text());
+    r.json()["worker"]["pid"].as_u64().expect("the echo app names its worker")
+}
+
+/// Requests on `c` until the supervisor counts `warm` warm connections
+/// (the first request of a connection a worker accepted comes back to the
+/// supervisor; the next one it hands over goes warm).
+fn make_warm(server: &Server, c: &mut Client, warm: u64) -> u64 {
+    let mut pid = 0;
+    for _ in 0..5 {
+        pid = request(c, "/");
+        if server.status().is_ok_and(|s| s["connections"]["warm"].as_u64() >= Some(warm)) {
+            return pid;
+        }
+    }
+    server.wait_status(Duration::from_secs(10), &format!("{warm} warm connections"), |s| {
+        s["connections"]["warm"].as_u64() >= Some(warm)
+    });
+    pid
+}
+
+fn warm_of(status: &serde_json::Value, pid: u64) -> u64 {
+    let workers = status["worker_list"].as_array().cloned().unwrap_or_default();
+    workers.iter().find(|w| w["pid"].as_u64() == Some(pid)).and_then(|w| w["warm"].as_u64()).unwrap_or(0)
+}
+
+#[test]
+fn a_warm_connections_requests_are_served_by_its_worker_without_the_supervisor() {
+    let server = start(1, &[]);
+    let mut c = server.connect();
+    let pid = make_warm(&server, &mut c, 1);
+    let before = server.status().unwrap();
+    assert_eq!(warm_of(&before, pid), 1, "its worker keeps it: {before}");
+    let handed_over = before["totals"]["queue_wait"]["count"].as_u64().unwrap();
+    let requests = before["totals"]["requests"].as_u64().unwrap();
+
+    for _ in 0..20 {
+        assert_eq!(request(&mut c, "/"), pid);
+    }
+    let after = server.wait_status(Duration::from_secs(10), "the 20 requests counted", |s| {
+        s["totals"]["requests"].as_u64() >= Some(requests + 20)
+    });
+    assert_eq!(
+        after["totals"]["queue_wait"]["count"].as_u64(),
+        Some(handed_over),
+        "the supervisor handed none of them over: {after}"
+    );
+    assert_eq!(after["connections"]["warm"], 1, "{after}");
+}
+
+#[test]
+fn a_slow_head_on_a_warm_connection_goes_back_to_the_supervisor_and_holds_no_worker() {
+    let server = start(1, &[]);
+    let mut slow = server.connect();
+    make_warm(&server, &mut slow, 1);
+    slow.send(b"GET /slow HTTP/1.1\r\nHo");
+    server.wait_status(Duration::from_secs(10), "the head back with the supervisor", |s| {
+        s["connections"]["warm"] == 0 && s["connections"]["reading_head"] == 1
+    });
+    // The only worker is free for someone else meanwhile.
+    let mut other = server.connect();
+    request(&mut other, "/other");
+    slow.send(b"st: x\r\n\r\n");
+    let r = slow.response().expect("the slow head's response");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["target"], "/slow");
+}
+
+#[test]
+fn a_request_behind_a_long_one_on_the_same_worker_is_served_by_another() {
+    let server = start(1, &[]);
+    let mut long = server.connect();
+    let mut quick = server.connect();
+    let first = make_warm(&server, &mut long, 1);
+    assert_eq!(make_warm(&server, &mut quick, 2), first, "one worker: both warm in it");
+    server.signal(libc::SIGTTIN);
+    server.wait_status(Duration::from_secs(20), "a second worker ready", |s| {
+        common::ready_workers(s, s["generation"].as_u64().unwrap_or(0)) >= 2
+    });
+
+    long.send(b"GET /?sleep_ms=3000 HTTP/1.1\r\nHost: x\r\n\r\n");
+    common::wait_until_a_worker_sleeps(&server);
+    // Its worker is busy: the supervisor takes the connection back and
+    // hands it to the other one, rather than let it wait 3 s.
+    let other = request(&mut quick, "/quick");
+    assert_ne!(other, first, "served by the worker that was free");
+    let r = long.response().expect("the long request's response");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["worker"]["pid"].as_u64(), Some(first));
+}
+
+#[test]
+fn killing_a_worker_that_keeps_connections_warm_costs_only_its_request() {
+    let server = start(1, &[]);
+    let mut idle: Vec<Client> = (0..3).map(|_| server.connect()).collect();
+    let mut pid = 0;
+    for (i, c) in idle.iter_mut().enumerate() {
+        pid = make_warm(&server, c, i as u64 + 1);
+    }
+    let mut busy = server.connect();
+    make_warm(&server, &mut busy, 4);
+    assert_eq!(warm_of(&server.status().unwrap(), pid), 4);
+    busy.send(b"GET /?sleep_ms=5000 HTTP/1.1\r\nHost: x\r\n\r\n");
+    common::wait_until_a_worker_sleeps(&server);
+
+    // SAFETY: a signal to our own server's worker.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let r = busy.response().expect("an answer for the request it was on");
+    assert_eq!(r.status, 502, "the request it was on");
+    server.wait_status(Duration::from_secs(20), "its successor ready", |s| {
+        let workers = s["worker_list"].as_array().cloned().unwrap_or_default();
+        workers.iter().any(|w| w["pid"].as_u64() != Some(pid) && w["state"] == "idle")
+    });
+    for c in &mut idle {
+        assert_ne!(request(c, "/after"), pid, "served on by the successor");
+    }
+}
+
+#[test]
+fn an_idle_warm_connection_closes_at_the_keepalive_timeout() {
+    let server = start(1, &["--keepalive-timeout", "1s"]);
+    let mut c = server.connect();
+    make_warm(&server, &mut c, 1);
+    c.stream().set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut byte = [0u8; 1];
+    assert_eq!(c.reader.read(&mut byte).ok(), Some(0), "closed by the server: EOF, not a timeout");
+    server.wait_status(Duration::from_secs(10), "no connection left", |s| s["connections"]["total"] == 0);
+}
+
+#[test]
+fn warm_connections_leave_no_descriptor_behind_in_their_workers() {
+    let server = start(2, &[]);
+    let fds = |pid: u32| std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let workers = server.children();
+    let baseline: Vec<usize> = workers.iter().map(|&p| fds(p)).collect();
+    let mut conns: Vec<Client> = (0..12).map(|_| server.connect()).collect();
+    for c in &mut conns {
+        for _ in 0..3 {
+            request(c, "/");
+        }
+    }
+    server.wait_status(Duration::from_secs(10), "warm connections", |s| {
+        s["connections"]["warm"].as_u64() > Some(0)
+    });
+    drop(conns);
+    server.wait_status(Duration::from_secs(10), "no connection left", |s| s["connections"]["total"] == 0);
+    let settled = eventually(Duration::from_secs(10), || {
+        workers.iter().zip(&baseline).all(|(&p, &before)| fds(p) <= before)
+    });
+    assert!(
+        settled,
+        "workers' descriptors {:?}, at start {baseline:?}",
+        workers.iter().map(|&p| fds(p)).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn recycling_at_max_requests_with_warm_connections_loses_no_request() {
+    let server = Server::start(&["--app", "echo", "--workers", "2", "--max-requests-per-child", "50"], 2);
+    let load = Load::start(server.addr, 6, 0, "/");
+    load.wait_answered(600, Duration::from_secs(60));
+    let stats = load.stop();
+    assert_eq!(stats.failed, 0, "{:?}", stats.errors);
+    let s = server.status().unwrap();
+    assert!(s["totals"]["recycled"]["max-requests"].as_u64() >= Some(5), "workers recycled: {s}");
+}
