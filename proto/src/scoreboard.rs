@@ -387,13 +387,17 @@ impl Slot {
     }
 
     /// Publishes the request the worker is starting (worker side).
-    pub fn set_request_line(&self, line: &[u8]) {
-        let line = &line[..line.len().min(REQUEST_LINE_MAX)];
+    /// Publishes the request line, given in parts (`METHOD`, ` `, `target`:
+    /// no allocation to join them), cut at [`REQUEST_LINE_MAX`].
+    pub fn set_request_line(&self, parts: &[&[u8]]) {
+        let line = parts.iter().flat_map(|p| p.iter()).take(REQUEST_LINE_MAX);
         self.request_seq.fetch_add(1, Ordering::AcqRel);
+        let mut len = 0;
         for (cell, &b) in self.request_line.iter().zip(line) {
             cell.store(b, Ordering::Relaxed);
+            len += 1;
         }
-        self.request_len.store(line.len() as u64, Ordering::Relaxed);
+        self.request_len.store(len, Ordering::Relaxed);
         self.request_seq.fetch_add(1, Ordering::Release);
     }
 
@@ -733,9 +737,9 @@ mod tests {
         b.slot().add_written(5);
         assert_eq!(a.slot().written(), 5);
         assert_eq!(a.slot().request_line(), None);
-        b.slot().set_request_line(b"GET /x");
+        b.slot().set_request_line(&[b"GET", b" ", b"/x"]);
         assert_eq!(a.slot().request_line().as_deref(), Some("GET /x"));
-        b.slot().set_request_line(&[b'a'; 400]);
+        b.slot().set_request_line(&[&[b'a'; 400]]);
         assert_eq!(a.slot().request_line().map(|l| l.len()), Some(REQUEST_LINE_MAX));
     }
 

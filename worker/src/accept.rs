@@ -24,6 +24,8 @@ use monodon_proto::env;
 use monodon_proto::http::{self, Limits, PendingRequest};
 use monodon_proto::scoreboard::{Slot, WARM_CELLS};
 use monodon_proto::wire::{self, Deposit, FromWorker};
+
+use crate::serve::FirstHead;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType};
 
@@ -73,8 +75,8 @@ pub enum Wake {
 
 /// A connection of the worker's own, after its first read.
 pub enum Arrival {
-    /// Its request is all there: serve it.
-    Serve(Vec<u8>),
+    /// Its request is all there: serve it (its head is parsed already).
+    Serve(Vec<u8>, FirstHead),
     /// Not the worker's to serve: hand it, with what was read, to the supervisor.
     HandOver(Vec<u8>),
     /// The client has gone.
@@ -102,7 +104,12 @@ pub struct Accepter {
     ready: VecDeque<usize>,
     /// How many cells it may use (`MONODON_WARM_CONNECTIONS`).
     warm_limit: usize,
+    /// The first read's buffer, reused from one connection to the next.
+    spare: Vec<u8>,
 }
+
+/// How much the first read of a connection takes.
+const FIRST_READ: usize = 16 * 1024;
 
 /// The ids of connections a worker accepted itself: the top bit set, so
 /// they never meet the supervisor's.
@@ -145,6 +152,7 @@ impl Accepter {
             warm: (0..WARM_CELLS).map(|_| None).collect(),
             ready: VecDeque::new(),
             warm_limit: warm_limit.min(WARM_CELLS),
+            spare: Vec::with_capacity(FIRST_READ),
         })
     }
 
@@ -349,28 +357,55 @@ impl Accepter {
     /// the worker may serve it: exactly when the supervisor would hand it
     /// over (a complete, sound head, and a small body all there), and it is
     /// no health check (the supervisor answers those).
-    pub fn first_read(&self, conn: BorrowedFd<'_>, limits: &Limits) -> Arrival {
-        let mut buf = vec![0u8; 16 * 1024];
+    /// The bytes of an `Arrival` go back with [`Accepter::recycle`].
+    pub fn first_read(&mut self, conn: BorrowedFd<'_>, limits: &Limits) -> Arrival {
+        let mut buf = std::mem::take(&mut self.spare);
+        buf.clear();
+        buf.reserve(FIRST_READ);
         let n = loop {
-            match nix::unistd::read(conn, &mut buf) {
-                Ok(0) => return Arrival::Gone,
+            match read_into(conn, &mut buf) {
+                Ok(0) => break 0,
                 Ok(n) => break n,
-                Err(nix::errno::Errno::EAGAIN) => return Arrival::Nothing,
                 Err(nix::errno::Errno::EINTR) => continue,
-                Err(_) => return Arrival::Gone,
+                Err(nix::errno::Errno::EAGAIN) => {
+                    self.spare = buf;
+                    return Arrival::Nothing;
+                }
+                Err(_) => break 0,
             }
         };
-        buf.truncate(n);
-        let mut pending = PendingRequest::default();
-        pending.extend(&buf);
-        let complete = pending.check(limits) == Ok(true) && n < 16 * 1024;
+        if n == 0 {
+            self.spare = buf;
+            return Arrival::Gone;
+        }
+        // A read that filled the buffer may have left more behind.
+        let head = PendingRequest::check_once(&buf, limits).ok().flatten().filter(|_| n < FIRST_READ);
         let health = self.health_path.as_deref().is_some_and(|p| http::is_health_check(&buf, p).is_some());
-        if complete && !health {
-            Arrival::Serve(buf)
-        } else {
-            Arrival::HandOver(buf)
+        match head.filter(|_| !health).map(|h| FirstHead::new(&h)) {
+            Some(first) => Arrival::Serve(buf, first),
+            None => Arrival::HandOver(buf),
         }
     }
+
+    /// Takes back the buffer of an `Arrival`, for the next first read.
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        // One grown by a large body is not kept.
+        if buf.capacity() <= 4 * FIRST_READ {
+            self.spare = buf;
+        }
+    }
+}
+
+/// One read(2) into `buf`'s spare capacity, appended: no zeroing first.
+fn read_into(conn: BorrowedFd<'_>, buf: &mut Vec<u8>) -> nix::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: read(2) writes at most `spare.len()` bytes at the start of
+    // the spare capacity, which `buf` owns and nothing else borrows.
+    let n = unsafe { nix::libc::read(conn.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
+    let n = usize::try_from(nix::errno::Errno::result(n)?).unwrap_or(0);
+    // SAFETY: those `n` bytes were written by the read just above.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
 }
 
 /// Hands connection `conn` to the supervisor (Adopt).

@@ -7,8 +7,8 @@ thread_local! {
     static CACHE: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
 }
 
-/// The current time as an HTTP-date.
-pub fn now() -> String {
+/// Appends the current time as an HTTP-date.
+pub fn append_now(out: &mut Vec<u8>) {
     let now = SystemTime::now();
     let secs = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     CACHE.with(|c| {
@@ -16,6 +16,6 @@ pub fn now() -> String {
         if c.0 != secs || c.1.is_empty() {
             *c = (secs, httpdate::fmt_http_date(now));
         }
-        c.1.clone()
+        out.extend_from_slice(c.1.as_bytes());
     })
 }

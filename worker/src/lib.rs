@@ -34,7 +34,7 @@ use monodon_proto::wire::{self, FromWorker, Received, ToWorker};
 
 pub use app::{App, Body, Request, Response, WorkerInfo};
 
-use serve::{serve_connection, Budget, Context};
+use serve::{serve_connection, serve_parsed, Budget, Context};
 use stream::{Input, Stream};
 
 /// True when this process was started by a monodon supervisor as a worker.
@@ -198,8 +198,8 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
                 }
                 accept::Wake::Warm { cell, conn } => {
                     let accept::WarmConn { id, fd, served, peer, .. } = conn;
-                    let data = match acc.first_read(fd.as_fd(), &limits) {
-                        accept::Arrival::Serve(data) => data,
+                    let (data, first) = match acc.first_read(fd.as_fd(), &limits) {
+                        accept::Arrival::Serve(data, first) => (data, first),
                         accept::Arrival::Nothing => {
                             acc.put_back_warm(
                                 slot,
@@ -222,6 +222,7 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
                             slot.warm_clear(cell);
                             acc.forget_warm(fd);
                             send_cool(channel.as_fd(), &mut out, id, served, keep, &data)?;
+                            acc.recycle(data);
                             if slot.end_own() {
                                 send_free();
                             }
@@ -232,19 +233,21 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
                     // Handing it back costs nothing now: no reading ahead.
                     let ctx = Context { peer: &peer, read_ahead: std::time::Duration::ZERO, ..serving };
                     let stream = Stream::new(fd, io_timeout, slot).with_rivals(acc.listeners());
-                    let mut input = Input::new(stream, &data);
+                    let mut input = Input::with_buffer(stream, data);
                     let mut announce = || announce_retiring(channel.as_fd(), pid);
                     let mut budget = Budget { remaining, on_last: &mut announce };
-                    let outcome = serve_connection(app, &mut input, served, &ctx, &mut budget);
+                    let outcome = serve_parsed(app, &mut input, Some(first), served, &ctx, &mut budget);
                     remaining = budget.remaining;
+                    let (stream, buf) = input.into_parts();
+                    let fd = stream.into_fd();
+                    acc.recycle(buf);
                     let plain = outcome.keep && outcome.leftover.is_empty() && !outcome.retiring;
                     if plain && !slot.is_draining() {
-                        let fd = input.into_stream().into_fd();
                         let again = accept::WarmConn::served_again(id, fd, outcome.served, peer);
                         acc.keep_warm(slot, cell, again)?;
                     } else {
                         slot.warm_clear(cell);
-                        acc.forget_warm(input.into_stream().into_fd());
+                        acc.forget_warm(fd);
                         let (served, keep) = (outcome.served, outcome.keep);
                         send_cool(channel.as_fd(), &mut out, id, served, keep, &outcome.leftover)?;
                     }
@@ -261,8 +264,8 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
                 }
                 accept::Wake::Accepted { fd, peer } => {
                     let id = acc.next_id();
-                    let data = match acc.first_read(fd.as_fd(), &limits) {
-                        accept::Arrival::Serve(data) => data,
+                    let (data, first) = match acc.first_read(fd.as_fd(), &limits) {
+                        accept::Arrival::Serve(data, first) => (data, first),
                         accept::Arrival::Nothing => {
                             hand_over_or_close(channel.as_fd(), fd.as_fd(), id, 0, true, &[]);
                             if slot.end_own() {
@@ -272,6 +275,7 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
                         }
                         accept::Arrival::HandOver(data) => {
                             hand_over_or_close(channel.as_fd(), fd.as_fd(), id, 0, true, &data);
+                            acc.recycle(data);
                             if slot.end_own() {
                                 send_free();
                             }
@@ -297,10 +301,10 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
                     }
                     let ctx = Context { peer: &peer, ..serving };
                     let stream = Stream::new(fd, io_timeout, slot).with_rivals(acc.listeners());
-                    let mut input = Input::new(stream, &data);
+                    let mut input = Input::with_buffer(stream, data);
                     let mut announce = || announce_retiring(channel.as_fd(), pid);
                     let mut budget = Budget { remaining, on_last: &mut announce };
-                    let outcome = serve_connection(app, &mut input, 0, &ctx, &mut budget);
+                    let outcome = serve_parsed(app, &mut input, Some(first), 0, &ctx, &mut budget);
                     remaining = budget.remaining;
                     let conn = input.stream.as_fd();
                     // Kept alive, or closing with input to linger on: the
@@ -316,7 +320,9 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
                             &outcome.leftover,
                         );
                     }
-                    drop(input);
+                    let (stream, buf) = input.into_parts();
+                    drop(stream);
+                    acc.recycle(buf);
                     acc.withdraw();
                     if outcome.retiring {
                         // Our attention stays our own: nothing may be handed

@@ -67,6 +67,28 @@ pub struct Budget<'a> {
 pub fn serve_connection<C: Connection>(
     app: &mut dyn App,
     input: &mut Input<C>,
+    served: u32,
+    ctx: &Context<'_>,
+    budget: &mut Budget<'_>,
+) -> Outcome {
+    serve_parsed(app, input, None, served, ctx, budget)
+}
+
+/// The head at the start of a connection's buffer, parsed already (a
+/// worker's first read, which decided from it to serve the request).
+pub struct FirstHead(OwnedHead);
+
+impl FirstHead {
+    pub fn new(head: &http::Head<'_>) -> FirstHead {
+        FirstHead(OwnedHead::from(head))
+    }
+}
+
+/// [`serve_connection`], with the first request's head parsed already.
+pub fn serve_parsed<C: Connection>(
+    app: &mut dyn App,
+    input: &mut Input<C>,
+    mut first: Option<FirstHead>,
     mut served: u32,
     ctx: &Context<'_>,
     budget: &mut Budget<'_>,
@@ -75,8 +97,12 @@ pub fn serve_connection<C: Connection>(
     // Requests in a row the client sent before reading the previous response.
     let mut pipelined = 0usize;
     loop {
-        let head = match http::parse_head(input.buffered(), ctx.limits) {
-            Ok(Some(head)) => OwnedHead::from(&head),
+        let parsed = match first.take() {
+            Some(FirstHead(head)) => Ok(Some(head)),
+            None => http::parse_head(input.buffered(), ctx.limits).map(|h| h.as_ref().map(OwnedHead::from)),
+        };
+        let head = match parsed {
+            Ok(Some(head)) => head,
             Ok(None) => {
                 return Outcome { keep: true, served, leftover: input.buffered().to_vec(), retiring: false };
             }
@@ -100,11 +126,7 @@ pub fn serve_connection<C: Connection>(
         if last {
             (budget.on_last)();
         }
-        let mut line = Vec::with_capacity(head.method.len() + 1 + head.target.len());
-        line.extend_from_slice(head.method.as_bytes());
-        line.push(b' ');
-        line.extend_from_slice(head.target.as_bytes());
-        ctx.slot.set_request_line(&line);
+        ctx.slot.set_request_line(&[head.method.as_bytes(), b" ", head.target.as_bytes()]);
         ctx.slot.begin_request();
         let keep = serve_one(app, input, &head, ctx);
         ctx.slot.end_request();
@@ -394,7 +416,12 @@ pub(crate) fn write_response(
     let headers = std::mem::take(&mut response.headers);
     let mut out = Vec::with_capacity(256);
     let has_date = headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("date"));
-    let _ = write!(out, "HTTP/1.1 {} {}\r\n", status, http::reason_phrase(status));
+    let mut digits = itoa::Buffer::new();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(digits.format(status).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(http::reason_phrase(status).as_bytes());
+    out.extend_from_slice(b"\r\n");
     for (name, value) in &headers {
         if name.eq_ignore_ascii_case("connection") {
             keep &= !value.to_ascii_lowercase().contains("close");
@@ -407,16 +434,20 @@ pub(crate) fn write_response(
             warn!("dropping invalid response header {name:?}");
             continue;
         }
-        let _ = write!(out, "{name}: {value}\r\n");
+        for part in [name.as_bytes(), b": ", value.as_bytes(), b"\r\n"] {
+            out.extend_from_slice(part);
+        }
     }
     if !has_date {
         out.extend_from_slice(b"Date: ");
-        out.extend_from_slice(crate::date::now().as_bytes());
+        crate::date::append_now(&mut out);
         out.extend_from_slice(b"\r\n");
     }
     match framing {
         Framing::Length(n) => {
-            let _ = write!(out, "Content-Length: {n}\r\n");
+            out.extend_from_slice(b"Content-Length: ");
+            out.extend_from_slice(digits.format(n).as_bytes());
+            out.extend_from_slice(b"\r\n");
         }
         Framing::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
         Framing::NoBody | Framing::UntilClose => {}

@@ -195,9 +195,20 @@ impl<C: Connection> Input<C> {
         Input { stream, buf, pos: 0 }
     }
 
+    /// The same, starting from `buf` (the bytes already read, and their
+    /// allocation, reused).
+    pub fn with_buffer(stream: C, buf: Vec<u8>) -> Self {
+        Input { stream, buf, pos: 0 }
+    }
+
     /// The connection, once its bytes are all consumed.
     pub fn into_stream(self) -> C {
         self.stream
+    }
+
+    /// The connection, and the buffer to reuse.
+    pub fn into_parts(self) -> (C, Vec<u8>) {
+        (self.stream, self.buf)
     }
 
     /// Bytes read from the client and not consumed yet.

@@ -4,7 +4,7 @@
 
 use super::body::ChunkedScanner;
 use super::head::{parse_complete_head, HeadScanner};
-use super::{BodyFraming, Limits, Rejection};
+use super::{BodyFraming, Head, Limits, Rejection};
 
 /// The bytes read of a connection's next request, not yet handed to a
 /// worker, and how far they have been examined.
@@ -53,6 +53,30 @@ enum PendingBody {
     Length(u64),
     /// A chunked body, buffered until it ends or passes the buffering limit.
     Chunked(ChunkedScanner),
+}
+
+impl PendingBody {
+    /// What a request with `head` waits for before it is handed over.
+    fn of(head: &Head<'_>, limits: &Limits) -> PendingBody {
+        match head.framing {
+            _ if head.expect_continue => PendingBody::Ready,
+            BodyFraming::None => PendingBody::Ready,
+            BodyFraming::Length(n) if n > limits.buffered_body as u64 => PendingBody::Ready,
+            BodyFraming::Length(n) => PendingBody::Length(n),
+            BodyFraming::Chunked => PendingBody::Chunked(ChunkedScanner::default()),
+        }
+    }
+
+    /// Whether it is all there in `body_bytes` (what followed the head).
+    fn ready(&mut self, body_bytes: &[u8], limits: &Limits) -> Result<bool, Rejection> {
+        Ok(match self {
+            PendingBody::Ready => true,
+            PendingBody::Length(n) => body_bytes.len() as u64 >= *n,
+            PendingBody::Chunked(scanner) => {
+                scanner.scan(body_bytes, limits)?.is_some() || body_bytes.len() > limits.buffered_body
+            }
+        })
+    }
 }
 
 impl PendingRequest {
@@ -105,26 +129,21 @@ impl PendingRequest {
             };
             a.work_done = scanner.work() + head_len as u64;
             let head = parse_complete_head(&a.bytes[..head_len], limits)?;
-            let body = match head.framing {
-                _ if head.expect_continue => PendingBody::Ready,
-                BodyFraming::None => PendingBody::Ready,
-                BodyFraming::Length(n) if n > limits.buffered_body as u64 => PendingBody::Ready,
-                BodyFraming::Length(n) => PendingBody::Length(n),
-                BodyFraming::Chunked => PendingBody::Chunked(ChunkedScanner::default()),
-            };
-            a.stage = Stage::Framed { head_len, body };
+            a.stage = Stage::Framed { head_len, body: PendingBody::of(&head, limits) };
         }
         let Stage::Framed { head_len, body } = &mut a.stage else {
             return Ok(false);
         };
-        let body_bytes = &a.bytes[*head_len..];
-        Ok(match body {
-            PendingBody::Ready => true,
-            PendingBody::Length(n) => body_bytes.len() as u64 >= *n,
-            PendingBody::Chunked(scanner) => {
-                scanner.scan(body_bytes, limits)?.is_some() || body_bytes.len() > limits.buffered_body
-            }
-        })
+        body.ready(&a.bytes[*head_len..], limits)
+    }
+
+    /// [`PendingRequest::check`] of bytes read in one go (a worker's first
+    /// read of a connection it accepted), parsing the head once: the head
+    /// if the request may be served now.
+    pub fn check_once<'b>(bytes: &'b [u8], limits: &Limits) -> Result<Option<Head<'b>>, Rejection> {
+        let Some(head) = super::parse_head(bytes, limits)? else { return Ok(None) };
+        let ready = PendingBody::of(&head, limits).ready(&bytes[head.len..], limits)?;
+        Ok(ready.then_some(head))
     }
 
     /// How many bytes the framing code has looked at for this request, each
