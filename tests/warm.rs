@@ -159,14 +159,10 @@ fn warm_connections_leave_no_descriptor_behind_in_their_workers() {
     let workers = server.children();
     let baseline: Vec<usize> = workers.iter().map(|&p| fds(p)).collect();
     let mut conns: Vec<Client> = (0..12).map(|_| server.connect()).collect();
-    for c in &mut conns {
-        for _ in 0..3 {
-            request(c, "/");
-        }
+    for (i, c) in conns.iter_mut().enumerate() {
+        make_warm(&server, c, i as u64 + 1);
+        request(c, "/");
     }
-    server.wait_status(Duration::from_secs(10), "warm connections", |s| {
-        s["connections"]["warm"].as_u64() > Some(0)
-    });
     drop(conns);
     server.wait_status(Duration::from_secs(10), "no connection left", |s| s["connections"]["total"] == 0);
     let settled = eventually(Duration::from_secs(10), || {
@@ -188,4 +184,18 @@ fn recycling_at_max_requests_with_warm_connections_loses_no_request() {
     assert_eq!(stats.failed, 0, "{:?}", stats.errors);
     let s = server.status().unwrap();
     assert!(s["totals"]["recycled"]["max-requests"].as_u64() >= Some(5), "workers recycled: {s}");
+}
+
+#[test]
+fn a_worker_stuck_on_a_warm_connection_is_timed_out_with_504() {
+    let server = start(1, &["--timeout", "1s"]);
+    let mut c = server.connect();
+    let pid = make_warm(&server, &mut c, 1);
+    c.send(b"GET /?sleep_ms=20000 HTTP/1.1\r\nHost: x\r\n\r\n");
+    let r = c.response().expect("an answer");
+    assert_eq!(r.status, 504, "{}", r.text());
+    let s = server.wait_status(Duration::from_secs(20), "its successor ready", |s| {
+        s["workers"]["idle"] == 1 && s["worker_list"][0]["pid"].as_u64() != Some(pid)
+    });
+    assert_eq!(s["totals"]["timeouts"], 1, "{s}");
 }

@@ -372,7 +372,11 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
                 Err(e) => return Err(e),
             }
         }
-        let ctx = Context { peer, ..serving };
+        // One it can keep warm goes back to its epoll set for free after
+        // the response: no waiting for its next request meanwhile.
+        let warm_room = accepter.as_mut().is_some_and(|a| a.free_warm_cell(slot).is_some());
+        let read_ahead = if warm_room { std::time::Duration::ZERO } else { serving.read_ahead };
+        let ctx = Context { peer, read_ahead, ..serving };
         slot.begin_connection(conn_id);
         let rivals = accepter.as_ref().map_or(&[][..], |a| a.listeners());
         let mut input = Input::new(Stream::new(fd, io_timeout, slot).with_rivals(rivals), data);
