@@ -28,7 +28,7 @@ impl<C: Peer, W: Named> Core<C, W> {
     ) -> Result<ConnKey, super::Misbehaviour> {
         let w = self.workers.get(wkey.0).ok_or(super::Misbehaviour("no such worker"))?;
         let taken =
-            w.warm.iter().any(|k| matches!(self.conns[k.0].place, Place::Warm { cell: c, .. } if c == cell));
+            w.warm.iter().any(|k| self.conns.get(k.0).is_some_and(|c| matches!(c.place, Place::Warm { cell: n, .. } if n == cell)));
         if !w.keeps_warm || usize::from(cell) >= WARM_CELLS || taken {
             return Err(self.misbehaving(wkey, "Warm in a cell it may not use"));
         }
@@ -122,7 +122,7 @@ impl<C: Peer, W: Named> Core<C, W> {
             let busy = matches!(w.activity, Activity::Busy { .. })
                 || port.request_age(&w.io).is_some_and(|age| age >= super::OWN_NOTICE);
             for &ckey in &w.warm {
-                let conn = &mut self.conns[ckey.0];
+                let Some(conn) = self.conns.get_mut(ckey.0) else { continue };
                 let Place::Warm { cell, deadline, .. } = &mut conn.place else { continue };
                 let stranded = busy && port.input_waiting(&conn.io);
                 if leaving || stranded {
@@ -155,7 +155,7 @@ impl<C: Peer, W: Named> Core<C, W> {
         let warm = std::mem::take(&mut w.warm);
         let mut current = None;
         for ckey in warm {
-            let conn = &mut self.conns[ckey.0];
+            let Some(conn) = self.conns.get_mut(ckey.0) else { continue };
             let Place::Warm { cell, .. } = conn.place else { continue };
             if port.warm_claimed(&w.io, cell, conn.id) {
                 conn.place = Place::InWorker { worker: wkey, ahead: false };

@@ -4,7 +4,7 @@
 //! of a connection lost or served twice somewhere later.
 
 use super::Supervisor;
-use crate::core::{Channel, Stopping};
+use crate::core::{Channel, Place, Stopping};
 
 impl Supervisor {
     /// Panics (debug builds only) if an invariant does not hold.
@@ -28,6 +28,14 @@ impl Supervisor {
             }
             if w.channel == Channel::Closed && w.io.channel.is_some() {
                 return Err(format!("worker {wkey}'s channel is closed for the core, open for the shell"));
+            }
+        }
+        // A warm connection's requests are its worker's to see: the poller
+        // must not wake the supervisor for them, and its close must reach
+        // the client past the worker's copy.
+        for (ckey, c) in self.core.conns() {
+            if matches!(c.place, Place::Warm { .. }) && (c.io.watched || !c.io.was_warm) {
+                return Err(format!("warm connection {ckey} is watched, or not marked warm"));
             }
         }
         if let Some(r) = &self.reload_code {
