@@ -511,6 +511,13 @@ impl Slot {
         }
     }
 
+    /// Worker side: gives warm connection `conn_id` back unread (it has a
+    /// request while the worker is busy with one of the supervisor's);
+    /// false if the supervisor took it back first.
+    pub fn warm_release(&self, cell: usize, conn_id: u64) -> bool {
+        self.warm_revoke(cell, conn_id)
+    }
+
     /// Supervisor side: takes warm connection `conn_id` back; false if the
     /// worker is serving a request on it (or gave it back).
     pub fn warm_revoke(&self, cell: usize, conn_id: u64) -> bool {

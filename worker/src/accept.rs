@@ -271,6 +271,28 @@ impl Accepter {
         }
     }
 
+    /// The warm connections that have input, looked at without waiting, once
+    /// the worker has served one of the supervisor's: their requests must not
+    /// wait behind the next one it is handed, so they go back, unread, their
+    /// cells emptied and our copies closed. Their ids and requests served.
+    pub fn release_ready_warm(&mut self, slot: &Slot) -> Vec<(u64, u32)> {
+        if self.warm.iter().all(Option::is_none) {
+            return Vec::new();
+        }
+        let mut events = [EpollEvent::empty(); 16];
+        let n = self.epoll.wait(&mut events, EpollTimeout::ZERO).unwrap_or(0);
+        let mut released = Vec::new();
+        for e in events[..n].iter().filter(|e| e.data() >= WARM_KEY) {
+            let cell = (e.data() - WARM_KEY) as usize;
+            let Some(conn) = self.warm.get_mut(cell).and_then(Option::take) else { continue };
+            if slot.warm_release(cell, conn.id) {
+                released.push((conn.id, conn.served));
+            }
+            self.forget_warm(conn.fd);
+        }
+        released
+    }
+
     /// Lets go of the warm connections the supervisor has taken back.
     fn drop_taken_back(&mut self, slot: &Slot) {
         for cell in 0..WARM_CELLS {

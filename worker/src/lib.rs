@@ -391,9 +391,20 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
         let outcome = serve_connection(app, &mut input, served, &ctx, &mut budget);
         remaining = budget.remaining;
         let plain = outcome.keep && outcome.leftover.is_empty() && !outcome.retiring;
+        let fd = input.into_stream().into_fd();
+        // Requests on our warm connections that came meanwhile go to the
+        // supervisor's queue rather than wait behind what it hands us next.
+        if let Some(acc) = accepter.as_mut() {
+            let ready = acc.release_ready_warm(slot);
+            if !ready.is_empty() {
+                held.send(channel.as_fd(), &mut out)?;
+            }
+            for (id, served) in ready {
+                send_cool(channel.as_fd(), &mut out, id, served, true, &[])?;
+            }
+        }
         // Kept alive with nothing left over: keep it warm if there is room,
         // and serve its next request without the supervisor.
-        let fd = input.into_stream().into_fd();
         if let Some(acc) = accepter.as_mut().filter(|_| plain) {
             if let Some(cell) = acc.free_warm_cell(slot) {
                 acc.keep_warm(

@@ -301,6 +301,7 @@ impl Sim {
         let pid = proc_.pid;
         note!(self, "worker {pid} done with connection {id} {conn} of client {client} (keep {keep})");
         let done = Said::Done { id, served: served + 1, keep };
+        self.release_ready_warm(p);
         let proc_ = &mut self.world.procs[p];
         let busy = proc_.cells.iter().any(|&c| c != 0);
         // Kept alive with nothing left over: kept warm if a cell is free.
@@ -331,6 +332,28 @@ impl Sim {
     fn warm_with_input(&mut self, p: usize) -> Option<usize> {
         let cells = self.warm_cells_with_input(p);
         (!cells.is_empty()).then(|| cells[self.rng.usize(..cells.len())])
+    }
+
+    /// After one of the supervisor's connections: warm ones with input go
+    /// back unread (the cell swapped to 0 unless the supervisor did first).
+    fn release_ready_warm(&mut self, p: usize) {
+        for cell in 0..SIM_WARM_CELLS {
+            let Some(held) = self.world.procs[p].warm[cell] else { continue };
+            let input = self.client_of(held.conn).is_some_and(|i| {
+                let c = &self.world.clients[i];
+                c.in_flight() || c.partial
+            });
+            if !input || self.rng.u8(..4) == 0 {
+                continue;
+            }
+            let proc_ = &mut self.world.procs[p];
+            proc_.warm[cell] = None;
+            if proc_.warm_cells[cell] == held.id {
+                proc_.warm_cells[cell] = 0;
+                note!(self, "worker {} gives warm connection {} back unread", proc_.pid, held.id);
+                self.say(p, Said::Cool { id: held.id, served: held.served, keep: true });
+            }
+        }
     }
 
     /// Whether worker `p` has a warm connection to serve now.
