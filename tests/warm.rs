@@ -176,14 +176,29 @@ fn warm_connections_leave_no_descriptor_behind_in_their_workers() {
 }
 
 #[test]
-fn recycling_at_max_requests_with_warm_connections_loses_no_request() {
-    let server = Server::start(&["--app", "echo", "--workers", "2", "--max-requests-per-child", "50"], 2);
+fn recycling_by_age_with_warm_connections_loses_no_request() {
+    let server = start(2, &["--max-worker-age", "1s"]);
     let load = Load::start(server.addr, 6, 0, "/");
-    load.wait_answered(600, Duration::from_secs(60));
+    load.wait_answered(200, Duration::from_secs(30));
+    server.wait_status(Duration::from_secs(30), "workers recycled under load", |s| {
+        s["totals"]["recycled"]["max-worker-age"].as_u64() >= Some(3)
+            && s["connections"]["warm"].as_u64() > Some(0)
+    });
     let stats = load.stop();
     assert_eq!(stats.failed, 0, "{:?}", stats.errors);
-    let s = server.status().unwrap();
-    assert!(s["totals"]["recycled"]["max-requests"].as_u64() >= Some(5), "workers recycled: {s}");
+}
+
+#[test]
+fn workers_that_recycle_by_requests_keep_no_connection_warm() {
+    let server = Server::start(&["--app", "echo", "--workers", "1", "--max-requests-per-child", "1000"], 1);
+    let mut c = server.connect();
+    for _ in 0..4 {
+        request(&mut c, "/");
+        // Between requests it waits in the supervisor: handed over each time.
+        server.wait_status(Duration::from_secs(10), "the connection idle in the supervisor", |s| {
+            s["connections"]["idle"] == 1 && s["connections"]["warm"] == 0
+        });
+    }
 }
 
 #[test]

@@ -27,8 +27,9 @@ impl<C: Peer, W: Named> Core<C, W> {
         now: Instant,
     ) -> Result<ConnKey, super::Misbehaviour> {
         let w = self.workers.get(wkey.0).ok_or(super::Misbehaviour("no such worker"))?;
-        let taken =
-            w.warm.iter().any(|k| self.conns.get(k.0).is_some_and(|c| matches!(c.place, Place::Warm { cell: n, .. } if n == cell)));
+        let taken = w.warm.iter().any(|k| {
+            self.conns.get(k.0).is_some_and(|c| matches!(c.place, Place::Warm { cell: n, .. } if n == cell))
+        });
         if !w.keeps_warm || usize::from(cell) >= WARM_CELLS || taken {
             return Err(self.misbehaving(wkey, "Warm in a cell it may not use"));
         }
