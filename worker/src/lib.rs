@@ -299,7 +299,14 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
                         }
                         continue;
                     }
-                    let ctx = Context { peer: &peer, ..serving };
+                    // Kept alive, it goes to the supervisor and from there to a
+                    // warm cell, if there is room: no waiting for its next
+                    // request here meanwhile.
+                    let read_ahead = match acc.free_warm_cell(slot) {
+                        Some(_) => std::time::Duration::ZERO,
+                        None => serving.read_ahead,
+                    };
+                    let ctx = Context { peer: &peer, read_ahead, ..serving };
                     let stream = Stream::new(fd, io_timeout, slot).with_rivals(acc.listeners());
                     let mut input = Input::with_buffer(stream, data);
                     let mut announce = || announce_retiring(channel.as_fd(), pid);
