@@ -279,26 +279,8 @@ impl Sim {
         if self.crashed(p) {
             return;
         }
-        let Some(client) = self.client_of(conn) else {
-            return self.world.violate(format!("worker serves connection {id}, which the core has closed"));
-        };
-        let c = &mut self.world.clients[client];
-        c.answered += 1;
-        let (sent, answered, wants_more, eager) = (c.sent, c.answered, c.sent < c.wants, c.eager);
-        if answered > sent {
-            self.world.violate(format!("client {client} got response {answered} for {sent} requests"));
-        }
-        self.world.serving.remove(&id);
-        let draining = self.world.draining;
-        let proc_ = &mut self.world.procs[p];
-        proc_.served += 1;
-        proc_.memory += 30;
-        proc_.written += 10;
-        proc_.last = Some(Last { id, finished: true });
-        proc_.life = ProcLife::Waiting;
-        let last_request = proc_.last_request;
-        let keep = wants_more && !draining && !last_request;
-        let pid = proc_.pid;
+        let Some((client, keep, eager)) = self.respond(p, conn, id) else { return };
+        let (pid, last_request) = (self.world.procs[p].pid, self.world.procs[p].last_request);
         note!(self, "worker {pid} done with connection {id} {conn} of client {client} (keep {keep})");
         let done = Said::Done { id, served: served + 1, keep };
         self.release_ready_warm(p);
@@ -442,27 +424,9 @@ impl Sim {
         if self.world.procs[p].stuck || self.crashed(p) {
             return;
         }
-        let Some(client) = self.client_of(conn) else {
-            return self
-                .world
-                .violate(format!("worker serves warm connection {id}, which the core has closed"));
-        };
-        let c = &mut self.world.clients[client];
-        c.answered += 1;
-        let (sent, answered, wants_more, eager) = (c.sent, c.answered, c.sent < c.wants, c.eager);
-        if answered > sent {
-            self.world.violate(format!("client {client} got response {answered} for {sent} requests"));
-        }
-        self.world.serving.remove(&id);
-        let draining = self.world.draining;
-        let proc_ = &mut self.world.procs[p];
-        proc_.served += 1;
-        proc_.written += 10;
-        proc_.last = Some(Last { id, finished: true });
-        proc_.life = ProcLife::Waiting;
-        let last_request = proc_.last_request;
-        let keep = wants_more && !draining && !last_request;
-        note!(self, "worker {} done with warm connection {id} of client {client} (keep {keep})", proc_.pid);
+        let Some((client, keep, eager)) = self.respond(p, conn, id) else { return };
+        let (pid, last_request) = (self.world.procs[p].pid, self.world.procs[p].last_request);
+        note!(self, "worker {pid} done with warm connection {id} of client {client} (keep {keep})");
         let proc_ = &mut self.world.procs[p];
         if keep && !eager {
             proc_.warm_cells[cell] = id;
@@ -496,6 +460,32 @@ impl Sim {
         if watched {
             self.say(p, Said::Free);
         }
+    }
+
+    /// Worker `p`'s whole response to the request on connection `conn`
+    /// (`id`): the client, whether it stays open, whether the client's next
+    /// request came with this one. The worker waits for more after it.
+    fn respond(&mut self, p: usize, conn: crate::core::ConnKey, id: u64) -> Option<(usize, bool, bool)> {
+        let Some(client) = self.client_of(conn) else {
+            self.world.violate(format!("worker serves connection {id}, which the core has closed"));
+            return None;
+        };
+        let c = &mut self.world.clients[client];
+        c.answered += 1;
+        let (sent, answered, wants_more, eager) = (c.sent, c.answered, c.sent < c.wants, c.eager);
+        if answered > sent {
+            self.world.violate(format!("client {client} got response {answered} for {sent} requests"));
+        }
+        self.world.serving.remove(&id);
+        let draining = self.world.draining;
+        let proc_ = &mut self.world.procs[p];
+        proc_.served += 1;
+        proc_.memory += 30;
+        proc_.written += 10;
+        proc_.last = Some(Last { id, finished: true });
+        proc_.life = ProcLife::Waiting;
+        let keep = wants_more && !draining && !proc_.last_request;
+        Some((client, keep, eager))
     }
 
     /// A worker that accepts takes a new client itself (`head`: its whole
