@@ -401,15 +401,12 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
         let fd = input.into_stream().into_fd();
         // Requests on our warm connections that came meanwhile go to the
         // supervisor's queue rather than wait behind what it hands us next.
-        // (One whose Warm is still held back was never announced: its Warm
-        // becomes a plain Done, and the supervisor reads the request.)
         if let Some(acc) = accepter.as_mut() {
-            let announced: Vec<(u64, u32)> =
-                acc.release_ready_warm(slot).into_iter().filter(|&(id, _)| !held.unwarm(id)).collect();
-            if !announced.is_empty() {
+            let ready = acc.release_ready_warm(slot);
+            if !ready.is_empty() {
                 held.send(channel.as_fd(), &mut out)?;
             }
-            for (id, served) in announced {
+            for (id, served) in ready {
                 send_cool(channel.as_fd(), &mut out, id, served, true, &[])?;
             }
         }
@@ -422,12 +419,8 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
                     cell,
                     accept::WarmConn::new(conn_id, fd, outcome.served, peer.to_owned()),
                 )?;
-                let cell = u8::try_from(cell).map_err(|_| wire::WireError("warm cell out of range"))?;
-                // Busy with more: held back like a Done.
-                if slot.has_ahead() && held.hold(conn_id, outcome.served, Some(cell)) {
-                    continue;
-                }
                 held.send(channel.as_fd(), &mut out)?;
+                let cell = u8::try_from(cell).map_err(|_| wire::WireError("warm cell out of range"))?;
                 FromWorker::Warm { conn_id, served: outcome.served, cell }.encode(&mut out);
                 wire::send(channel.as_fd(), &out, None)?;
                 continue;
@@ -438,7 +431,7 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
         drop(fd);
         // Busy with more (a connection ahead waits in the channel): a plain
         // keep-alive Done can wait to go with the next ones, in one message.
-        if plain && slot.has_ahead() && held.hold(conn_id, outcome.served, None) {
+        if plain && slot.has_ahead() && held.hold(conn_id, outcome.served) {
             continue;
         }
         held.send(channel.as_fd(), &mut out)?;
@@ -458,68 +451,32 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
 /// woken once, for several requests. If the worker dies holding them, the
 /// supervisor knows those connections were finished from the claims of the
 /// ones after them.
-///
-/// A Warm is held back the same way (it is such a Done, with the cell the
-/// connection is kept in): if the connection's next request comes before it
-/// is sent, the worker lets the connection go and the Warm becomes a plain
-/// Done, so a connection that could not be served warm costs nothing more.
 #[derive(Default)]
 struct HeldDones {
-    /// Connection id, requests served, and the warm cell for a Warm.
-    dones: Vec<(u64, u32, Option<u8>)>,
+    dones: Vec<(u64, u32)>,
 }
 
 impl HeldDones {
-    /// Holds back the Done (or, with `cell`, the Warm) for `conn_id`; false
-    /// if no more may be held.
-    fn hold(&mut self, conn_id: u64, served: u32, cell: Option<u8>) -> bool {
+    /// Holds back the Done for `conn_id`; false if no more may be held.
+    fn hold(&mut self, conn_id: u64, served: u32) -> bool {
         if self.dones.len() >= wire::Dones::MAX {
             return false;
         }
-        self.dones.push((conn_id, served, cell));
+        self.dones.push((conn_id, served));
         true
     }
 
-    /// The Warm held for `conn_id`, if any, becomes a plain Done (the worker
-    /// has let the connection go); false if none was held.
-    fn unwarm(&mut self, conn_id: u64) -> bool {
-        match self.dones.iter_mut().find(|d| d.0 == conn_id && d.2.is_some()) {
-            Some(d) => {
-                d.2 = None;
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Sends what is held, in order: runs of plain Dones as one Done or a
-    /// Dones each, and each Warm as it is.
+    /// Sends what is held: one plain Done, or a Dones.
     fn send(&mut self, channel: std::os::fd::BorrowedFd<'_>, out: &mut Vec<u8>) -> std::io::Result<()> {
-        let held = std::mem::take(&mut self.dones);
-        for run in held.split_inclusive(|d| d.2.is_some()) {
-            let (plain, warm) = match run.split_last() {
-                Some((&(conn_id, served, Some(cell)), plain)) => (plain, Some((conn_id, served, cell))),
-                _ => (run, None),
-            };
-            let plain: Vec<(u64, u32)> = plain.iter().map(|&(id, served, _)| (id, served)).collect();
-            match plain.as_slice() {
-                [] => {}
-                [(conn_id, served)] => {
-                    FromWorker::Done { conn_id: *conn_id, served: *served, keep: true, leftover: &[] }
-                        .encode(out);
-                    wire::send(channel, out, None)?;
-                }
-                many => {
-                    wire::Dones::encode(many, out);
-                    wire::send(channel, out, None)?;
-                }
+        match self.dones.as_slice() {
+            [] => return Ok(()),
+            [(conn_id, served)] => {
+                FromWorker::Done { conn_id: *conn_id, served: *served, keep: true, leftover: &[] }.encode(out)
             }
-            if let Some((conn_id, served, cell)) = warm {
-                FromWorker::Warm { conn_id, served, cell }.encode(out);
-                wire::send(channel, out, None)?;
-            }
+            many => wire::Dones::encode(many, out),
         }
-        Ok(())
+        self.dones.clear();
+        wire::send(channel, out, None)
     }
 }
 

@@ -293,13 +293,7 @@ impl Sim {
             proc_.warm_done[cell] = self.world.now;
             proc_.warm[cell] = Some(WarmHeld { conn, id, served: served + 1 });
             note!(self, "worker {pid} keeps connection {id} warm in cell {cell}");
-            let warm = Said::Warm { id, served: served + 1, cell: cell as u8 };
-            if busy && self.world.procs[p].held.len() < monodon_proto::wire::Dones::MAX {
-                note!(self, "worker {pid} holds back its Warm for connection {id}");
-                self.world.procs[p].held.push(warm);
-            } else {
-                self.say(p, warm);
-            }
+            self.say(p, Said::Warm { id, served: served + 1, cell: cell as u8 });
         } else if keep && !eager && busy && proc_.held.len() < monodon_proto::wire::Dones::MAX {
             note!(self, "worker {pid} holds back its Done for connection {id}");
             self.world.procs[p].held.push(done);
@@ -338,14 +332,6 @@ impl Sim {
             proc_.warm[cell] = None;
             if proc_.warm_cells[cell] == held.id {
                 proc_.warm_cells[cell] = 0;
-                // Its Warm still held back: never announced, it is a plain Done.
-                let unannounced =
-                    proc_.held.iter_mut().find(|s| matches!(s, Said::Warm { id, .. } if *id == held.id));
-                if let Some(said) = unannounced {
-                    *said = Said::Done { id: held.id, served: held.served, keep: true };
-                    note!(self, "worker {} lets warm connection {} go before its Warm", proc_.pid, held.id);
-                    continue;
-                }
                 note!(self, "worker {} gives warm connection {} back unread", proc_.pid, held.id);
                 self.say(p, Said::Cool { id: held.id, served: held.served, keep: true });
             }
