@@ -305,7 +305,9 @@ pub struct ServeArgs {
 
     /// After a response, how long a worker may wait for the same keep-alive
     /// client's next request before handing the connection back to the
-    /// supervisor; only while no other connection waits for a worker.
+    /// supervisor; only while no other connection waits for a worker, and
+    /// the worker has no warm cell free to keep the connection in instead
+    /// (--warm-connections).
     /// A waiting connection is noticed within this time. 0 turns it off.
     #[arg(long, value_name = "DURATION", default_value_t = Seconds(DEFAULTS.read_ahead))]
     pub read_ahead: Seconds,
