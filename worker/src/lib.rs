@@ -175,6 +175,13 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
             debug!("worker {pid}: cannot say Free: {e}");
         }
     };
+    // Done with a connection of its own: its attention is free again, or
+    // the supervisor's, which asked for it meanwhile (then it hears Free).
+    let end_own = || {
+        if slot.end_own() {
+            send_free();
+        }
+    };
     let mut held = HeldDones::default();
     loop {
         // With a connection sent ahead its Assign is next in the channel:
@@ -206,9 +213,7 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
                                 cell,
                                 accept::WarmConn::served_again(id, fd, served, peer),
                             );
-                            if slot.end_own() {
-                                send_free();
-                            }
+                            end_own();
                             continue;
                         }
                         // Gone, or not ours to serve (a head still coming,
@@ -223,9 +228,7 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
                             acc.forget_warm(fd);
                             send_cool(channel.as_fd(), &mut out, id, served, keep, &data)?;
                             acc.recycle(data);
-                            if slot.end_own() {
-                                send_free();
-                            }
+                            end_own();
                             continue;
                         }
                     };
@@ -257,9 +260,7 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
                         debug!("worker {pid} served its {max_requests} requests; exiting");
                         return Ok(());
                     }
-                    if slot.end_own() {
-                        send_free();
-                    }
+                    end_own();
                     continue;
                 }
                 accept::Wake::Accepted { fd, peer } => {
@@ -268,23 +269,17 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
                         accept::Arrival::Serve(data, first) => (data, first),
                         accept::Arrival::Nothing => {
                             hand_over_or_close(channel.as_fd(), fd.as_fd(), id, 0, true, &[]);
-                            if slot.end_own() {
-                                send_free();
-                            }
+                            end_own();
                             continue;
                         }
                         accept::Arrival::HandOver(data) => {
                             hand_over_or_close(channel.as_fd(), fd.as_fd(), id, 0, true, &data);
                             acc.recycle(data);
-                            if slot.end_own() {
-                                send_free();
-                            }
+                            end_own();
                             continue;
                         }
                         accept::Arrival::Gone => {
-                            if slot.end_own() {
-                                send_free();
-                            }
+                            end_own();
                             continue;
                         }
                     };
@@ -294,9 +289,7 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
                     if let Err(e) = acc.deposit(fd.as_fd(), id, slot.written()) {
                         debug!("worker {pid}: vault: {e}; handing the connection over");
                         hand_over_or_close(channel.as_fd(), fd.as_fd(), id, 0, true, &data);
-                        if slot.end_own() {
-                            send_free();
-                        }
+                        end_own();
                         continue;
                     }
                     // Kept alive, it goes to the supervisor and from there to a
@@ -337,9 +330,7 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
                         debug!("worker {pid} served its {max_requests} requests; exiting");
                         return Ok(());
                     }
-                    if slot.end_own() {
-                        send_free();
-                    }
+                    end_own();
                     continue;
                 }
             }

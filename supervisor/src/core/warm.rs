@@ -90,11 +90,19 @@ impl<C: Peer, W: Named> Core<C, W> {
         }
         w.warm.retain(|&k| k != ckey);
         debug!("took warm connection {} back from worker {}", conn.id, w.io.pid());
-        let remaining = self.settings.keepalive_timeout.saturating_sub(idle);
-        self.conns[ckey.0].place = Place::Reading { deadline: now + remaining, partial: false };
-        // Even at a stop: a request may have arrived on it, to be served.
-        self.act(Action::Resume { conn: ckey });
+        self.read_again(ckey, idle, now);
         true
+    }
+
+    /// A warm connection is the supervisor's again, idle for `idle` since
+    /// the worker's last response on it: read at once, even at a stop (a
+    /// request may have arrived on it, to be served).
+    fn read_again(&mut self, ckey: ConnKey, idle: std::time::Duration, now: Instant) {
+        let remaining = self.settings.keepalive_timeout.saturating_sub(idle);
+        if let Some(conn) = self.conns.get_mut(ckey.0) {
+            conn.place = Place::Reading { deadline: now + remaining, partial: false };
+            self.actions.push_back(Action::Resume { conn: ckey });
+        }
     }
 
     /// Takes back every warm connection of `wkey` that it is not serving.
@@ -152,21 +160,20 @@ impl<C: Peer, W: Named> Core<C, W> {
         port: &mut impl Port<C, W>,
         now: Instant,
     ) -> Option<ConnKey> {
-        let w = self.workers.get_mut(wkey.0)?;
-        let warm = std::mem::take(&mut w.warm);
+        let warm = std::mem::take(&mut self.workers.get_mut(wkey.0)?.warm);
         let mut current = None;
         for ckey in warm {
-            let Some(conn) = self.conns.get_mut(ckey.0) else { continue };
+            let (Some(conn), Some(w)) = (self.conns.get_mut(ckey.0), self.workers.get(wkey.0)) else {
+                continue;
+            };
             let Place::Warm { cell, .. } = conn.place else { continue };
             if port.warm_claimed(&w.io, cell, conn.id) {
                 conn.place = Place::InWorker { worker: wkey, ahead: false };
                 current = Some(ckey);
                 continue;
             }
-            let remaining = self.settings.keepalive_timeout.saturating_sub(port.warm_idle(&w.io, cell));
-            conn.place = Place::Reading { deadline: now + remaining, partial: false };
-            // Even at a stop: a request may have arrived on it, to be served.
-            self.actions.push_back(Action::Resume { conn: ckey });
+            let idle = port.warm_idle(&w.io, cell);
+            self.read_again(ckey, idle, now);
         }
         current
     }
