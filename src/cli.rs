@@ -368,11 +368,9 @@ pub struct ServeArgs {
     /// through the supervisor: their next requests cost no message and no
     /// wake-up of the supervisor. The supervisor takes one back when its
     /// worker is busy on a long request while it has a request waiting,
-    /// when it idles past --keepalive-timeout, and when the worker goes.
-    /// Only workers that do not recycle by requests keep any
-    /// (--max-requests-per-child 0): one that does gives them all back at
-    /// its end, which under load costs more than it saves. 0 turns it off
-    /// (every idle connection then waits in the supervisor).
+    /// when it idles past --keepalive-timeout, and when the worker goes
+    /// (recycled, retired or dead: the successor serves them on). 0 turns
+    /// it off (every idle connection then waits in the supervisor).
     #[arg(long, value_name = "N", default_value_t = DEFAULTS.warm_connections as u64,
           value_parser = clap::value_parser!(u64).range(0..=monodon_proto::scoreboard::WARM_CELLS as u64))]
     pub warm_connections: u64,

@@ -196,6 +196,11 @@ pub struct Totals {
     #[serde(default)]
     pub accepted_by_workers: u64,
     pub requests: u64,
+    /// Requests the supervisor handed to workers (each Assign, sent ahead
+    /// or not); the rest of `requests` workers took up themselves, on
+    /// connections they accepted or keep warm.
+    #[serde(default)]
+    pub handed_over: u64,
     pub reloads: u64,
     pub failed_reloads: u64,
     /// Workers replaced after an unexpected exit.

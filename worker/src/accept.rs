@@ -221,12 +221,22 @@ impl Accepter {
             self.ready.push_front(cell);
             return slot.park().then_some(Wake::Channel);
         }
+        match self.claim_warm(slot, cell) {
+            Some(conn) => Some(Wake::Warm { cell, conn }),
+            None => slot.end_own().then_some(Wake::Missed),
+        }
+    }
+
+    /// Claims warm cell `cell` and takes out its connection, to serve its
+    /// request; `None` if the supervisor has taken it back (our copy is
+    /// closed then).
+    pub fn claim_warm(&mut self, slot: &Slot, cell: usize) -> Option<WarmConn> {
+        let id = self.warm.get(cell)?.as_ref()?.id;
         if !slot.warm_claim(cell, id) {
             self.let_go_warm(cell);
-            return slot.end_own().then_some(Wake::Missed);
+            return None;
         }
-        let conn = self.warm[cell].take()?;
-        Some(Wake::Warm { cell, conn })
+        self.warm[cell].take()
     }
 
     /// A free warm cell, if the worker may keep one more connection.
@@ -271,25 +281,30 @@ impl Accepter {
         }
     }
 
-    /// The warm connections that have input, looked at without waiting, once
-    /// the worker has served one of the supervisor's: their requests must not
-    /// wait behind the next one it is handed, so they go back, unread, their
-    /// cells emptied and our copies closed. Their ids and requests served.
-    pub fn release_ready_warm(&mut self, slot: &Slot) -> Vec<(u64, u32)> {
+    /// The cells of the warm connections that have input, looked at
+    /// without waiting (once the worker has served one of the supervisor's
+    /// connections).
+    pub fn ready_warm(&self) -> Vec<usize> {
         if self.warm.iter().all(Option::is_none) {
             return Vec::new();
         }
         let mut events = [EpollEvent::empty(); 16];
         let n = self.epoll.wait(&mut events, EpollTimeout::ZERO).unwrap_or(0);
-        let mut released = Vec::new();
-        for e in events[..n].iter().filter(|e| e.data() >= WARM_KEY) {
-            let cell = (e.data() - WARM_KEY) as usize;
-            let Some(conn) = self.warm.get_mut(cell).and_then(Option::take) else { continue };
-            if slot.warm_release(cell, conn.id) {
-                released.push((conn.id, conn.served));
-            }
-            self.forget_warm(conn.fd);
-        }
+        events[..n]
+            .iter()
+            .filter(|e| e.data() >= WARM_KEY)
+            .map(|e| (e.data() - WARM_KEY) as usize)
+            .filter(|&cell| self.warm.get(cell).is_some_and(Option::is_some))
+            .collect()
+    }
+
+    /// Gives warm cell `cell`'s connection back unread: its cell emptied
+    /// and our copy closed. Its id and requests served, unless the
+    /// supervisor took it back first.
+    pub fn release_warm(&mut self, slot: &Slot, cell: usize) -> Option<(u64, u32)> {
+        let conn = self.warm.get_mut(cell).and_then(Option::take)?;
+        let released = slot.warm_release(cell, conn.id).then_some((conn.id, conn.served));
+        self.forget_warm(conn.fd);
         released
     }
 

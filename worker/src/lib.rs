@@ -160,6 +160,7 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
     let serving = Context {
         read_ahead,
         min_body_rate,
+        io_timeout,
         limits: &limits,
         pid,
         generation,
@@ -204,57 +205,14 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
                     continue;
                 }
                 accept::Wake::Warm { cell, conn } => {
-                    let accept::WarmConn { id, fd, served, peer, .. } = conn;
-                    let (data, first) = match acc.first_read(fd.as_fd(), &limits) {
-                        accept::Arrival::Serve(data, first) => (data, first),
-                        accept::Arrival::Nothing => {
-                            acc.put_back_warm(
-                                slot,
-                                cell,
-                                accept::WarmConn::served_again(id, fd, served, peer),
-                            );
-                            end_own();
-                            continue;
-                        }
-                        // Gone, or not ours to serve (a head still coming,
-                        // a health check, a request to refuse): the
-                        // supervisor's again, with what was read.
-                        gone_or_not_ours => {
-                            let (keep, data) = match gone_or_not_ours {
-                                accept::Arrival::HandOver(data) => (true, data),
-                                _ => (false, Vec::new()),
-                            };
-                            slot.warm_clear(cell);
-                            acc.forget_warm(fd);
-                            send_cool(channel.as_fd(), &mut out, id, served, keep, &data)?;
-                            acc.recycle(data);
-                            end_own();
-                            continue;
-                        }
-                    };
-                    slot.begin_connection(id);
-                    // Handing it back costs nothing now: no reading ahead.
-                    let ctx = Context { peer: &peer, read_ahead: std::time::Duration::ZERO, ..serving };
-                    let stream = Stream::new(fd, io_timeout, slot).with_rivals(acc.listeners());
-                    let mut input = Input::with_buffer(stream, data);
                     let mut announce = || announce_retiring(channel.as_fd(), pid);
                     let mut budget = Budget { remaining, on_last: &mut announce };
-                    let outcome = serve_parsed(app, &mut input, Some(first), served, &ctx, &mut budget);
+                    let mut cool = |id, served, keep, leftover: &[u8]| {
+                        send_cool(channel.as_fd(), &mut out, id, served, keep, leftover)
+                    };
+                    let retiring = serve_warm(app, acc, (cell, conn), &serving, &mut budget, &mut cool)?;
                     remaining = budget.remaining;
-                    let (stream, buf) = input.into_parts();
-                    let fd = stream.into_fd();
-                    acc.recycle(buf);
-                    let plain = outcome.keep && outcome.leftover.is_empty() && !outcome.retiring;
-                    if plain && !slot.is_draining() {
-                        let again = accept::WarmConn::served_again(id, fd, outcome.served, peer);
-                        acc.keep_warm(slot, cell, again)?;
-                    } else {
-                        slot.warm_clear(cell);
-                        acc.forget_warm(fd);
-                        let (served, keep) = (outcome.served, outcome.keep);
-                        send_cool(channel.as_fd(), &mut out, id, served, keep, &outcome.leftover)?;
-                    }
-                    if outcome.retiring {
+                    if retiring {
                         // Our attention stays our own until we exit; the
                         // supervisor takes our warm connections back.
                         debug!("worker {pid} served its {max_requests} requests; exiting");
@@ -300,7 +258,7 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
                         None => serving.read_ahead,
                     };
                     let ctx = Context { peer: &peer, read_ahead, ..serving };
-                    let stream = Stream::new(fd, io_timeout, slot).with_rivals(acc.listeners());
+                    let stream = Stream::new(fd, serving.io_timeout, slot).with_rivals(acc.listeners());
                     let mut input = Input::with_buffer(stream, data);
                     let mut announce = || announce_retiring(channel.as_fd(), pid);
                     let mut budget = Budget { remaining, on_last: &mut announce };
@@ -377,7 +335,7 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
         let ctx = Context { peer, read_ahead, ..serving };
         slot.begin_connection(conn_id);
         let rivals = accepter.as_ref().map_or(&[][..], |a| a.listeners());
-        let mut input = Input::new(Stream::new(fd, io_timeout, slot).with_rivals(rivals), data);
+        let mut input = Input::new(Stream::new(fd, serving.io_timeout, slot).with_rivals(rivals), data);
         let mut announce = || {
             // In order: what we held back was finished before this began.
             if let Err(e) = held.send(channel.as_fd(), &mut Vec::new()) {
@@ -390,17 +348,35 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
         remaining = budget.remaining;
         let plain = outcome.keep && outcome.leftover.is_empty() && !outcome.retiring;
         let fd = input.into_stream().into_fd();
-        // Requests on our warm connections that came meanwhile go to the
-        // supervisor's queue rather than wait behind what it hands us next.
+        let mut retiring = outcome.retiring;
+        // Requests that came meanwhile on our warm connections: served now,
+        // for up to WARM_BETWEEN, before we report this one; the rest go to
+        // the supervisor's queue rather than wait behind what it hands us
+        // next. The supervisor still counts us busy with this connection
+        // until we report it (and, if we die on a warm one meanwhile, knows
+        // that this one was finished: it ended plain).
         if let Some(acc) = accepter.as_mut() {
-            let ready = acc.release_ready_warm(slot);
-            if !ready.is_empty() {
-                held.send(channel.as_fd(), &mut out)?;
-            }
-            for (id, served) in ready {
-                send_cool(channel.as_fd(), &mut out, id, served, true, &[])?;
+            let ready = acc.ready_warm();
+            let between = plain && !slot.is_draining();
+            let since = std::time::Instant::now();
+            for cell in ready {
+                if between && !retiring && since.elapsed() < WARM_BETWEEN {
+                    let Some(conn) = acc.claim_warm(slot, cell) else { continue };
+                    held.send(channel.as_fd(), &mut out)?;
+                    let mut announce = || announce_retiring(channel.as_fd(), pid);
+                    let mut budget = Budget { remaining, on_last: &mut announce };
+                    let mut cool = |id, served, keep, leftover: &[u8]| {
+                        send_cool(channel.as_fd(), &mut out, id, served, keep, leftover)
+                    };
+                    retiring = serve_warm(app, acc, (cell, conn), &serving, &mut budget, &mut cool)?;
+                    remaining = budget.remaining;
+                } else if let Some((id, served)) = acc.release_warm(slot, cell) {
+                    held.send(channel.as_fd(), &mut out)?;
+                    send_cool(channel.as_fd(), &mut out, id, served, true, &[])?;
+                }
             }
         }
+        let plain = plain && !retiring;
         // Kept alive with nothing left over: keep it warm if there is room,
         // and serve its next request without the supervisor.
         if let Some(acc) = accepter.as_mut().filter(|_| plain) {
@@ -429,11 +405,77 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
         FromWorker::Done { conn_id, served: outcome.served, keep: outcome.keep, leftover: &outcome.leftover }
             .encode(&mut out);
         wire::send(channel.as_fd(), &out, None)?;
-        if outcome.retiring {
+        if retiring {
             debug!("worker {pid} served its {max_requests} requests; exiting");
             return Ok(());
         }
     }
+}
+
+/// How long a worker that has finished one of the supervisor's connections
+/// goes on starting requests waiting on its warm connections before it
+/// reports that one and takes the next (a connection sent ahead waits
+/// meanwhile); what is still waiting then goes back to the supervisor.
+const WARM_BETWEEN: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Gives a warm connection back (Cool): its id, requests served, keep, and
+/// what was read past the last request.
+type SendCool<'a> = dyn FnMut(u64, u32, bool, &[u8]) -> std::io::Result<()> + 'a;
+
+/// Serves the request waiting on a warm connection whose cell the worker
+/// has claimed, if it is all there; then the connection stays warm if it is
+/// kept alive with nothing left over. Anything else (a head still coming, a
+/// request the supervisor must answer, the client gone, a response that
+/// closes the connection) gives it back with `cool`. Whether that was the
+/// worker's last request.
+fn serve_warm(
+    app: &mut dyn App,
+    acc: &mut accept::Accepter,
+    (cell, conn): (usize, accept::WarmConn),
+    serving: &Context<'_>,
+    budget: &mut Budget<'_>,
+    cool: &mut SendCool<'_>,
+) -> std::io::Result<bool> {
+    let slot = serving.slot;
+    let accept::WarmConn { id, fd, served, peer, .. } = conn;
+    let (data, first) = match acc.first_read(fd.as_fd(), serving.limits) {
+        accept::Arrival::Serve(data, first) => (data, first),
+        accept::Arrival::Nothing => {
+            acc.put_back_warm(slot, cell, accept::WarmConn::served_again(id, fd, served, peer));
+            return Ok(false);
+        }
+        // Gone, or not ours to serve: the supervisor's again, with what was
+        // read.
+        gone_or_not_ours => {
+            slot.warm_clear(cell);
+            acc.forget_warm(fd);
+            if let accept::Arrival::HandOver(data) = gone_or_not_ours {
+                cool(id, served, true, &data)?;
+                acc.recycle(data);
+            } else {
+                cool(id, served, false, &[])?;
+            }
+            return Ok(false);
+        }
+    };
+    slot.begin_connection(id);
+    // Handing it back costs nothing now: no reading ahead.
+    let ctx = Context { peer: &peer, read_ahead: std::time::Duration::ZERO, ..*serving };
+    let stream = Stream::new(fd, serving.io_timeout, slot).with_rivals(acc.listeners());
+    let mut input = Input::with_buffer(stream, data);
+    let outcome = serve_parsed(app, &mut input, Some(first), served, &ctx, budget);
+    let (stream, buf) = input.into_parts();
+    let fd = stream.into_fd();
+    acc.recycle(buf);
+    let plain = outcome.keep && outcome.leftover.is_empty() && !outcome.retiring;
+    if plain && !slot.is_draining() {
+        acc.keep_warm(slot, cell, accept::WarmConn::served_again(id, fd, outcome.served, peer))?;
+    } else {
+        slot.warm_clear(cell);
+        acc.forget_warm(fd);
+        cool(id, outcome.served, outcome.keep, &outcome.leftover)?;
+    }
+    Ok(outcome.retiring)
 }
 
 /// The Dones a busy worker holds back while a connection sent ahead waits

@@ -39,6 +39,8 @@ pub struct Context<'a> {
     pub read_ahead: std::time::Duration,
     /// Bytes per second a request body must average (after a grace period).
     pub min_body_rate: u64,
+    /// How long one read or write on the client may block.
+    pub io_timeout: std::time::Duration,
     pub limits: &'a Limits,
     pub pid: u32,
     pub generation: u64,

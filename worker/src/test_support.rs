@@ -79,6 +79,7 @@ pub fn context<'a>(slot: &'a Slot, limits: &'a Limits, read_ahead: Duration) -> 
     Context {
         read_ahead,
         min_body_rate: 0,
+        io_timeout: Duration::from_secs(30),
         limits,
         pid: 1,
         generation: 1,

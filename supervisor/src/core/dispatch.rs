@@ -64,6 +64,7 @@ impl<C: Peer, W: Named> Core<C, W> {
         }
         port.assign(&w.io, &mut conn.io, conn.id, conn.served, ahead)?;
         conn.place = Place::InWorker { worker: wkey, ahead };
+        self.totals.handed_over += 1;
         if let Some(ready_at) = conn.ready_at.take() {
             self.queue_wait.observe(now.saturating_duration_since(ready_at));
         }

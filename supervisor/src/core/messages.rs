@@ -233,8 +233,11 @@ impl<C: Peer, W: Named> Core<C, W> {
     /// Dones (PROTOCOL.md, Dones). Only a Done kept alive with nothing left
     /// over is held back, so they are taken back as after such a Done (with
     /// at least one more request served). The last claimed is the one it
-    /// was on.
-    fn resume_finished_unreported(&mut self, wkey: WorkerKey, now: Instant) {
+    /// was on, unless it died on a warm connection (`on_warm`): it serves
+    /// one between two of ours only after finishing the one before the same
+    /// way, so that one is taken back too, and the worker was on none of
+    /// ours.
+    fn resume_finished_unreported(&mut self, wkey: WorkerKey, on_warm: bool, now: Instant) {
         let Some(w) = self.workers.get_mut(wkey.0) else { return };
         let Activity::Busy { conn: current, ahead, .. } = &mut w.activity else { return };
         #[cfg(test)]
@@ -242,22 +245,32 @@ impl<C: Peer, W: Named> Core<C, W> {
             *ahead = super::Ahead::default();
             return;
         }
-        let resume = self.stopping == Stopping::No;
+        let mut finished = Vec::new();
         while let Some(next) = ahead.pop_front() {
-            let finished = std::mem::replace(current, next);
+            finished.push(std::mem::replace(current, next));
             if let Some(c) = self.conns.get_mut(next.0) {
                 c.place = Place::InWorker { worker: wkey, ahead: false };
             }
-            let Some(c) = self.conns.get_mut(finished.0) else { continue };
-            debug!("worker {} had finished connection {} before it died", w.io.pid(), c.id);
+        }
+        #[cfg(test)]
+        let on_warm = on_warm && !self.forget_before_warm;
+        if on_warm {
+            finished.push(*current);
+            w.activity = Activity::Idle;
+        }
+        let pid = w.io.pid();
+        let resume = self.stopping == Stopping::No;
+        for ckey in finished {
+            let Some(c) = self.conns.get_mut(ckey.0) else { continue };
+            debug!("worker {pid} had finished connection {} before it died", c.id);
             c.served = c.served.saturating_add(1);
             c.place = Place::Reading { deadline: now + self.settings.keepalive_timeout, partial: false };
             // What it had read of its request (it was sent ahead) goes first.
-            self.actions.push_back(Action::Claimed { conn: finished });
+            self.actions.push_back(Action::Claimed { conn: ckey });
             self.actions.push_back(if resume {
-                Action::Resume { conn: finished }
+                Action::Resume { conn: ckey }
             } else {
-                Action::CloseAfterResponse { conn: finished }
+                Action::CloseAfterResponse { conn: ckey }
             });
         }
     }
@@ -274,24 +287,20 @@ impl<C: Peer, W: Named> Core<C, W> {
         // A connection sent ahead and never claimed was not started: it is
         // served by another worker, not answered 502.
         self.take_back_ahead(wkey, port, now);
-        self.resume_finished_unreported(wkey, now);
         let warm_current = self.warm_at_exit(wkey, port, now);
+        self.resume_finished_unreported(wkey, warm_current.is_some(), now);
         let w = self.workers.try_remove(wkey.0)?;
         self.dispatcher.remove_worker(wkey);
         let lived = now.saturating_duration_since(w.started);
         let mut conn = None;
         let mut busy_for = None;
-        // A worker serves a warm connection only while its attention is its
-        // own, so never while busy with one of ours.
+        // On a warm connection, it was on none of ours (made Idle above).
         let current = match (w.activity, warm_current) {
             (Activity::Busy { conn, since, ahead }, None) => {
                 debug_assert!(ahead.is_empty(), "taken back, or claimed and made current above");
                 Some((conn, since))
             }
-            (_, Some(warm)) => {
-                debug_assert!(!matches!(w.activity, Activity::Busy { .. }), "on a warm one while busy");
-                Some((warm, w.busy_since().unwrap_or(now)))
-            }
+            (_, Some(warm)) => Some((warm, w.busy_since().unwrap_or(now))),
             _ => None,
         };
         if let Some((ckey, since)) = current {

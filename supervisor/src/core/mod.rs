@@ -325,6 +325,10 @@ pub struct Core<C, W> {
     /// connections are forgotten, not closed as finished.
     #[cfg(test)]
     pub(crate) forget_unreported: bool,
+    /// Another: a worker dead on a warm connection it served between two
+    /// of ours was still on the one before.
+    #[cfg(test)]
+    pub(crate) forget_before_warm: bool,
 }
 
 /// Start times kept for the status.
@@ -358,6 +362,8 @@ impl<C: Peer, W: Named> Core<C, W> {
             accept_held: false,
             #[cfg(test)]
             forget_unreported: false,
+            #[cfg(test)]
+            forget_before_warm: false,
         }
     }
 

@@ -122,12 +122,7 @@ impl Supervisor {
             forwarded_allow: config.forwarded_allow.clone(),
             listeners: u16::try_from(self.listeners_for(config).len()).unwrap_or(0),
             health_path: config.health_path.clone(),
-            // A worker that recycles by requests gives its warm connections
-            // back at its end, and under load the pool's keep-alive clients
-            // then go through the supervisor until they settle in warm
-            // cells again: at usual recycling rates that costs more than it
-            // saves (measured: README, Performance).
-            warm_connections: if max_requests == 0 { config.warm_connections } else { 0 },
+            warm_connections: config.warm_connections,
         }
     }
 

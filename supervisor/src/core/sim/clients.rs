@@ -34,7 +34,7 @@ impl Sim {
         } else {
             self.core.accept(SimConn { client: index, written_before: 0 }, self.world.now)
         };
-        let wants = self.rng.u32(1..=4);
+        let wants = self.rng.u32(1..=8);
         let eager = self.rng.u8(..4) == 0;
         self.world.clients.push(Client {
             key,

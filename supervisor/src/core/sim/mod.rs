@@ -100,6 +100,7 @@ impl Sim {
         let workers = rng.usize(1..=4);
         let mut core = Core::new(settings(&mut rng), workers, now, rng.u64(..));
         core.forget_unreported = bug == Bug::ForgetUnreported;
+        core.forget_before_warm = bug == Bug::ForgetBeforeWarm;
         let accepting = rng.bool();
         let warm = rng.bool();
         let ahead_depth = rng.usize(1..=2);
@@ -290,5 +291,18 @@ fn the_simulation_finds_a_warm_take_back_that_ignores_the_claim() {
     assert!(
         what.contains("served by workers") || what.contains("answered") || what.contains("misbehaving"),
         "a broken warm claim shows as a request served twice, got: {what}"
+    );
+}
+
+#[test]
+fn the_simulation_finds_a_worker_dead_on_a_warm_connection_taken_for_on_the_one_before() {
+    let found =
+        (0..2_000u64).find_map(|seed| run(seed, Bug::ForgetBeforeWarm).err().map(|(what, _)| (seed, what)));
+    let (seed, what) =
+        found.expect("2,000 schedules forgetting the one before a warm one, and no failure found");
+    eprintln!("found at seed {seed}: {what}");
+    assert!(
+        what.contains("answered") || what.contains("is held by") || what.contains("nobody"),
+        "the connection finished before shows as answered twice or held by nobody, got: {what}"
     );
 }

@@ -53,6 +53,9 @@ pub enum Bug {
     ForgetUnreported,
     /// Taking a warm connection back wins even over the worker's claim.
     WarmRevoke,
+    /// The core forgets that a worker dead on a warm connection had
+    /// finished the one of ours before it (`Core::forget_before_warm`).
+    ForgetBeforeWarm,
 }
 
 /// What a deploy does when its workers start.
@@ -157,6 +160,17 @@ pub struct WarmHeld {
     pub served: u32,
 }
 
+/// The supervisor's connection a worker finished before serving warm ones
+/// (`Proc::between`): reported after them.
+#[derive(Debug, Clone, Copy)]
+pub struct Between {
+    pub conn: ConnKey,
+    pub id: u64,
+    /// Requests served on it, the last one included.
+    pub served: u32,
+    pub client: usize,
+}
+
 /// A simulated worker process.
 pub struct Proc {
     pub pid: u32,
@@ -219,6 +233,10 @@ pub struct Proc {
     pub warm: [Option<WarmHeld>; SIM_WARM_CELLS],
     pub warm_cells: [u64; SIM_WARM_CELLS],
     pub warm_done: [Instant; SIM_WARM_CELLS],
+    /// One of the supervisor's connections it has finished (plain: kept
+    /// alive, nothing left over) and not yet reported, while it serves
+    /// requests waiting on its warm connections first.
+    pub between: Option<Between>,
     /// A template that has started threads: it refuses to fork.
     pub refuses: bool,
 }
