@@ -57,10 +57,14 @@ fn get(server: &Server, target: &str) -> Client {
     c
 }
 
-/// The pid in the supervisor's "sent ahead to busy worker PID" line.
+/// The worker the status shows a connection sent ahead to.
 fn sent_ahead_to(server: &Server) -> u32 {
-    let line = server.wait_for_log("sent ahead to busy worker", Duration::from_secs(10));
-    line.rsplit(' ').next().and_then(|p| p.trim().parse().ok()).expect("a pid ends the line")
+    let s = server.wait_status(Duration::from_secs(10), "a connection sent ahead", |s| {
+        s["worker_list"].as_array().is_some_and(|l| l.iter().any(|w| w["ahead"].as_u64() > Some(0)))
+    });
+    let workers = s["worker_list"].as_array().cloned().unwrap_or_default();
+    let ahead = workers.iter().find(|w| w["ahead"].as_u64() > Some(0)).expect("a worker with one ahead");
+    ahead["pid"].as_u64().and_then(|p| u32::try_from(p).ok()).expect("its pid")
 }
 
 #[test]
@@ -83,8 +87,10 @@ fn a_connection_sent_ahead_is_taken_back_by_the_worker_that_comes_free_first() {
         "served by the worker that came free, not after the 4 s request"
     );
     assert_ne!(quick["worker"]["pid"].as_u64(), Some(long_worker as u64));
-    // The log comes through a reader thread: wait for the line.
-    server.wait_for_log("took back connection", Duration::from_secs(10));
+    // Taken back from the long worker: nothing is ahead of it any more.
+    server.wait_status(Duration::from_secs(10), "the connection taken back", |s| {
+        s["worker_list"].as_array().is_some_and(|l| l.iter().all(|w| w["ahead"] == 0))
+    });
 
     // The long worker finishes, skips the connection it no longer owns, and
     // keeps serving with nothing left over.

@@ -187,6 +187,8 @@ fn responses_by_class_and_request_durations_count_every_answer() {
     assert!(cumulative[at_50ms].as_u64() < Some(24), "the 60 ms request is above 50 ms: {took}");
     assert!(took["sum_secs"].as_f64() >= Some(0.06), "{took}");
     assert!(totals["queue_wait"]["count"].as_u64() >= Some(24), "every hand-over waited some time: {totals}");
+    assert!(totals["handed_over"].as_u64() >= Some(24), "each request handed over: {totals}");
+    assert_eq!(totals["accepted_by_workers"], 0, "{totals}");
 
     let r = scrape(metrics_addr(&server), "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
     let text = String::from_utf8(r.body).unwrap();
@@ -203,4 +205,6 @@ fn responses_by_class_and_request_durations_count_every_answer() {
     assert_eq!(value("monodon_request_duration_seconds_count", &[]), Some(24.0), "{text}");
     assert_eq!(value("monodon_request_duration_seconds_bucket", &[("le", "+Inf")]), Some(24.0), "{text}");
     assert!(value("monodon_queue_wait_seconds_count", &[]) >= Some(24.0), "{text}");
+    assert!(value("monodon_handed_over_total", &[]) >= Some(24.0), "{text}");
+    assert_eq!(value("monodon_accepted_by_workers_total", &[]), Some(0.0), "{text}");
 }

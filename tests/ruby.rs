@@ -496,6 +496,16 @@ fn a_sinatra_app_answers_through_monodon() {
         (doc["length"].as_u64(), doc["sum"].as_u64()),
         (Some(file.len() as u64), Some(checksum(&file)))
     );
+    // The upload's temporary file goes with its request (rack.tempfiles).
+    let spooled = || {
+        let workers: Vec<String> = server.children().iter().map(|p| format!("-{p}-")).collect();
+        let dir = std::env::temp_dir();
+        std::fs::read_dir(&dir).into_iter().flatten().flatten().any(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("RackMultipart") && workers.iter().any(|w| name.contains(w.as_str()))
+        })
+    };
+    assert!(common::eventually(Duration::from_secs(10), || !spooled()), "the upload's file is left behind");
     let r = server.get("/stream");
     assert_eq!(r.header("transfer-encoding"), Some("chunked"));
     assert_eq!(r.text().lines().count(), 100);

@@ -1493,6 +1493,7 @@ module Monodon
         return [false, EMPTY]
       ensure
         close_body(body)
+        reap_tempfiles(env)
       end
       keep = exchange.keep
       if input.is_a?(Input)
@@ -1516,6 +1517,18 @@ module Monodon
       body.close if body.respond_to?(:close)
     rescue StandardError => e
       Monodon.log("the response body's close failed:\n#{e.full_message(highlight: false)}")
+    end
+
+    # The files the multipart parser spooled uploads to (rack.tempfiles) go
+    # once the response is out, as Rack::TempfileReaper would have them go:
+    # a worker serves on for thousands of requests, and would otherwise
+    # leave one file behind for every upload.
+    def reap_tempfiles(env)
+      env["rack.tempfiles"]&.each do |file|
+        file.close!
+      rescue StandardError => e
+        Monodon.log("removing an upload's temporary file failed: #{e.message}")
+      end
     end
 
     def after_reply(exchange)

@@ -196,9 +196,9 @@ pub struct Totals {
     #[serde(default)]
     pub accepted_by_workers: u64,
     pub requests: u64,
-    /// Requests the supervisor handed to workers (each Assign, sent ahead
-    /// or not); the rest of `requests` workers took up themselves, on
-    /// connections they accepted or keep warm.
+    /// Connections the supervisor handed to workers, one per Assign (sent
+    /// ahead or not) with a request ready. The requests workers took up
+    /// themselves, on connections they accepted or keep warm, are not.
     #[serde(default)]
     pub handed_over: u64,
     pub reloads: u64,

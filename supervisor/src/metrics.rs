@@ -109,8 +109,20 @@ pub fn render(s: &Status) -> String {
         "Reloads abandoned (the old generation serves on).",
     )
     .sample(&[], t.failed_reloads as f64);
-    family(o, "monodon_handed_over_total", "counter", "Requests the supervisor handed to workers.")
-        .sample(&[], t.handed_over as f64);
+    family(
+        o,
+        "monodon_accepted_by_workers_total",
+        "counter",
+        "Client connections workers accepted themselves.",
+    )
+    .sample(&[], t.accepted_by_workers as f64);
+    family(
+        o,
+        "monodon_handed_over_total",
+        "counter",
+        "Connections the supervisor handed to workers, one per Assign.",
+    )
+    .sample(&[], t.handed_over as f64);
     family(o, "monodon_worker_respawns_total", "counter", "Workers replaced after an unexpected exit.")
         .sample(&[], t.respawns as f64);
     family(o, "monodon_worker_timeouts_total", "counter", "Workers killed for running past --timeout.")
