@@ -338,6 +338,21 @@ impl Slot {
         self.conn_id.store(conn_id, Ordering::Release);
     }
 
+    /// Worker side: the connection it began last and its byte count then,
+    /// to put back with [`Slot::resume_connection`].
+    pub fn current_connection(&self) -> (u64, u64) {
+        (self.conn_id.load(Ordering::Relaxed), self.conn_written_base.load(Ordering::Relaxed))
+    }
+
+    /// Worker side: back to a connection it began before (as
+    /// [`Slot::current_connection`] gave it) after serving another in
+    /// between, so that what the supervisor reads of it at a death is
+    /// what it was.
+    pub fn resume_connection(&self, (conn_id, written_base): (u64, u64)) {
+        self.conn_written_base.store(written_base, Ordering::Relaxed);
+        self.conn_id.store(conn_id, Ordering::Release);
+    }
+
     /// Supervisor side: has the worker written any response byte on
     /// connection `conn_id` since it was handed over? `written_at_handover`
     /// is the worker's byte count when the supervisor sent it.
@@ -748,6 +763,26 @@ mod tests {
         assert_eq!(a.slot().request_line().as_deref(), Some("GET /x"));
         b.slot().set_request_line(&[&[b'a'; 400]]);
         assert_eq!(a.slot().request_line().map(|l| l.len()), Some(REQUEST_LINE_MAX));
+    }
+
+    /// A connection served in between another's response and its report
+    /// leaves the scoreboard naming the first again: written on, so a death
+    /// now costs it no 502.
+    #[test]
+    fn a_connection_resumed_after_another_in_between_reads_as_written_on() {
+        let board = Scoreboard::create().unwrap();
+        let slot = board.slot();
+        let handed_over_at = slot.written();
+        slot.begin_connection(7);
+        assert!(!slot.wrote_on(7, handed_over_at), "nothing written yet");
+        slot.add_written(100);
+        let seven = slot.current_connection();
+        slot.begin_connection(9);
+        slot.add_written(50);
+        assert!(!slot.wrote_on(7, handed_over_at), "the board names 9 now");
+        slot.resume_connection(seven);
+        assert!(slot.wrote_on(7, handed_over_at), "7 again, its response out");
+        assert!(!slot.wrote_on(9, handed_over_at + 100), "9 is not the current one");
     }
 
     #[test]

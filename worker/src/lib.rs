@@ -359,6 +359,10 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
             let ready = acc.ready_warm();
             let between = plain && !slot.is_draining();
             let since = std::time::Instant::now();
+            // Until we report it, the scoreboard names this connection: if
+            // we die between two warm requests, it was finished, its
+            // response all out.
+            let this_one = slot.current_connection();
             for cell in ready {
                 if between && !retiring && since.elapsed() < WARM_BETWEEN {
                     let Some(conn) = acc.claim_warm(slot, cell) else { continue };
@@ -370,6 +374,7 @@ fn serve_forever(app: &mut dyn App, preloaded: bool) -> std::io::Result<()> {
                     };
                     retiring = serve_warm(app, acc, (cell, conn), &serving, &mut budget, &mut cool)?;
                     remaining = budget.remaining;
+                    slot.resume_connection(this_one);
                 } else if let Some((id, served)) = acc.release_warm(slot, cell) {
                     held.send(channel.as_fd(), &mut out)?;
                     send_cool(channel.as_fd(), &mut out, id, served, true, &[])?;

@@ -285,7 +285,8 @@ impl Sim {
         let Some((client, keep, eager)) = self.respond(p, conn, id) else { return };
         let (pid, last_request) = (self.world.procs[p].pid, self.world.procs[p].last_request);
         note!(self, "worker {pid} done with connection {id} {conn} of client {client} (keep {keep})");
-        let finished = Between { conn, id, served: served + 1, client };
+        let began = (self.world.procs[p].conn_id, self.world.procs[p].conn_written_base);
+        let finished = Between { conn, id, served: served + 1, client, began };
         if keep && !eager && !last_request && !self.world.draining {
             self.world.procs[p].between = Some(finished);
             return self.next_between(p);
@@ -298,6 +299,12 @@ impl Sim {
     /// worker serves another request waiting on a warm connection, or gives
     /// the ones still waiting back and reports.
     fn next_between(&mut self, p: usize) {
+        // The scoreboard names the connection to report again.
+        if let Some(Between { id, began: (conn_id, base), .. }) = self.world.procs[p].between {
+            let proc_ = &mut self.world.procs[p];
+            (proc_.conn_id, proc_.conn_written_base) = (conn_id, base);
+            proc_.last = Some(Last { id, finished: true });
+        }
         let cells = self.cells_with_input(p);
         if !cells.is_empty() && self.rng.u8(..4) != 0 {
             let cell = cells[self.rng.usize(..cells.len())];
@@ -314,7 +321,7 @@ impl Sim {
     /// finished: kept warm if a cell is free, or a Done (held back while
     /// busy with more).
     fn report(&mut self, p: usize, finished: Between, keep: bool, eager: bool) {
-        let Between { conn, id, served, client } = finished;
+        let Between { conn, id, served, client, .. } = finished;
         let proc_ = &mut self.world.procs[p];
         let (pid, last_request) = (proc_.pid, proc_.last_request);
         let done = Said::Done { id, served, keep };
@@ -480,6 +487,9 @@ impl Sim {
             // Its attention stays its own (or the supervisor's) until it has
             // exited; one of the supervisor's finished before is reported.
             if let Some(finished) = self.world.procs[p].between.take() {
+                let proc_ = &mut self.world.procs[p];
+                (proc_.conn_id, proc_.conn_written_base) = finished.began;
+                proc_.last = Some(Last { id: finished.id, finished: true });
                 self.release_ready_warm(p);
                 self.report(p, finished, true, false);
             }

@@ -169,6 +169,9 @@ pub struct Between {
     /// Requests served on it, the last one included.
     pub served: u32,
     pub client: usize,
+    /// The scoreboard's record of it (connection, byte count when begun),
+    /// put back after each warm request served in between.
+    pub began: (u64, u64),
 }
 
 /// A simulated worker process.
