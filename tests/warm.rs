@@ -175,13 +175,15 @@ fn warm_connections_leave_no_descriptor_behind_in_their_workers() {
     );
 }
 
-#[test]
-fn recycling_by_age_with_warm_connections_loses_no_request() {
-    let server = start(2, &["--max-worker-age", "1s"]);
+/// Six keep-alive clients on two workers that `recycle` (flags): once
+/// `answered` requests are in, `cause` has recycled at least `recycled`
+/// workers with connections warm, and no request failed.
+fn recycling_under_load_loses_no_request(recycle: &[&str], answered: u64, cause: &str, recycled: u64) {
+    let server = Server::start(&[&["--app", "echo", "--workers", "2"][..], recycle].concat(), 2);
     let load = Load::start(server.addr, 6, 0, "/");
-    load.wait_answered(200, Duration::from_secs(30));
-    server.wait_status(Duration::from_secs(30), "workers recycled under load", |s| {
-        s["totals"]["recycled"]["max-worker-age"].as_u64() >= Some(3)
+    load.wait_answered(answered, Duration::from_secs(30));
+    server.wait_status(Duration::from_secs(30), "workers recycled under load, connections warm", |s| {
+        s["totals"]["recycled"][cause].as_u64() >= Some(recycled)
             && s["connections"]["warm"].as_u64() > Some(0)
     });
     let stats = load.stop();
@@ -189,17 +191,15 @@ fn recycling_by_age_with_warm_connections_loses_no_request() {
 }
 
 #[test]
+fn recycling_by_age_with_warm_connections_loses_no_request() {
+    let by_age = ["--max-requests-per-child", "0", "--max-worker-age", "1s"];
+    recycling_under_load_loses_no_request(&by_age, 200, "max-worker-age", 3);
+}
+
+#[test]
 fn recycling_by_requests_with_warm_connections_loses_no_request() {
-    let args = ["--max-requests-per-child", "50", "--min-requests-per-child", "50"];
-    let server = Server::start(&[&["--app", "echo", "--workers", "2"][..], &args].concat(), 2);
-    let load = Load::start(server.addr, 6, 0, "/");
-    load.wait_answered(400, Duration::from_secs(30));
-    server.wait_status(Duration::from_secs(30), "workers recycled under load, connections warm", |s| {
-        s["totals"]["recycled"]["max-requests"].as_u64() >= Some(4)
-            && s["connections"]["warm"].as_u64() > Some(0)
-    });
-    let stats = load.stop();
-    assert_eq!(stats.failed, 0, "{:?}", stats.errors);
+    let by_requests = ["--max-requests-per-child", "50", "--min-requests-per-child", "50"];
+    recycling_under_load_loses_no_request(&by_requests, 400, "max-requests", 4);
 }
 
 /// The number of requests the supervisor has handed to workers.

@@ -299,11 +299,8 @@ impl Sim {
     /// worker serves another request waiting on a warm connection, or gives
     /// the ones still waiting back and reports.
     fn next_between(&mut self, p: usize) {
-        // The scoreboard names the connection to report again.
-        if let Some(Between { id, began: (conn_id, base), .. }) = self.world.procs[p].between {
-            let proc_ = &mut self.world.procs[p];
-            (proc_.conn_id, proc_.conn_written_base) = (conn_id, base);
-            proc_.last = Some(Last { id, finished: true });
+        if let Some(finished) = self.world.procs[p].between {
+            self.resume_between(p, finished);
         }
         let cells = self.cells_with_input(p);
         if !cells.is_empty() && self.rng.u8(..4) != 0 {
@@ -315,6 +312,14 @@ impl Sim {
         if let Some(finished) = self.world.procs[p].between.take() {
             self.report(p, finished, true, false);
         }
+    }
+
+    /// After a warm request served in between, the scoreboard names the
+    /// connection to report again, its response all out.
+    fn resume_between(&mut self, p: usize, finished: Between) {
+        let proc_ = &mut self.world.procs[p];
+        (proc_.conn_id, proc_.conn_written_base) = finished.began;
+        proc_.last = Some(Last { id: finished.id, finished: true });
     }
 
     /// The worker reports one of the supervisor's connections it has
@@ -487,9 +492,7 @@ impl Sim {
             // Its attention stays its own (or the supervisor's) until it has
             // exited; one of the supervisor's finished before is reported.
             if let Some(finished) = self.world.procs[p].between.take() {
-                let proc_ = &mut self.world.procs[p];
-                (proc_.conn_id, proc_.conn_written_base) = finished.began;
-                proc_.last = Some(Last { id: finished.id, finished: true });
+                self.resume_between(p, finished);
                 self.release_ready_warm(p);
                 self.report(p, finished, true, false);
             }
